@@ -1,0 +1,40 @@
+"""trainop: the training step of a TensorFlow model, built in one call.
+
+`trainop.create_train_op` has the signature of TF-Agents' `create_train_op`, so that TF-Agents
+and TF-Slim programs move to current TensorFlow with one changed import. Every public name is
+importable from `trainop` itself; the submodules are internal.
+"""
+
+try:
+    import tensorflow as _tf
+except ImportError:
+    raise ImportError(
+        "trainop needs TensorFlow 2.16 or newer, which is not installed: run "
+        "`pip install 'trainop[cpu]'` (or `trainop[tensorflow]`, `trainop[gpu]`), or install "
+        "tensorflow, tensorflow-cpu or your own GPU build yourself."
+    ) from None
+
+if tuple(int(part) for part in _tf.__version__.split(".")[:2]) < (2, 16):
+    raise ImportError(
+        f"trainop needs TensorFlow 2.16 or newer; TensorFlow {_tf.__version__} is installed: run "
+        "`pip install --upgrade tensorflow` (or tensorflow-cpu)."
+    )
+
+from trainop._core import LOSS_NOT_FINITE_MESSAGE
+from trainop.summaries import add_gradients_summaries, add_variables_summaries
+from trainop.train_op import USE_GLOBAL_STEP, create_train_op, create_train_step
+from trainop.transforms import clip_gradient_norms, clip_gradient_norms_fn, multiply_gradients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSS_NOT_FINITE_MESSAGE",
+    "USE_GLOBAL_STEP",
+    "add_gradients_summaries",
+    "add_variables_summaries",
+    "clip_gradient_norms",
+    "clip_gradient_norms_fn",
+    "create_train_op",
+    "create_train_step",
+    "multiply_gradients",
+]

@@ -1,0 +1,162 @@
+"""The training step, built on symbolic tensors inside a graph.
+
+A `tf.function` body is a graph, just as a `tf.compat.v1` graph is, so both front-ends in
+`train_op` call `build_step` with a loss tensor of the current graph:
+
+  loss -> gradients -> numerics guard -> transform -> summaries -> apply + global step -> loss
+
+Nothing here knows which optimizer family it is talking to (that is `optimizers`) or whether it
+runs in a `tf.compat.v1` graph or a `tf.function` (that is `train_op`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from trainop import optimizers, summaries
+
+logger = logging.getLogger("trainop")
+
+GATE_NONE = tf.compat.v1.train.Optimizer.GATE_NONE
+GATE_OP = tf.compat.v1.train.Optimizer.GATE_OP
+GATE_GRAPH = tf.compat.v1.train.Optimizer.GATE_GRAPH
+
+LOSS_NOT_FINITE_MESSAGE = "LossTensor is inf or nan"
+
+
+def check_loss(total_loss: tf.Tensor) -> None:
+    """Raises if `total_loss` cannot be minimized: it must be a floating-point scalar."""
+    if not total_loss.dtype.is_floating:
+        raise TypeError(
+            "`total_loss` must be a floating-point tensor. "
+            f"Received: total_loss with dtype {total_loss.dtype.name}"
+        )
+    if total_loss.shape.rank not in (None, 0):
+        raise ValueError(
+            "`total_loss` must be a scalar; reduce it first (for example with tf.reduce_mean). "
+            f"Received: total_loss with shape {total_loss.shape}"
+        )
+
+
+def compute_gradients(
+    total_loss: tf.Tensor,
+    variables: Sequence[Any],
+    gate_gradients: int,
+    aggregation_method: int | None,
+) -> list[tuple[Any, Any]]:
+    """Returns (gradient, variable) pairs, as `tf.compat.v1.train.Optimizer` computes them."""
+    grads = tf.gradients(
+        total_loss,
+        [optimizers.as_tf_variable(v) for v in variables],
+        gate_gradients=(gate_gradients == GATE_OP),
+        aggregation_method=aggregation_method,
+    )
+    if gate_gradients == GATE_GRAPH:
+        # No gradient is returned before all of them are computed.
+        grads = tf.tuple(grads)
+    return list(zip(grads, variables))
+
+
+def _check_transformed(
+    transformed: Any, grads_and_vars: list[tuple[Any, Any]]
+) -> list[tuple[Any, Any]]:
+    if not isinstance(transformed, (list, tuple)) or not all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in transformed
+    ):
+        raise TypeError(
+            "`transform_grads_fn` must return a list of (gradient, variable) pairs. "
+            f"Received: {type(transformed).__name__} {transformed!r:.200}"
+        )
+    expected = sorted(optimizers.variable_key(v) for _, v in grads_and_vars)
+    received = sorted(optimizers.variable_key(v) for _, v in transformed)
+    if expected != received:
+        names = [optimizers.variable_name(v) for _, v in transformed]
+        raise ValueError(
+            "`transform_grads_fn` must return a pair for each variable it was given, and no "
+            "other. Expected variables: "
+            f"{[optimizers.variable_name(v) for _, v in grads_and_vars]}. Received: {names}"
+        )
+    return [tuple(pair) for pair in transformed]
+
+
+def _drop_missing_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    present = [(g, v) for g, v in grads_and_vars if g is not None]
+    missing = [optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
+    if not present:
+        raise ValueError(
+            "`total_loss` has no gradient with respect to any of `variables_to_train`: "
+            f"{missing}. Does the loss depend on them?"
+        )
+    if missing:
+        # Built once per train op (one trace in eager mode), so this is logged once.
+        logger.warning("These variables get no gradient from the loss and are not trained: %s",
+                       ", ".join(missing))
+    return present
+
+
+@tf.autograph.experimental.do_not_convert
+def build_step(
+    total_loss: tf.Tensor,
+    adapter: optimizers.OptimizerAdapter,
+    variables: Sequence[Any],
+    *,
+    global_step: tf.Variable | None,
+    transform_grads_fn: Callable[[list], list] | None,
+    summarize_gradients: bool,
+    gate_gradients: int,
+    aggregation_method: int | None,
+    check_numerics: bool,
+    before_update: Callable[[], Sequence[Any]] | None = None,
+) -> tf.Tensor:
+    """Adds the training step to the current graph.
+
+    Args:
+      total_loss: the scalar loss, a tensor of the current graph.
+      adapter: applies the gradients with the caller's optimizer.
+      variables: the variables to train (non-empty).
+      global_step: incremented once when the update is applied, or None.
+      transform_grads_fn: maps the (gradient, variable) pairs before they are applied.
+      summarize_gradients: whether to write a histogram and a norm per gradient.
+      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
+      aggregation_method: a `tf.AggregationMethod` value or None.
+      check_numerics: whether an inf or NaN loss raises before anything changes.
+      before_update: called, after the numerics check and before the gradients are applied,
+        to add the caller's update ops; returns them.
+
+    Returns:
+      `total_loss`, which once evaluated has run the whole step.
+    """
+    check_loss(total_loss)
+    grads_and_vars = compute_gradients(total_loss, variables, gate_gradients, aggregation_method)
+
+    if check_numerics:
+        total_loss = tf.debugging.check_numerics(total_loss, LOSS_NOT_FINITE_MESSAGE)
+        # Everything that changes state waits for the check: a failed check changes nothing.
+        guard = [total_loss]
+    else:
+        guard = []
+
+    with tf.control_dependencies(guard):
+        if transform_grads_fn is not None:
+            grads_and_vars = _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+
+        summary_ops = []
+        if summarize_gradients:
+            step = global_step if global_step is not None else adapter.iterations
+            summary_ops = summaries.add_gradients_summaries(grads_and_vars, step)
+
+        update_ops = list(before_update()) if before_update is not None else []
+        grads_and_vars = _drop_missing_gradients(grads_and_vars)
+        with tf.control_dependencies(_as_ops(update_ops)):
+            apply_op = adapter.apply(grads_and_vars, global_step)
+
+    with tf.control_dependencies([apply_op, *_as_ops(summary_ops)]):
+        return tf.identity(total_loss, name="train_op")
+
+
+def _as_ops(values: Sequence[Any]) -> list[Any]:
+    return [v for v in values if isinstance(v, (tf.Tensor, tf.Operation))]

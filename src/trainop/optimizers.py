@@ -1,0 +1,187 @@
+"""The optimizer-family adapter.
+
+Everything that differs between optimizer families lives here: how gradients are applied, who
+increments the global step, which iteration counter an optimizer keeps, and how Keras 3
+variables (which are not `tf.Variable`s) are unwrapped. The step pipeline in `_core` calls
+`OptimizerAdapter.apply` and never asks which family it is talking to.
+
+Families:
+  * `tf.compat.v1.train.Optimizer` subclasses: `apply_gradients(..., global_step=)` counts the
+    step itself.
+  * Keras 3 optimizers (`keras.optimizers.*`): keep their own `iterations` counter; their
+    updates are ordered only inside a `tf.function`, so in a `tf.compat.v1` graph they are
+    applied through a small `tf.function`.
+  * `tf_keras` optimizers (Keras 2), when installed: the current ones behave like Keras 3, the
+    legacy ones (`tf_keras.optimizers.legacy.*`, `OptimizerV2`) return an op in a graph.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import tensorflow as tf
+
+FAMILY_V1 = "tf.compat.v1.train.Optimizer"
+FAMILY_KERAS = "keras"
+FAMILY_TF_KERAS = "tf_keras"
+FAMILY_TF_KERAS_LEGACY = "tf_keras.optimizers.legacy"
+
+
+def _keras3_variable_type() -> type | None:
+    keras = sys.modules.get("keras")
+    variable_type = getattr(keras, "Variable", None)
+    # Keras 2 (the `keras` package before 3.0) has no `keras.Variable`.
+    return variable_type if isinstance(variable_type, type) else None
+
+
+def as_tf_variable(variable: Any) -> Any:
+    """Returns the `tf.Variable` behind `variable` (a Keras 3 variable wraps one)."""
+    variable_type = _keras3_variable_type()
+    if variable_type is not None and isinstance(variable, variable_type):
+        return variable.value
+    return variable
+
+
+def is_variable(value: Any) -> bool:
+    """Whether `value` is a `tf.Variable` or a Keras 3 variable."""
+    return isinstance(as_tf_variable(value), tf.Variable)
+
+
+def variable_name(variable: Any) -> str:
+    """A variable's name as TF-Slim keys it: `'conv0/weights'`, without the `:0` suffix.
+
+    Keras 3 variables are named by their `path` (`'dense/kernel'`).
+    """
+    path = getattr(variable, "path", None)
+    if isinstance(path, str) and not isinstance(variable, tf.Variable):
+        return path
+    name = variable.name
+    return name[:-2] if name.endswith(":0") else name
+
+
+def variable_key(variable: Any) -> int:
+    """A hashable identity for a variable (TensorFlow 2 variables are not hashable)."""
+    return id(as_tf_variable(variable))
+
+
+def _optimizer_families() -> list[tuple[type, str]]:
+    families: list[tuple[type, str]] = [(tf.compat.v1.train.Optimizer, FAMILY_V1)]
+    keras = sys.modules.get("keras")
+    keras_optimizer = getattr(getattr(keras, "optimizers", None), "Optimizer", None)
+    if _keras3_variable_type() is not None and isinstance(keras_optimizer, type):
+        families.append((keras_optimizer, FAMILY_KERAS))
+    # tf_keras is only ever in use if the caller imported it: never import it here.
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None:
+        families.append((tf_keras.optimizers.legacy.Optimizer, FAMILY_TF_KERAS_LEGACY))
+        families.append((tf_keras.optimizers.Optimizer, FAMILY_TF_KERAS))
+    return families
+
+
+def optimizer_family(optimizer: Any) -> str:
+    """Names the family of `optimizer`.
+
+    Raises:
+      TypeError: if `optimizer` belongs to no known family.
+    """
+    for base, family in _optimizer_families():
+        if isinstance(optimizer, base):
+            return family
+    raise TypeError(
+        "`optimizer` must be a tf.compat.v1.train.Optimizer, a Keras 3 optimizer "
+        "(keras.optimizers.*) or a tf_keras optimizer. "
+        f"Received: optimizer={optimizer!r} of type {type(optimizer).__name__}"
+    )
+
+
+class OptimizerAdapter:
+    """Applies gradients with an optimizer of any family, counting the global step once.
+
+    Args:
+      optimizer: the caller's optimizer.
+
+    Raises:
+      TypeError: if `optimizer` belongs to no known family.
+    """
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+        self.family = optimizer_family(optimizer)
+
+    @property
+    def iterations(self) -> tf.Variable | None:
+        """The optimizer's own step counter as a `tf.Variable`, or None if it keeps none."""
+        if self.family == FAMILY_V1:
+            return None
+        return as_tf_variable(self.optimizer.iterations)
+
+    def _counts_global_step_itself(self, global_step: tf.Variable) -> bool:
+        """Whether applying gradients already increments `global_step`."""
+        if self.family == FAMILY_V1:
+            return True
+        # The caller may use the optimizer's own counter as the global step.
+        return global_step is self.iterations
+
+    def build(self, variables: list[Any]) -> None:
+        """Creates the optimizer's state for `variables` now, if the family allows it.
+
+        A `tf.function` that creates variables on its first call traces twice; with the state
+        made beforehand, the eager train op traces once. `tf.compat.v1.train` optimizers make
+        their slots on first use only.
+        """
+        optimizer = self.optimizer
+        if self.family == FAMILY_KERAS and not optimizer.built:
+            optimizer.build(variables)
+        elif self.family == FAMILY_TF_KERAS and not getattr(optimizer, "_built", False):
+            optimizer.build([as_tf_variable(v) for v in variables])
+        elif self.family == FAMILY_TF_KERAS_LEGACY:
+            optimizer._create_all_weights([as_tf_variable(v) for v in variables])
+
+    @tf.autograph.experimental.do_not_convert
+    def apply(self, grads_and_vars: list[tuple[Any, Any]], global_step: Any) -> tf.Operation:
+        """Adds, to the current graph, the ops that apply `grads_and_vars` and count the step.
+
+        Args:
+          grads_and_vars: (gradient, variable) pairs, no gradient None.
+          global_step: a `tf.Variable` incremented by one when the update is applied, or None.
+
+        Returns:
+          An op that, once run, has applied the update and incremented the global step.
+        """
+        if self.family in (FAMILY_V1, FAMILY_TF_KERAS_LEGACY):
+            pairs = [(g, as_tf_variable(v)) for g, v in grads_and_vars]
+        else:
+            pairs = list(grads_and_vars)
+
+        if self.family == FAMILY_V1:
+            return self.optimizer.apply_gradients(pairs, global_step=global_step)
+
+        if tf.inside_function():
+            # A tf.function's automatic control dependencies run the update before the
+            # global step increment and before the function returns.
+            self.optimizer.apply_gradients(pairs)
+            update = None
+        elif self.family == FAMILY_TF_KERAS_LEGACY:
+            update = self.optimizer.apply_gradients(pairs)
+        else:
+            update = self._apply_in_function(pairs)
+
+        if global_step is None or self._counts_global_step_itself(global_step):
+            return update if update is not None else tf.no_op()
+        with tf.control_dependencies([update] if update is not None else []):
+            return global_step.assign_add(1, read_value=False)
+
+    def _apply_in_function(self, pairs: list[tuple[Any, Any]]) -> tf.Operation:
+        # Keras 3 and current tf_keras optimizers chain their updates only through a
+        # tf.function's automatic control dependencies; in a tf.compat.v1 graph their
+        # assignments would float free. A tf.function call is a single op in that graph.
+        grads = [g for g, _ in pairs]
+        variables = [v for _, v in pairs]
+
+        @tf.function(autograph=False)
+        def apply_gradients(grads):
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return tf.constant(True)
+
+        return apply_gradients(grads).op

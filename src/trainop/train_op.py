@@ -1,0 +1,461 @@
+"""`create_train_op` and `create_train_step`: argument checks and the two front-ends.
+
+* Graph front-end: `total_loss` is a `Tensor` of a `tf.compat.v1` graph (or of a `tf.function`
+  being traced); the step is added to that graph and the loss tensor that runs it is returned.
+* Eager front-end: `total_loss` is a callable; "call the loss, then build the step" is wrapped in
+  one `tf.function`, which is returned.
+
+Everything that differs between the two modes lives here; the step itself is `_core.build_step`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from trainop import _core, optimizers
+
+logger = logging.getLogger("trainop")
+
+# The same sentinel value as TF-Agents' and TF-Slim's `_USE_GLOBAL_STEP`, so that programs
+# passing theirs (or a literal 0) keep their meaning.
+USE_GLOBAL_STEP = 0
+
+_GATE_VALUES = (_core.GATE_NONE, _core.GATE_OP, _core.GATE_GRAPH)
+_AGGREGATION_VALUES = (
+    None,
+    tf.AggregationMethod.ADD_N,
+    tf.AggregationMethod.DEFAULT,
+    tf.AggregationMethod.EXPERIMENTAL_TREE,
+    tf.AggregationMethod.EXPERIMENTAL_ACCUMULATE_N,
+)
+
+
+# --- Argument checks, shared by both front-ends ------------------------------------------------
+
+
+def _check_choices(gate_gradients: Any, aggregation_method: Any) -> None:
+    if isinstance(gate_gradients, bool) or gate_gradients not in _GATE_VALUES:
+        raise ValueError(
+            "`gate_gradients` must be tf.compat.v1.train.Optimizer.GATE_NONE (0), GATE_OP (1) or "
+            f"GATE_GRAPH (2). Received: gate_gradients={gate_gradients!r}"
+        )
+    if isinstance(aggregation_method, bool) or aggregation_method not in _AGGREGATION_VALUES:
+        raise ValueError(
+            "`aggregation_method` must be None or a tf.AggregationMethod value (ADD_N, "
+            "EXPERIMENTAL_TREE, EXPERIMENTAL_ACCUMULATE_N). "
+            f"Received: aggregation_method={aggregation_method!r}"
+        )
+
+
+def _check_callable_or_none(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")
+
+
+def _resolve_global_step(global_step: Any) -> tf.Variable | None:
+    """Returns the `tf.Variable` to count steps in, or None for no counting."""
+    if global_step is None:
+        return None
+    if (isinstance(global_step, int) and not isinstance(global_step, bool)
+            and global_step == USE_GLOBAL_STEP):
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+    variable = optimizers.as_tf_variable(global_step)
+    if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
+        raise TypeError(
+            "`global_step` must be an integer tf.Variable, trainop.USE_GLOBAL_STEP or None. "
+            f"Received: global_step={global_step!r:.200}"
+        )
+    return variable
+
+
+def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
+    """Returns `variables` as a list after checking that each is a trainable variable."""
+    if isinstance(variables, (tf.Variable, str)) or optimizers.is_variable(variables):
+        variables = [variables]
+    variables = tf.nest.flatten(variables)
+    if not variables:
+        raise ValueError("`variables_to_train` is empty: there is nothing to train.")
+    graph_trainable = (
+        {id(v) for v in tf.compat.v1.trainable_variables()} if in_graph else set()
+    )
+    for v in variables:
+        if not optimizers.is_variable(v):
+            raise TypeError(
+                "`variables_to_train` must hold variables. "
+                f"Received an element of type {type(v).__name__}: {v!r:.200}"
+            )
+        if not (v.trainable or id(v) in graph_trainable):
+            raise ValueError(
+                "`variables_to_train` holds a variable that is not trainable: "
+                f"{optimizers.variable_name(v)}. Create it with trainable=True or leave it out."
+            )
+    return variables
+
+
+def _check_eager_update_ops(update_ops: Any) -> list[Callable[[], Any]]:
+    if update_ops is None:
+        return []
+    if callable(update_ops):
+        update_ops = [update_ops]
+    if not isinstance(update_ops, (list, tuple)) or not all(callable(op) for op in update_ops):
+        raise TypeError(
+            "`update_ops` must be a list of zero-argument callables in eager mode (there is no "
+            "UPDATE_OPS collection to run). "
+            f"Received: update_ops={update_ops!r:.200}"
+        )
+    return list(update_ops)
+
+
+# --- Graph front-end ---------------------------------------------------------------------------
+
+
+def _graph_update_ops(update_ops: Any) -> list[Any]:
+    collected = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+    if update_ops is None:
+        return list(collected)
+    if isinstance(update_ops, (tf.Operation, tf.Tensor)):
+        update_ops = [update_ops]
+    update_ops = list(update_ops)
+    given = {id(op) for op in update_ops}
+    left_out = [op for op in collected if id(op) not in given]
+    if left_out:
+        logger.warning(
+            "update_ops does not contain all the update ops in the UPDATE_OPS collection; "
+            "these will not run: %s", ", ".join(op.name for op in left_out))
+    return update_ops
+
+
+def _create_graph_train_op(total_loss: tf.Tensor, adapter: optimizers.OptimizerAdapter,
+                           global_step: tf.Variable | None, update_ops: Any,
+                           variables_to_train: Any, settings: dict[str, Any]) -> tf.Tensor:
+    update_ops = _graph_update_ops(update_ops)
+    if update_ops:
+        # The loss is returned only once the update ops (batch-norm statistics...) have run.
+        with tf.control_dependencies(update_ops):
+            barrier = tf.no_op(name="update_barrier")
+        with tf.control_dependencies([barrier]):
+            total_loss = tf.identity(total_loss)
+
+    if callable(variables_to_train):
+        variables_to_train = variables_to_train()
+    if variables_to_train is None:
+        variables_to_train = tf.compat.v1.trainable_variables()
+        if not variables_to_train:
+            raise ValueError("`variables_to_train` is None and the graph has no trainable "
+                             "variables: there is nothing to train.")
+    variables = _check_variables_to_train(variables_to_train, in_graph=True)
+
+    train_op = _core.build_step(total_loss, adapter, variables, global_step=global_step,
+                                **settings)
+    train_ops = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)
+    if train_op not in train_ops:
+        train_ops.append(train_op)
+    return train_op
+
+
+# --- Eager front-end ---------------------------------------------------------------------------
+
+
+def _create_eager_train_op(loss_fn: Callable[..., Any], adapter: optimizers.OptimizerAdapter,
+                           global_step: tf.Variable | None, update_ops: Any,
+                           variables_to_train: Any, settings: dict[str, Any],
+                           total_loss_fn: Callable[[Any], Any] | None = None,
+                           ) -> Callable[..., Any]:
+    update_fns = _check_eager_update_ops(update_ops)
+    if variables_to_train is not None and not callable(variables_to_train):
+        variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
+        adapter.build(variables_to_train)
+
+    def run_update_ops() -> list[Any]:
+        return [fn() for fn in update_fns]
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        if variables_to_train is None:
+            # The variables to train are the trainable ones that the loss reads.
+            with tf.GradientTape() as tape:
+                loss = loss_fn(*args, **kwargs)
+            variables = list(tape.watched_variables())
+            if not variables:
+                raise ValueError(
+                    "`variables_to_train` is None and the loss reads no trainable variable: "
+                    "there is nothing to train.")
+        else:
+            loss = loss_fn(*args, **kwargs)
+            variables = variables_to_train
+            if callable(variables):
+                variables = _check_variables_to_train(variables(), in_graph=False)
+
+        total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
+        if not isinstance(total_loss, tf.Tensor):
+            raise TypeError(
+                "The loss callable must return a scalar loss tensor"
+                + (" (through `total_loss_fn`)" if total_loss_fn is not None else "")
+                + f". Received: {type(total_loss).__name__} {total_loss!r:.200}")
+        trained_loss = _core.build_step(total_loss, adapter, variables, global_step=global_step,
+                                        before_update=run_update_ops, **settings)
+        if total_loss_fn is None:
+            return trained_loss
+        # Every stateful op in a tf.function runs before it returns: the structure is
+        # returned as computed, before the update.
+        return loss
+
+    return tf.function(train_step)
+
+
+# --- Public API --------------------------------------------------------------------------------
+
+
+def _prepare(optimizer: Any, global_step: Any, transform_grads_fn: Any, summarize_gradients: Any,
+             gate_gradients: Any, aggregation_method: Any, check_numerics: Any
+             ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
+    adapter = optimizers.OptimizerAdapter(optimizer)
+    _check_choices(gate_gradients, aggregation_method)
+    _check_callable_or_none("transform_grads_fn", transform_grads_fn)
+    settings = dict(
+        transform_grads_fn=transform_grads_fn,
+        summarize_gradients=bool(summarize_gradients),
+        gate_gradients=gate_gradients,
+        aggregation_method=aggregation_method,
+        check_numerics=bool(check_numerics),
+    )
+    return adapter, _resolve_global_step(global_step), settings
+
+
+def _is_loss_callable(total_loss: Any) -> bool:
+    return callable(total_loss) and not isinstance(total_loss, (tf.Tensor, tf.Variable))
+
+
+def create_train_op(
+    total_loss: tf.Tensor | Callable[..., tf.Tensor],
+    optimizer: Any,
+    global_step: Any = USE_GLOBAL_STEP,
+    update_ops: Sequence[Any] | None = None,
+    variables_to_train: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+    transform_grads_fn: Callable[[list], list] | None = None,
+    summarize_gradients: bool = False,
+    gate_gradients: int = tf.compat.v1.train.Optimizer.GATE_OP,
+    aggregation_method: int | None = None,
+    check_numerics: bool = True,
+    *,
+    colocate_gradients_with_ops: bool = False,
+) -> tf.Tensor | Callable[..., tf.Tensor]:
+    """Creates the training step: gradients, transforms, numerics check, update, global step.
+
+    The signature is TF-Agents' `create_train_op` (and TF-Slim's, `colocate_gradients_with_ops`
+    being accepted as a keyword), so that their programs switch with one changed import.
+
+    In a `tf.compat.v1` graph, `total_loss` is a `Tensor` and the result is a `Tensor` that, when
+    evaluated, runs the update ops, computes the gradients, applies them, increments the global
+    step and returns the loss. In eager mode (TensorFlow 2's default), `total_loss` is a callable
+    and the result is a `tf.function` `train_op(*args, **kwargs)` that passes its arguments to
+    `total_loss` and runs one whole step per call; it traces once for inputs of one shape.
+
+    With `check_numerics`, an inf or NaN loss raises `tf.errors.InvalidArgumentError` ("LossTensor
+    is inf or nan") before anything changes: the variables, the optimizer's slots and iteration
+    counter and the global step keep their values. What the forward pass writes itself (Keras
+    BatchNormalization's moving statistics, graph update ops) is outside that guarantee.
+
+    Args:
+      total_loss: a scalar floating-point `Tensor` (graph mode), or a callable returning one
+        (eager mode).
+      optimizer: a `tf.compat.v1.train.Optimizer`, a Keras 3 optimizer or a `tf_keras` one.
+      global_step: an integer variable incremented once per applied update; `USE_GLOBAL_STEP`
+        means `tf.compat.v1.train.get_or_create_global_step()`, None means no step is counted.
+        The optimizer's own `iterations` may be passed: it is then not counted twice.
+      update_ops: graph mode: ops run before the loss is returned, by default the `UPDATE_OPS`
+        collection (a list lacking some of its ops logs a warning). Eager mode: zero-argument
+        callables run inside the step, after the numerics check and before the update.
+      variables_to_train: the variables to train, or a zero-argument callable returning them.
+        None means all trainable variables (graph mode) or the trainable variables the loss
+        reads (eager mode).
+      transform_grads_fn: maps the list of (gradient, variable) pairs to a new one of the same
+        variables (clipping, multipliers) before it is applied.
+      summarize_gradients: whether to write a histogram and a norm per gradient to the default
+        `tf.summary` writer at the global step.
+      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`, as for
+        `tf.compat.v1.train.Optimizer.compute_gradients`.
+      aggregation_method: a `tf.AggregationMethod` value combining gradient terms, or None.
+      check_numerics: whether an inf or NaN loss raises, before anything changes.
+      colocate_gradients_with_ops: accepted for TF-Slim's programs; TensorFlow 2 ignores it.
+
+    Returns:
+      Graph mode: the loss `Tensor` whose evaluation runs the step. Eager mode: the callable step,
+      which returns the loss.
+
+    Raises:
+      TypeError: `total_loss` is a Tensor in eager mode, the loss is not floating-point, the
+        optimizer is of no known family, or an argument has the wrong type.
+      ValueError: the loss is not a scalar, there is no variable to train, a variable to train
+        is not trainable, `gate_gradients` or `aggregation_method` is unknown, or
+        `transform_grads_fn` returns other variables.
+
+    Example:
+      >>> import keras, tensorflow as tf, trainop
+      >>> w = tf.Variable(1.0)
+      >>> train_op = trainop.create_train_op(lambda x: (w * x - 2.0) ** 2,
+      ...                                    keras.optimizers.SGD(0.1), global_step=None)
+      >>> float(train_op(tf.constant(1.0)))  # the loss before the update
+      1.0
+      >>> float(w.numpy())  # w - 0.1 * 2 * (w - 2)
+      1.2
+    """
+    del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
+    adapter, step, settings = _prepare(optimizer, global_step, transform_grads_fn,
+                                       summarize_gradients, gate_gradients, aggregation_method,
+                                       check_numerics)
+    if tf.executing_eagerly():
+        if not _is_loss_callable(total_loss):
+            raise TypeError(
+                "`total_loss` must be a callable that returns the loss in eager mode (a Tensor "
+                "is a value already computed, with no gradient to take): pass "
+                "`lambda: loss_fn(...)` or the loss function itself. "
+                f"Received: total_loss of type {type(total_loss).__name__}")
+        return _create_eager_train_op(total_loss, adapter, step, update_ops,
+                                      variables_to_train, settings)
+    if _is_loss_callable(total_loss):
+        total_loss = total_loss()
+    if not isinstance(total_loss, tf.Tensor):
+        raise TypeError(
+            "`total_loss` must be a scalar loss Tensor in graph mode. "
+            f"Received: total_loss of type {type(total_loss).__name__}")
+    return _create_graph_train_op(total_loss, adapter, step, update_ops, variables_to_train,
+                                  settings)
+
+
+# Compiled steps of `create_train_step` in eager mode, so that calling it once per step in a
+# loop (as TF-Agents' programs do) traces once. Keyed weakly by optimizer; a few entries each.
+_STEP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STEP_CACHE_SIZE = 8
+
+
+def _identity_key(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_identity_key(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("id", id(value))
+
+
+def _cached_eager_step(key: tuple, referents: tuple, optimizer: Any,
+                       build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    try:
+        steps = _STEP_CACHE.setdefault(optimizer, collections.OrderedDict())
+    except TypeError:  # An optimizer that cannot be weakly referenced is not cached.
+        return build()
+    if key in steps:
+        steps.move_to_end(key)
+        return steps[key][0]
+    step = build()
+    # The referents keep the objects whose ids form the key alive as long as the entry.
+    steps[key] = (step, referents)
+    if len(steps) > _STEP_CACHE_SIZE:
+        steps.popitem(last=False)
+    return step
+
+
+def create_train_step(
+    loss: Any,
+    optimizer: Any,
+    global_step: Any = USE_GLOBAL_STEP,
+    total_loss_fn: Callable[[Any], tf.Tensor] | None = None,
+    update_ops: Sequence[Any] | None = None,
+    variables_to_train: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+    transform_grads_fn: Callable[[list], list] | None = None,
+    summarize_gradients: bool = False,
+    gate_gradients: int = tf.compat.v1.train.Optimizer.GATE_OP,
+    aggregation_method: int | None = None,
+    check_numerics: bool = True,
+) -> Any:
+    """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
+
+    `total_loss_fn` picks from the loss structure the scalar to minimize; the whole structure is
+    returned. In eager mode this runs one step now, as TF-Agents' code does: it calls `loss()`,
+    applies the gradients and returns the loss structure computed before the update. The compiled
+    step is kept per (loss callable, optimizer, settings), so calling `create_train_step` once per
+    step in a loop traces once. In graph mode it returns the loss structure, to be evaluated
+    after the update has run.
+
+    Args:
+      loss: a (possibly nested) structure of loss tensors (graph mode), or a zero-argument
+        callable returning one (eager mode).
+      optimizer: as for `create_train_op`.
+      global_step: as for `create_train_op`.
+      total_loss_fn: maps the loss structure to the scalar to minimize; by default the loss
+        itself.
+      update_ops: as for `create_train_op`.
+      variables_to_train: as for `create_train_op`.
+      transform_grads_fn: as for `create_train_op`.
+      summarize_gradients: as for `create_train_op`.
+      gate_gradients: as for `create_train_op`.
+      aggregation_method: as for `create_train_op`.
+      check_numerics: as for `create_train_op`.
+
+    Returns:
+      Eager mode: the loss structure of this step. Graph mode: the loss structure as tensors
+      that, when evaluated, run the step.
+
+    Raises:
+      TypeError: `total_loss_fn` is not callable, `loss` is not callable in eager mode, or as
+        for `create_train_op`.
+      ValueError: as for `create_train_op`.
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> w = tf.Variable(3.0)
+      >>> sgd = tf.compat.v1.train.GradientDescentOptimizer(0.5)
+      >>> losses = lambda: (w * w, 2.0 * w)
+      >>> first, second = trainop.create_train_step(losses, sgd, global_step=None,
+      ...                                           total_loss_fn=lambda l: l[0])
+      >>> float(first), float(second), float(w.numpy())
+      (9.0, 6.0, 0.0)
+    """
+    if total_loss_fn is None:
+        total_loss_fn = _identity
+    if not callable(total_loss_fn):
+        raise TypeError(f"`total_loss_fn` must be a callable. Received: {total_loss_fn!r:.200}")
+
+    if not tf.executing_eagerly():
+        if _is_loss_callable(loss):
+            loss = loss()
+        if callable(variables_to_train):
+            variables_to_train = variables_to_train()
+        # The losses are computed first, the step is built on them, and they are returned
+        # once the step has run.
+        with tf.control_dependencies(tf.nest.flatten(loss)):
+            loss = tf.nest.map_structure(lambda t: tf.identity(t, "loss_pre_train"), loss)
+        train_op = create_train_op(
+            total_loss_fn(loss), optimizer, global_step=global_step, update_ops=update_ops,
+            variables_to_train=variables_to_train, transform_grads_fn=transform_grads_fn,
+            summarize_gradients=summarize_gradients, gate_gradients=gate_gradients,
+            aggregation_method=aggregation_method, check_numerics=check_numerics)
+        with tf.control_dependencies([train_op]):
+            return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
+
+    if not _is_loss_callable(loss):
+        raise TypeError(
+            "`loss` must be a zero-argument callable in eager mode. "
+            f"Received: loss of type {type(loss).__name__}")
+
+    settings_key = (transform_grads_fn, summarize_gradients, gate_gradients, aggregation_method,
+                    check_numerics, global_step, update_ops, variables_to_train, total_loss_fn)
+    key = _identity_key((loss, *settings_key))
+
+    def build() -> Callable[..., Any]:
+        adapter, step, settings = _prepare(optimizer, global_step, transform_grads_fn,
+                                           summarize_gradients, gate_gradients,
+                                           aggregation_method, check_numerics)
+        return _create_eager_train_op(loss, adapter, step, update_ops, variables_to_train,
+                                      settings, total_loss_fn=total_loss_fn)
+
+    step_fn = _cached_eager_step(key, (loss, *settings_key), optimizer, build)
+    return step_fn()
+
+
+def _identity(x: Any) -> Any:
+    return x

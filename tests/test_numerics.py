@@ -1,0 +1,89 @@
+"""check_numerics: an inf or NaN loss raises before anything changes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_optimizer, optimizer_state
+
+import trainop
+
+
+def _model(runner):
+    w = runner.variable(np.array([1.0, -2.0, 3.0], np.float32), "w")
+    b = runner.variable(0.5, "b")
+    # `scale` stays 1 while the loss is healthy; the test sets it to inf or NaN.
+    scale = runner.variable(1.0, "scale", trainable=False)
+    return [w, b], scale, lambda: scale * (tf.reduce_sum(w * w) + b * b)
+
+
+def _state(runner, optimizer, variables):
+    return ([runner.read(v) for v in variables]
+            + optimizer_state(optimizer, variables, runner)
+            + [runner.read(runner.global_step())])
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_bad_loss_raises_and_changes_nothing(runner, family, bad_value):
+    variables, scale, loss_fn = _model(runner)
+    optimizer = make_optimizer(family, "adam", 0.1)
+    step = runner.train_op(loss_fn, optimizer)
+    step()
+    step()  # slots and counters now hold values that a bad step could disturb
+    before = _state(runner, optimizer, variables)
+
+    runner.assign(scale, bad_value)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=trainop.LOSS_NOT_FINITE_MESSAGE):
+        step()
+
+    after = _state(runner, optimizer, variables)
+    assert len(after) == len(before) > 3
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)  # bit-identical, NaN-free
+
+    # Training goes on from where it was.
+    runner.assign(scale, 1.0)
+    step()
+    assert runner.read(runner.global_step()) == 3
+
+
+def test_eager_update_ops_do_not_run_on_a_bad_step():
+    w = tf.Variable(1.0)
+    scale = tf.Variable(1.0, trainable=False)
+    counter = tf.Variable(0, trainable=False)
+    train_op = trainop.create_train_op(lambda: scale * w * w, make_optimizer("keras"),
+                                       update_ops=[lambda: counter.assign_add(1)],
+                                       global_step=None)
+    train_op()
+    scale.assign(np.nan)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        train_op()
+    assert counter.numpy() == 1
+
+
+def test_without_check_numerics_a_nan_loss_reaches_the_weights(runner):
+    # What the check guards against: the same step, unchecked, corrupts the weights.
+    variables, scale, loss_fn = _model(runner)
+    step = runner.train_op(loss_fn, make_optimizer("keras", "sgd"), check_numerics=False)
+    runner.assign(scale, np.nan)
+    step()
+    assert np.isnan(runner.read(variables[0])).all()
+
+
+def test_keras_model_with_nan_input_batch_keeps_its_weights():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    optimizer = keras.optimizers.Adam(0.01)
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_mean(model(x) ** 2), optimizer,
+        variables_to_train=model.trainable_variables, global_step=None)
+    train_op(tf.ones((2, 3)))
+    weights = [w.numpy().copy() for w in model.weights]
+    slots = [v.numpy().copy() for v in optimizer.variables]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan"):
+        train_op(tf.constant(np.nan, shape=(2, 3)))
+    for before, w in zip(weights, model.weights):
+        np.testing.assert_array_equal(w.numpy(), before)
+    for before, v in zip(slots, optimizer.variables):
+        np.testing.assert_array_equal(v.numpy(), before)
