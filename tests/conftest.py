@@ -43,8 +43,9 @@ def make_optimizer(family: str, kind: str = "sgd", learning_rate: float = 0.1) -
 def optimizer_state(optimizer: Any, variables: list[Any], runner: Runner) -> list[np.ndarray]:
     """Every value the optimizer keeps: slots, moments, iteration counter."""
     if isinstance(optimizer, tf.compat.v1.train.Optimizer):
-        state = [optimizer.get_slot(v, name) for v in variables
-                 for name in optimizer.get_slot_names()]
+        state = [
+            optimizer.get_slot(v, name) for v in variables for name in optimizer.get_slot_names()
+        ]
         state += list(optimizer._non_slot_dict.values())
     else:
         variables_attr = optimizer.variables
@@ -61,8 +62,9 @@ class Runner:
     def variable(self, value: Any, name: str, trainable: bool = True, dtype: Any = None) -> Any:
         raise NotImplementedError
 
-    def train_op(self, loss_fn: Callable[[], tf.Tensor], optimizer: Any,
-                 **kwargs: Any) -> Callable[[], Any]:
+    def train_op(
+        self, loss_fn: Callable[[], tf.Tensor], optimizer: Any, **kwargs: Any
+    ) -> Callable[[], Any]:
         raise NotImplementedError
 
     def update_op(self, fn: Callable[[], Any]) -> Any:
@@ -93,21 +95,24 @@ class GraphRunner(Runner):
         self.session.close()
         self._context.__exit__(None, None, None)
 
-    def _initialize(self) -> None:
+    def initialize(self) -> None:
         if not self._initialized:
             self.session.run(tf.compat.v1.global_variables_initializer())
             self._initialized = True
 
     def variable(self, value, name, trainable=True, dtype=None):
         return tf.compat.v1.get_variable(
-            name, initializer=tf.constant(value, dtype=dtype), trainable=trainable,
-            use_resource=True)
+            name,
+            initializer=tf.constant(value, dtype=dtype),
+            trainable=trainable,
+            use_resource=True,
+        )
 
     def train_op(self, loss_fn, optimizer, **kwargs):
         op = trainop.create_train_op(loss_fn(), optimizer, **kwargs)
 
         def run(*fetches: Any) -> Any:
-            self._initialize()
+            self.initialize()
             return self.session.run(op)
 
         run.op = op
@@ -117,11 +122,11 @@ class GraphRunner(Runner):
         return fn()
 
     def read(self, variable):
-        self._initialize()
+        self.initialize()
         return self.session.run(tf.convert_to_tensor(trainop.optimizers.as_tf_variable(variable)))
 
     def assign(self, variable, value):
-        self._initialize()
+        self.initialize()
         self.session.run(variable.assign(value))
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import tensorflow as tf
-from conftest import make_optimizer
 
 import trainop
+from conftest import make_optimizer
 
 
 def build(runner, loss_fn, optimizer=None, **kwargs):
@@ -111,8 +111,7 @@ def test_global_step_of_the_wrong_kind(runner):
 def test_eager_update_ops_that_are_not_callables():
     w = tf.Variable(1.0)
     with pytest.raises(TypeError, match="`update_ops` must be a list of zero-argument"):
-        trainop.create_train_op(lambda: w * w, make_optimizer("keras"),
-                                update_ops=[w.assign(2.0)])
+        trainop.create_train_op(lambda: w * w, make_optimizer("keras"), update_ops=[w.assign(2.0)])
 
 
 def test_no_gradient_for_any_variable(runner):

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_optimizer, optimizer_state
 
 import trainop
+from conftest import make_optimizer, optimizer_state
 
 
 def _model(runner):
@@ -20,9 +20,11 @@ def _model(runner):
 
 
 def _state(runner, optimizer, variables):
-    return ([runner.read(v) for v in variables]
-            + optimizer_state(optimizer, variables, runner)
-            + [runner.read(runner.global_step())])
+    return (
+        [runner.read(v) for v in variables]
+        + optimizer_state(optimizer, variables, runner)
+        + [runner.read(runner.global_step())]
+    )
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
@@ -53,9 +55,12 @@ def test_eager_update_ops_do_not_run_on_a_bad_step():
     w = tf.Variable(1.0)
     scale = tf.Variable(1.0, trainable=False)
     counter = tf.Variable(0, trainable=False)
-    train_op = trainop.create_train_op(lambda: scale * w * w, make_optimizer("keras"),
-                                       update_ops=[lambda: counter.assign_add(1)],
-                                       global_step=None)
+    train_op = trainop.create_train_op(
+        lambda: scale * w * w,
+        make_optimizer("keras"),
+        update_ops=[lambda: counter.assign_add(1)],
+        global_step=None,
+    )
     train_op()
     scale.assign(np.nan)
     with pytest.raises(tf.errors.InvalidArgumentError):
@@ -76,8 +81,11 @@ def test_keras_model_with_nan_input_batch_keeps_its_weights():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
     optimizer = keras.optimizers.Adam(0.01)
     train_op = trainop.create_train_op(
-        lambda x: tf.reduce_mean(model(x) ** 2), optimizer,
-        variables_to_train=model.trainable_variables, global_step=None)
+        lambda x: tf.reduce_mean(model(x) ** 2),
+        optimizer,
+        variables_to_train=model.trainable_variables,
+        global_step=None,
+    )
     train_op(tf.ones((2, 3)))
     weights = [w.numpy().copy() for w in model.weights]
     slots = [v.numpy().copy() for v in optimizer.variables]

@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_optimizer, optimizer_state
 
 import trainop
+from conftest import make_optimizer
 
 LR = 0.1
 
@@ -120,8 +120,7 @@ def test_graph_update_ops_default_to_the_collection():
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
         w = tf.Variable(1.0)
         counter = tf.Variable(0.0, trainable=False)
-        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS,
-                                       counter.assign_add(1.0))
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, counter.assign_add(1.0))
         train_op = trainop.create_train_op(w * w, make_optimizer("v1"))
         session.run(tf.compat.v1.global_variables_initializer())
         session.run(train_op)
@@ -160,8 +159,9 @@ def test_graph_update_ops_run_before_the_loss_is_returned():
 def test_eager_update_ops_see_the_weights_before_the_update():
     w = tf.Variable(2.0)
     target = tf.Variable(0.0, trainable=False)
-    train_op = trainop.create_train_op(lambda: w * w, make_optimizer("v1"), global_step=None,
-                                       update_ops=[lambda: target.assign(w)])
+    train_op = trainop.create_train_op(
+        lambda: w * w, make_optimizer("v1"), global_step=None, update_ops=[lambda: target.assign(w)]
+    )
     train_op()
     assert target.numpy() == 2.0  # copied before w moved to 2 - 0.1 * 4
     assert w.numpy() == pytest.approx(1.6)
@@ -173,8 +173,7 @@ def test_eager_update_ops_see_the_weights_before_the_update():
 def test_variables_to_train_selects_a_subset(runner, family):
     a = runner.variable(1.0, "a")
     b = runner.variable(1.0, "b")
-    step = runner.train_op(lambda: a * a + b * b, make_optimizer(family),
-                           variables_to_train=[b])
+    step = runner.train_op(lambda: a * a + b * b, make_optimizer(family), variables_to_train=[b])
     step()
     assert runner.read(a) == 1.0
     assert runner.read(b) == pytest.approx(0.8)
@@ -183,8 +182,9 @@ def test_variables_to_train_selects_a_subset(runner, family):
 def test_variables_to_train_as_a_callable(runner):
     a = runner.variable(1.0, "a")
     b = runner.variable(1.0, "b")
-    step = runner.train_op(lambda: a * a + b * b, make_optimizer("keras"),
-                           variables_to_train=lambda: [a])
+    step = runner.train_op(
+        lambda: a * a + b * b, make_optimizer("keras"), variables_to_train=lambda: [a]
+    )
     step()
     assert runner.read(a) == pytest.approx(0.8)
     assert runner.read(b) == 1.0
@@ -194,8 +194,9 @@ def test_eager_default_trains_the_variables_the_loss_reads(caplog):
     read = tf.Variable(1.0)
     tf.Variable(1.0)  # trainable, never read: neither trained nor reported
     frozen = tf.Variable(3.0, trainable=False)
-    train_op = trainop.create_train_op(lambda: read * frozen, make_optimizer("keras"),
-                                       global_step=None)
+    train_op = trainop.create_train_op(
+        lambda: read * frozen, make_optimizer("keras"), global_step=None
+    )
     with caplog.at_level(logging.WARNING, logger="trainop"):
         train_op()
     assert read.numpy() == pytest.approx(1.0 - LR * 3.0)
@@ -219,8 +220,12 @@ def test_graph_default_trains_all_trainable_variables_and_logs_those_without_gra
 def test_variable_without_gradient_is_logged_once_in_eager_mode(caplog):
     used = tf.Variable(1.0, name="used")
     unused = tf.Variable(1.0, name="never_used")
-    train_op = trainop.create_train_op(lambda: used * used, make_optimizer("keras"),
-                                       variables_to_train=[used, unused], global_step=None)
+    train_op = trainop.create_train_op(
+        lambda: used * used,
+        make_optimizer("keras"),
+        variables_to_train=[used, unused],
+        global_step=None,
+    )
     with caplog.at_level(logging.WARNING, logger="trainop"):
         for _ in range(3):
             train_op()
@@ -235,8 +240,9 @@ def test_transform_grads_fn_changes_the_update(runner, family):
     a = runner.variable(1.0, "a")
     b = runner.variable(1.0, "b")
     freeze_a = lambda gv: trainop.multiply_gradients(gv, [(a, 0.0), (b, 10.0)])  # noqa: E731
-    step = runner.train_op(lambda: a * a + b * b, make_optimizer(family),
-                           transform_grads_fn=freeze_a)
+    step = runner.train_op(
+        lambda: a * a + b * b, make_optimizer(family), transform_grads_fn=freeze_a
+    )
     step()
     assert runner.read(a) == 1.0
     assert runner.read(b) == pytest.approx(1.0 - LR * 2.0 * 10.0)
@@ -244,8 +250,11 @@ def test_transform_grads_fn_changes_the_update(runner, family):
 
 def test_clip_gradient_norms_fn_as_transform(runner):
     w = runner.variable(np.array([3.0, 4.0], np.float32), "w")
-    step = runner.train_op(lambda: tf.reduce_sum(w * w), make_optimizer("keras", "sgd", 1.0),
-                           transform_grads_fn=trainop.clip_gradient_norms_fn(1.0))
+    step = runner.train_op(
+        lambda: tf.reduce_sum(w * w),
+        make_optimizer("keras", "sgd", 1.0),
+        transform_grads_fn=trainop.clip_gradient_norms_fn(1.0),
+    )
     step()
     # The gradient (6, 8) has norm 10 and is clipped to (0.6, 0.8).
     np.testing.assert_allclose(runner.read(w), [2.4, 3.2], rtol=1e-6)
@@ -260,7 +269,8 @@ def _read_scalars(logdir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append(
-                    (event.step, tf.make_ndarray(value.tensor)))
+                    (event.step, tf.make_ndarray(value.tensor))
+                )
     return scalars
 
 
@@ -268,10 +278,12 @@ def test_summarize_gradients_writes_a_norm_and_histogram_per_gradient_eager(tmp_
     w = tf.Variable([3.0, 4.0], name="weights")
     writer = tf.summary.create_file_writer(str(tmp_path))
     with writer.as_default():
-        train_op = trainop.create_train_op(lambda: 0.5 * tf.reduce_sum(w * w),
-                                           make_optimizer("keras", "sgd", 0.5),
-                                           summarize_gradients=True,
-                                           global_step=tf.Variable(7, dtype=tf.int64))
+        train_op = trainop.create_train_op(
+            lambda: 0.5 * tf.reduce_sum(w * w),
+            make_optimizer("keras", "sgd", 0.5),
+            summarize_gradients=True,
+            global_step=tf.Variable(7, dtype=tf.int64),
+        )
         train_op()
         train_op()
     writer.flush()
@@ -288,9 +300,11 @@ def test_summarize_gradients_in_graph_mode(tmp_path):
         w = tf.compat.v1.get_variable("weights", initializer=[3.0, 4.0], use_resource=True)
         writer = tf.summary.create_file_writer(str(tmp_path))
         with writer.as_default():
-            train_op = trainop.create_train_op(0.5 * tf.reduce_sum(w * w),
-                                               make_optimizer("v1", "sgd", 0.5),
-                                               summarize_gradients=True)
+            train_op = trainop.create_train_op(
+                0.5 * tf.reduce_sum(w * w),
+                make_optimizer("v1", "sgd", 0.5),
+                summarize_gradients=True,
+            )
         session.run([tf.compat.v1.global_variables_initializer(), writer.init()])
         session.run(train_op)
         session.run(writer.flush())
@@ -301,8 +315,12 @@ def test_summarize_gradients_in_graph_mode(tmp_path):
 
 def test_summarize_gradients_without_a_writer_writes_nothing(tmp_path):
     w = tf.Variable([3.0, 4.0])
-    train_op = trainop.create_train_op(lambda: tf.reduce_sum(w * w), make_optimizer("keras"),
-                                       summarize_gradients=True, global_step=None)
+    train_op = trainop.create_train_op(
+        lambda: tf.reduce_sum(w * w),
+        make_optimizer("keras"),
+        summarize_gradients=True,
+        global_step=None,
+    )
     train_op()
     assert w.numpy() == pytest.approx([2.4, 3.2])
     assert not list(tmp_path.iterdir())
@@ -320,8 +338,9 @@ def _ops(runner, step):
 def _gradient_graph(runner, **kwargs):
     x = runner.variable(2.0, "x")
     # x is used three times: its gradient sums three terms.
-    step = runner.train_op(lambda: x * 3.0 + tf.sin(x) + x * x, make_optimizer("v1"),
-                           global_step=None, **kwargs)
+    step = runner.train_op(
+        lambda: x * 3.0 + tf.sin(x) + x * x, make_optimizer("v1"), global_step=None, **kwargs
+    )
     step()
     return runner.read(x), _ops(runner, step)
 
@@ -341,18 +360,23 @@ def test_gate_gradients_reaches_the_gradient_computation(mode):
     assert values[0] == values[1] == values[2]
     # GATE_OP groups the input gradients of each op (a tf.tuple per op); GATE_GRAPH groups
     # all the gradients at the end instead (one tf.tuple); GATE_NONE groups nothing.
-    per_op = {g: sum("_grad/tuple/group_deps" in op.name for op in ops)
-              for g, (_, ops) in results.items()}
-    whole = {g: sum(op.name.startswith("tuple/group_deps") for op in ops)
-             for g, (_, ops) in results.items()}
+    per_op = {
+        g: sum("_grad/tuple/group_deps" in op.name for op in ops) for g, (_, ops) in results.items()
+    }
+    whole = {
+        g: sum(op.name.startswith("tuple/group_deps") for op in ops)
+        for g, (_, ops) in results.items()
+    }
     assert (per_op[0], whole[0]) == (0, 0)
     assert per_op[1] == 4 and whole[1] == 0  # two multiplications, two additions
     assert (per_op[2], whole[2]) == (0, 1)
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager"])
-@pytest.mark.parametrize("method", [tf.AggregationMethod.EXPERIMENTAL_TREE,
-                                    tf.AggregationMethod.EXPERIMENTAL_ACCUMULATE_N])
+@pytest.mark.parametrize(
+    "method",
+    [tf.AggregationMethod.EXPERIMENTAL_TREE, tf.AggregationMethod.EXPERIMENTAL_ACCUMULATE_N],
+)
 def test_aggregation_method_reaches_the_gradient_computation(mode, method):
     from conftest import EagerRunner, GraphRunner
 
@@ -360,8 +384,9 @@ def test_aggregation_method_reaches_the_gradient_computation(mode, method):
     for aggregation in (tf.AggregationMethod.ADD_N, method):
         runner = GraphRunner() if mode == "graph" else EagerRunner()
         try:
-            results[aggregation] = _gradient_graph(runner, aggregation_method=aggregation,
-                                                   gate_gradients=0)
+            results[aggregation] = _gradient_graph(
+                runner, aggregation_method=aggregation, gate_gradients=0
+            )
         finally:
             runner.close()
 
@@ -382,8 +407,10 @@ def test_aggregation_method_reaches_the_gradient_computation(mode, method):
 def test_eager_train_op_traces_once_for_one_input_shape(family):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
     train_op = trainop.create_train_op(
-        lambda x, y: tf.reduce_mean((model(x) - y) ** 2), make_optimizer(family, "adam"),
-        variables_to_train=model.trainable_variables)
+        lambda x, y: tf.reduce_mean((model(x) - y) ** 2),
+        make_optimizer(family, "adam"),
+        variables_to_train=model.trainable_variables,
+    )
     for seed in range(5):
         x = tf.random.stateless_normal((8, 4), seed=(seed, 0))
         train_op(x, tf.ones((8, 1)))
@@ -395,8 +422,9 @@ def test_eager_train_op_traces_once_for_one_input_shape(family):
 
 def test_eager_train_op_does_not_retrace_per_call_when_state_is_made_on_first_call():
     w = tf.Variable([1.0, 2.0])
-    train_op = trainop.create_train_op(lambda x: tf.reduce_sum(w * x),
-                                       tf.compat.v1.train.AdamOptimizer(0.1))
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_sum(w * x), tf.compat.v1.train.AdamOptimizer(0.1)
+    )
     train_op(tf.constant([1.0, 1.0]))
     after_first = train_op.experimental_get_tracing_count()
     for _ in range(5):
@@ -409,14 +437,17 @@ def test_eager_train_op_does_not_retrace_per_call_when_state_is_made_on_first_ca
 
 def test_keras3_model_trains_with_keras_variables():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+    )
     x = tf.random.stateless_normal((64, 4), seed=(1, 2))
     y = tf.reduce_sum(x, axis=1, keepdims=True)
     optimizer = keras.optimizers.Adam(0.01)
     train_op = trainop.create_train_op(
-        lambda x, y: tf.reduce_mean(keras.losses.mean_squared_error(y, model(x))), optimizer,
-        variables_to_train=model.trainable_variables)
+        lambda x, y: tf.reduce_mean(keras.losses.mean_squared_error(y, model(x))),
+        optimizer,
+        variables_to_train=model.trainable_variables,
+    )
     losses = [float(train_op(x, y)) for _ in range(200)]
     assert losses[-1] < 0.1 * losses[0]
     assert int(tf.compat.v1.train.get_global_step()) == 200
@@ -424,14 +455,20 @@ def test_keras3_model_trains_with_keras_variables():
 
 
 def test_multiply_gradients_by_keras_variable_path():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="dense")],
-                             name="sequential")
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(1, name="dense")], name="sequential"
+    )
     kernel_before = model.layers[0].kernel.numpy().copy()
     bias_before = model.layers[0].bias.numpy().copy()
     train_op = trainop.create_train_op(
-        lambda: tf.reduce_sum(model(tf.ones((1, 2)))), keras.optimizers.SGD(0.1),
-        variables_to_train=model.trainable_variables, global_step=None,
-        transform_grads_fn=lambda gv: trainop.multiply_gradients(gv, {"sequential/dense/kernel": 0.0}))
+        lambda: tf.reduce_sum(model(tf.ones((1, 2)))),
+        keras.optimizers.SGD(0.1),
+        variables_to_train=model.trainable_variables,
+        global_step=None,
+        transform_grads_fn=lambda gv: trainop.multiply_gradients(
+            gv, {"sequential/dense/kernel": 0.0}
+        ),
+    )
     train_op()
     np.testing.assert_array_equal(model.layers[0].kernel.numpy(), kernel_before)
     np.testing.assert_allclose(model.layers[0].bias.numpy(), bias_before - 0.1)
@@ -443,8 +480,9 @@ def test_multiply_gradients_by_keras_variable_path():
 def test_graph_train_op_is_added_to_the_train_op_collection():
     with tf.Graph().as_default():
         w = tf.Variable(1.0)
-        train_op = trainop.create_train_op(w * w, make_optimizer("v1"),
-                                           colocate_gradients_with_ops=True)
+        train_op = trainop.create_train_op(
+            w * w, make_optimizer("v1"), colocate_gradients_with_ops=True
+        )
         assert train_op in tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.TRAIN_OP)
 
 
@@ -460,8 +498,9 @@ def test_graph_train_op_in_a_monitored_session():
                 steps.append(session.run([train_op, global_step]))
         assert [step for _, step in steps] == [1, 2, 3, 4]
         # Each loss is w * w before its update, w shrinking by 0.8 a step.
-        np.testing.assert_allclose([loss for loss, _ in steps], [1.0, 0.64, 0.4096, 0.262144],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            [loss for loss, _ in steps], [1.0, 0.64, 0.4096, 0.262144], rtol=1e-6
+        )
 
 
 def test_graph_mode_accepts_a_loss_callable():
@@ -479,8 +518,7 @@ def test_graph_front_end_inside_a_users_tf_function():
 
     @tf.function
     def my_step():
-        return trainop.create_train_op(w * w, optimizer, global_step=None,
-                                       variables_to_train=[w])
+        return trainop.create_train_op(w * w, optimizer, global_step=None, variables_to_train=[w])
 
     assert float(my_step()) == 1.0
     assert w.numpy() == pytest.approx(0.8)

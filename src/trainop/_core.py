@@ -93,8 +93,10 @@ def _drop_missing_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple
         )
     if missing:
         # Built once per train op (one trace in eager mode), so this is logged once.
-        logger.warning("These variables get no gradient from the loss and are not trained: %s",
-                       ", ".join(missing))
+        logger.warning(
+            "These variables get no gradient from the loss and are not trained: %s",
+            ", ".join(missing),
+        )
     return present
 
 

@@ -69,8 +69,9 @@ def add_gradients_summaries(
             name = _summary_name(var)
             results.append(tf.summary.histogram(name + "_gradient", values, step=step))
             results.append(
-                tf.summary.scalar(name + "_gradient_norm", tf.linalg.global_norm([values]),
-                                  step=step)
+                tf.summary.scalar(
+                    name + "_gradient_norm", tf.linalg.global_norm([values]), step=step
+                )
             )
     return [_unwrap_eager(r) for r in results]
 

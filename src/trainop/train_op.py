@@ -62,8 +62,11 @@ def _resolve_global_step(global_step: Any) -> tf.Variable | None:
     """Returns the `tf.Variable` to count steps in, or None for no counting."""
     if global_step is None:
         return None
-    if (isinstance(global_step, int) and not isinstance(global_step, bool)
-            and global_step == USE_GLOBAL_STEP):
+    if (
+        isinstance(global_step, int)
+        and not isinstance(global_step, bool)
+        and global_step == USE_GLOBAL_STEP
+    ):
         global_step = tf.compat.v1.train.get_or_create_global_step()
     variable = optimizers.as_tf_variable(global_step)
     if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
@@ -81,9 +84,7 @@ def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
     variables = tf.nest.flatten(variables)
     if not variables:
         raise ValueError("`variables_to_train` is empty: there is nothing to train.")
-    graph_trainable = (
-        {id(v) for v in tf.compat.v1.trainable_variables()} if in_graph else set()
-    )
+    graph_trainable = {id(v) for v in tf.compat.v1.trainable_variables()} if in_graph else set()
     for v in variables:
         if not optimizers.is_variable(v):
             raise TypeError(
@@ -127,13 +128,20 @@ def _graph_update_ops(update_ops: Any) -> list[Any]:
     if left_out:
         logger.warning(
             "update_ops does not contain all the update ops in the UPDATE_OPS collection; "
-            "these will not run: %s", ", ".join(op.name for op in left_out))
+            "these will not run: %s",
+            ", ".join(op.name for op in left_out),
+        )
     return update_ops
 
 
-def _create_graph_train_op(total_loss: tf.Tensor, adapter: optimizers.OptimizerAdapter,
-                           global_step: tf.Variable | None, update_ops: Any,
-                           variables_to_train: Any, settings: dict[str, Any]) -> tf.Tensor:
+def _create_graph_train_op(
+    total_loss: tf.Tensor,
+    adapter: optimizers.OptimizerAdapter,
+    global_step: tf.Variable | None,
+    update_ops: Any,
+    variables_to_train: Any,
+    settings: dict[str, Any],
+) -> tf.Tensor:
     update_ops = _graph_update_ops(update_ops)
     if update_ops:
         # The loss is returned only once the update ops (batch-norm statistics...) have run.
@@ -147,12 +155,13 @@ def _create_graph_train_op(total_loss: tf.Tensor, adapter: optimizers.OptimizerA
     if variables_to_train is None:
         variables_to_train = tf.compat.v1.trainable_variables()
         if not variables_to_train:
-            raise ValueError("`variables_to_train` is None and the graph has no trainable "
-                             "variables: there is nothing to train.")
+            raise ValueError(
+                "`variables_to_train` is None and the graph has no trainable "
+                "variables: there is nothing to train."
+            )
     variables = _check_variables_to_train(variables_to_train, in_graph=True)
 
-    train_op = _core.build_step(total_loss, adapter, variables, global_step=global_step,
-                                **settings)
+    train_op = _core.build_step(total_loss, adapter, variables, global_step=global_step, **settings)
     train_ops = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)
     if train_op not in train_ops:
         train_ops.append(train_op)
@@ -162,11 +171,15 @@ def _create_graph_train_op(total_loss: tf.Tensor, adapter: optimizers.OptimizerA
 # --- Eager front-end ---------------------------------------------------------------------------
 
 
-def _create_eager_train_op(loss_fn: Callable[..., Any], adapter: optimizers.OptimizerAdapter,
-                           global_step: tf.Variable | None, update_ops: Any,
-                           variables_to_train: Any, settings: dict[str, Any],
-                           total_loss_fn: Callable[[Any], Any] | None = None,
-                           ) -> Callable[..., Any]:
+def _create_eager_train_op(
+    loss_fn: Callable[..., Any],
+    adapter: optimizers.OptimizerAdapter,
+    global_step: tf.Variable | None,
+    update_ops: Any,
+    variables_to_train: Any,
+    settings: dict[str, Any],
+    total_loss_fn: Callable[[Any], Any] | None = None,
+) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
@@ -184,7 +197,8 @@ def _create_eager_train_op(loss_fn: Callable[..., Any], adapter: optimizers.Opti
             if not variables:
                 raise ValueError(
                     "`variables_to_train` is None and the loss reads no trainable variable: "
-                    "there is nothing to train.")
+                    "there is nothing to train."
+                )
         else:
             loss = loss_fn(*args, **kwargs)
             variables = variables_to_train
@@ -196,9 +210,16 @@ def _create_eager_train_op(loss_fn: Callable[..., Any], adapter: optimizers.Opti
             raise TypeError(
                 "The loss callable must return a scalar loss tensor"
                 + (" (through `total_loss_fn`)" if total_loss_fn is not None else "")
-                + f". Received: {type(total_loss).__name__} {total_loss!r:.200}")
-        trained_loss = _core.build_step(total_loss, adapter, variables, global_step=global_step,
-                                        before_update=run_update_ops, **settings)
+                + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
+            )
+        trained_loss = _core.build_step(
+            total_loss,
+            adapter,
+            variables,
+            global_step=global_step,
+            before_update=run_update_ops,
+            **settings,
+        )
         if total_loss_fn is None:
             return trained_loss
         # Every stateful op in a tf.function runs before it returns: the structure is
@@ -211,9 +232,15 @@ def _create_eager_train_op(loss_fn: Callable[..., Any], adapter: optimizers.Opti
 # --- Public API --------------------------------------------------------------------------------
 
 
-def _prepare(optimizer: Any, global_step: Any, transform_grads_fn: Any, summarize_gradients: Any,
-             gate_gradients: Any, aggregation_method: Any, check_numerics: Any
-             ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
+def _prepare(
+    optimizer: Any,
+    global_step: Any,
+    transform_grads_fn: Any,
+    summarize_gradients: Any,
+    gate_gradients: Any,
+    aggregation_method: Any,
+    check_numerics: Any,
+) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
     adapter = optimizers.OptimizerAdapter(optimizer)
     _check_choices(gate_gradients, aggregation_method)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
@@ -302,30 +329,40 @@ def create_train_op(
       ...                                    keras.optimizers.SGD(0.1), global_step=None)
       >>> float(train_op(tf.constant(1.0)))  # the loss before the update
       1.0
-      >>> float(w.numpy())  # w - 0.1 * 2 * (w - 2)
+      >>> round(float(w.numpy()), 6)  # w - 0.1 * 2 * (w - 2)
       1.2
     """
     del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
-    adapter, step, settings = _prepare(optimizer, global_step, transform_grads_fn,
-                                       summarize_gradients, gate_gradients, aggregation_method,
-                                       check_numerics)
+    adapter, step, settings = _prepare(
+        optimizer,
+        global_step,
+        transform_grads_fn,
+        summarize_gradients,
+        gate_gradients,
+        aggregation_method,
+        check_numerics,
+    )
     if tf.executing_eagerly():
         if not _is_loss_callable(total_loss):
             raise TypeError(
                 "`total_loss` must be a callable that returns the loss in eager mode (a Tensor "
                 "is a value already computed, with no gradient to take): pass "
                 "`lambda: loss_fn(...)` or the loss function itself. "
-                f"Received: total_loss of type {type(total_loss).__name__}")
-        return _create_eager_train_op(total_loss, adapter, step, update_ops,
-                                      variables_to_train, settings)
+                f"Received: total_loss of type {type(total_loss).__name__}"
+            )
+        return _create_eager_train_op(
+            total_loss, adapter, step, update_ops, variables_to_train, settings
+        )
     if _is_loss_callable(total_loss):
         total_loss = total_loss()
     if not isinstance(total_loss, tf.Tensor):
         raise TypeError(
             "`total_loss` must be a scalar loss Tensor in graph mode. "
-            f"Received: total_loss of type {type(total_loss).__name__}")
-    return _create_graph_train_op(total_loss, adapter, step, update_ops, variables_to_train,
-                                  settings)
+            f"Received: total_loss of type {type(total_loss).__name__}"
+        )
+    return _create_graph_train_op(
+        total_loss, adapter, step, update_ops, variables_to_train, settings
+    )
 
 
 # Compiled steps of `create_train_step` in eager mode, so that calling it once per step in a
@@ -342,8 +379,9 @@ def _identity_key(value: Any) -> Any:
     return ("id", id(value))
 
 
-def _cached_eager_step(key: tuple, referents: tuple, optimizer: Any,
-                       build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+def _cached_eager_step(
+    key: tuple, referents: tuple, optimizer: Any, build: Callable[[], Callable[..., Any]]
+) -> Callable[..., Any]:
     try:
         steps = _STEP_CACHE.setdefault(optimizer, collections.OrderedDict())
     except TypeError:  # An optimizer that cannot be weakly referenced is not cached.
@@ -430,28 +468,58 @@ def create_train_step(
         with tf.control_dependencies(tf.nest.flatten(loss)):
             loss = tf.nest.map_structure(lambda t: tf.identity(t, "loss_pre_train"), loss)
         train_op = create_train_op(
-            total_loss_fn(loss), optimizer, global_step=global_step, update_ops=update_ops,
-            variables_to_train=variables_to_train, transform_grads_fn=transform_grads_fn,
-            summarize_gradients=summarize_gradients, gate_gradients=gate_gradients,
-            aggregation_method=aggregation_method, check_numerics=check_numerics)
+            total_loss_fn(loss),
+            optimizer,
+            global_step=global_step,
+            update_ops=update_ops,
+            variables_to_train=variables_to_train,
+            transform_grads_fn=transform_grads_fn,
+            summarize_gradients=summarize_gradients,
+            gate_gradients=gate_gradients,
+            aggregation_method=aggregation_method,
+            check_numerics=check_numerics,
+        )
         with tf.control_dependencies([train_op]):
             return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
 
     if not _is_loss_callable(loss):
         raise TypeError(
             "`loss` must be a zero-argument callable in eager mode. "
-            f"Received: loss of type {type(loss).__name__}")
+            f"Received: loss of type {type(loss).__name__}"
+        )
 
-    settings_key = (transform_grads_fn, summarize_gradients, gate_gradients, aggregation_method,
-                    check_numerics, global_step, update_ops, variables_to_train, total_loss_fn)
+    settings_key = (
+        transform_grads_fn,
+        summarize_gradients,
+        gate_gradients,
+        aggregation_method,
+        check_numerics,
+        global_step,
+        update_ops,
+        variables_to_train,
+        total_loss_fn,
+    )
     key = _identity_key((loss, *settings_key))
 
     def build() -> Callable[..., Any]:
-        adapter, step, settings = _prepare(optimizer, global_step, transform_grads_fn,
-                                           summarize_gradients, gate_gradients,
-                                           aggregation_method, check_numerics)
-        return _create_eager_train_op(loss, adapter, step, update_ops, variables_to_train,
-                                      settings, total_loss_fn=total_loss_fn)
+        adapter, step, settings = _prepare(
+            optimizer,
+            global_step,
+            transform_grads_fn,
+            summarize_gradients,
+            gate_gradients,
+            aggregation_method,
+            check_numerics,
+        )
+        return _create_eager_train_op(
+            loss,
+            adapter,
+            step,
+            update_ops,
+            variables_to_train,
+            settings,
+            total_loss_fn=total_loss_fn,
+        )
 
     step_fn = _cached_eager_step(key, (loss, *settings_key), optimizer, build)
     return step_fn()

@@ -26,8 +26,9 @@ def _map_values(grad: Any, fn: Callable[[tf.Tensor], tf.Tensor]) -> Any:
     return fn(grad)
 
 
-def clip_gradient_norms(gradients_to_variables: Sequence[tuple[Any, Any]],
-                        max_norm: float) -> GradsAndVars:
+def clip_gradient_norms(
+    gradients_to_variables: Sequence[tuple[Any, Any]], max_norm: float
+) -> GradsAndVars:
     """Clips each gradient to a norm of at most `max_norm` (`tf.clip_by_norm`).
 
     Each gradient is clipped on its own; see TF-Slim's and TF-Agents' function of the same name.
@@ -112,8 +113,9 @@ def _multiplier_for(var: Any, items: list[tuple[Any, Any]]) -> Any:
     return None
 
 
-def multiply_gradients(grads_and_vars: Sequence[tuple[Any, Any]],
-                       gradient_multipliers: Any) -> GradsAndVars:
+def multiply_gradients(
+    grads_and_vars: Sequence[tuple[Any, Any]], gradient_multipliers: Any
+) -> GradsAndVars:
     """Scales the gradients of chosen variables.
 
     As TF-Slim's `multiply_gradients`: a variable is chosen by its name (`'conv0/weights'`, the
