@@ -522,3 +522,20 @@ def test_graph_front_end_inside_a_users_tf_function():
 
     assert float(my_step()) == 1.0
     assert w.numpy() == pytest.approx(0.8)
+
+
+def test_variable_without_gradient_is_logged_once_when_the_first_call_traces_twice(caplog):
+    # Adam makes its slots on the first call, so TensorFlow traces that call twice.
+    used = tf.Variable(1.0, name="used")
+    unused = tf.Variable(1.0, name="never_used")
+    train_op = trainop.create_train_op(
+        lambda: used * used,
+        tf.compat.v1.train.AdamOptimizer(0.1),
+        variables_to_train=lambda: [used, unused],
+        global_step=None,
+    )
+    with caplog.at_level(logging.WARNING, logger="trainop"):
+        train_op()
+        train_op()
+    assert train_op.experimental_get_tracing_count() == 2
+    assert caplog.text.count("never_used") == 1

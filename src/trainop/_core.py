@@ -83,7 +83,9 @@ def _check_transformed(
     return [tuple(pair) for pair in transformed]
 
 
-def _drop_missing_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+def _drop_missing_gradients(
+    grads_and_vars: list[tuple[Any, Any]], reported: set[str]
+) -> list[tuple[Any, Any]]:
     present = [(g, v) for g, v in grads_and_vars if g is not None]
     missing = [optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
     if not present:
@@ -91,12 +93,15 @@ def _drop_missing_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple
             "`total_loss` has no gradient with respect to any of `variables_to_train`: "
             f"{missing}. Does the loss depend on them?"
         )
-    if missing:
-        # Built once per train op (one trace in eager mode), so this is logged once.
+    # A tf.function may trace more than once (a second time when its first call made
+    # variables): each name is logged once per train op.
+    unreported = [name for name in missing if name not in reported]
+    if unreported:
         logger.warning(
             "These variables get no gradient from the loss and are not trained: %s",
-            ", ".join(missing),
+            ", ".join(unreported),
         )
+        reported.update(unreported)
     return present
 
 
@@ -113,6 +118,7 @@ def build_step(
     aggregation_method: int | None,
     check_numerics: bool,
     before_update: Callable[[], Sequence[Any]] | None = None,
+    reported_missing: set[str] | None = None,
 ) -> tf.Tensor:
     """Adds the training step to the current graph.
 
@@ -128,6 +134,8 @@ def build_step(
       check_numerics: whether an inf or NaN loss raises before anything changes.
       before_update: called, after the numerics check and before the gradients are applied,
         to add the caller's update ops; returns them.
+      reported_missing: names of variables without gradient already logged for this train op;
+        names logged now are added.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
@@ -152,7 +160,9 @@ def build_step(
             summary_ops = summaries.add_gradients_summaries(grads_and_vars, step)
 
         update_ops = list(before_update()) if before_update is not None else []
-        grads_and_vars = _drop_missing_gradients(grads_and_vars)
+        grads_and_vars = _drop_missing_gradients(
+            grads_and_vars, reported_missing if reported_missing is not None else set()
+        )
         with tf.control_dependencies(_as_ops(update_ops)):
             apply_op = adapter.apply(grads_and_vars, global_step)
 

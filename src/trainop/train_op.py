@@ -184,6 +184,7 @@ def _create_eager_train_op(
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
         adapter.build(variables_to_train)
+    reported_missing: set[str] = set()
 
     def run_update_ops() -> list[Any]:
         return [fn() for fn in update_fns]
@@ -218,6 +219,7 @@ def _create_eager_train_op(
             variables,
             global_step=global_step,
             before_update=run_update_ops,
+            reported_missing=reported_missing,
             **settings,
         )
         if total_loss_fn is None:
