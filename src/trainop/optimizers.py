@@ -79,12 +79,32 @@ def _optimizer_families() -> list[tuple[type, str]]:
     return families
 
 
+def _loss_scale_optimizer_types() -> tuple[type, ...]:
+    types = []
+    keras = sys.modules.get("keras")
+    keras_lso = getattr(getattr(keras, "optimizers", None), "LossScaleOptimizer", None)
+    if isinstance(keras_lso, type):
+        types.append(keras_lso)
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None:
+        types.append(tf_keras.mixed_precision.LossScaleOptimizer)
+    return tuple(types)
+
+
 def optimizer_family(optimizer: Any) -> str:
     """Names the family of `optimizer`.
 
     Raises:
-      TypeError: if `optimizer` belongs to no known family.
+      TypeError: if `optimizer` belongs to no known family, or scales the loss.
     """
+    if isinstance(optimizer, _loss_scale_optimizer_types()):
+        # Its apply_gradients divides the gradients by the loss scale: applied to the gradients
+        # of an unscaled loss, it would shrink every update without a word.
+        raise TypeError(
+            "`optimizer` is a LossScaleOptimizer, which create_train_op does not support yet: "
+            "pass its inner optimizer and a float32 loss. "
+            f"Received: optimizer={optimizer!r}"
+        )
     for base, family in _optimizer_families():
         if isinstance(optimizer, base):
             return family
