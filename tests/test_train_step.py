@@ -119,3 +119,21 @@ def test_nan_loss_raises_before_anything_changes():
     assert w.numpy() == before[0]
     for b, v in zip(before[1], optimizer.variables):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_compiled_steps_of_old_losses_are_let_go():
+    import gc
+    import weakref
+
+    def train_once(value):
+        w = tf.Variable(value)
+        trainop.create_train_step(lambda: w * w, make_optimizer("keras"), global_step=None)
+        return weakref.ref(w)
+
+    first = train_once(1.0)
+    gc.collect()
+    assert first() is not None  # its compiled step is kept for the next call
+    for value in range(2, 12):
+        train_once(float(value))
+    gc.collect()
+    assert first() is None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,7 +78,7 @@ def _resolve_global_step(global_step: Any) -> tf.Variable | None:
 
 def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
     """Returns `variables` as a list after checking that each is a trainable variable."""
-    if isinstance(variables, (tf.Variable, str)) or optimizers.is_variable(variables):
+    if optimizers.is_variable(variables):
         variables = [variables]
     variables = tf.nest.flatten(variables)
     if not variables:
@@ -368,8 +367,9 @@ def create_train_op(
 
 
 # Compiled steps of `create_train_step` in eager mode, so that calling it once per step in a
-# loop (as TF-Agents' programs do) traces once. Keyed weakly by optimizer; a few entries each.
-_STEP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# loop (as TF-Agents' programs do) traces once. A step holds its optimizer, loss and model, so a
+# weakly keyed cache would never let them go; this one keeps the most recently used few.
+_STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
 _STEP_CACHE_SIZE = 8
 
 
@@ -382,20 +382,16 @@ def _identity_key(value: Any) -> Any:
 
 
 def _cached_eager_step(
-    key: tuple, referents: tuple, optimizer: Any, build: Callable[[], Callable[..., Any]]
+    key: tuple, referents: tuple, build: Callable[[], Callable[..., Any]]
 ) -> Callable[..., Any]:
-    try:
-        steps = _STEP_CACHE.setdefault(optimizer, collections.OrderedDict())
-    except TypeError:  # An optimizer that cannot be weakly referenced is not cached.
-        return build()
-    if key in steps:
-        steps.move_to_end(key)
-        return steps[key][0]
+    if key in _STEP_CACHE:
+        _STEP_CACHE.move_to_end(key)
+        return _STEP_CACHE[key][0]
     step = build()
     # The referents keep the objects whose ids form the key alive as long as the entry.
-    steps[key] = (step, referents)
-    if len(steps) > _STEP_CACHE_SIZE:
-        steps.popitem(last=False)
+    _STEP_CACHE[key] = (step, referents)
+    if len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+        _STEP_CACHE.popitem(last=False)
     return step
 
 
@@ -501,7 +497,7 @@ def create_train_step(
         variables_to_train,
         total_loss_fn,
     )
-    key = _identity_key((loss, *settings_key))
+    key = _identity_key((loss, optimizer, *settings_key))
 
     def build() -> Callable[..., Any]:
         adapter, step, settings = _prepare(
@@ -523,7 +519,7 @@ def create_train_step(
             total_loss_fn=total_loss_fn,
         )
 
-    step_fn = _cached_eager_step(key, (loss, *settings_key), optimizer, build)
+    step_fn = _cached_eager_step(key, (loss, optimizer, *settings_key), build)
     return step_fn()
 
 
