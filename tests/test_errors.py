@@ -143,3 +143,58 @@ def test_loss_scale_optimizer_is_refused_rather_than_misapplied():
         with pytest.raises(TypeError, match="`optimizer` is a LossScaleOptimizer"):
             trainop.create_train_op(lambda: w * w, optimizer)
     assert w.numpy() == 1.0
+
+
+def test_gradient_accumulating_optimizer_is_refused():
+    import keras
+
+    w = tf.Variable(1.0)
+    with pytest.raises(TypeError, match="gradient_accumulation_steps=4"):
+        trainop.create_train_op(lambda: w * w, keras.optimizers.SGD(gradient_accumulation_steps=4))
+
+
+def test_summarize_gradients_without_any_step_to_write_at(tmp_path):
+    w = tf.Variable(1.0)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    train_op = trainop.create_train_op(
+        lambda: w * w, make_optimizer("v1"), global_step=None, summarize_gradients=True
+    )
+    with writer.as_default(), pytest.raises(ValueError, match="`summarize_gradients=True` needs"):
+        train_op()
+    assert w.numpy() == 1.0
+
+
+@pytest.mark.parametrize("update_ops", [5, ["x"], [lambda: None], [None]])
+def test_graph_update_ops_of_the_wrong_kind(update_ops):
+    with tf.Graph().as_default():
+        w = tf.Variable(1.0)
+        with pytest.raises(TypeError, match="`update_ops` must be a list of ops"):
+            trainop.create_train_op(w * w, make_optimizer("v1"), update_ops=update_ops)
+
+
+def test_transform_grads_fn_returning_a_gradient_of_the_wrong_shape(runner):
+    w = runner.variable([1.0, 2.0], "w")
+    with pytest.raises(ValueError, match="does not fit its variable w"):
+        build(
+            runner,
+            lambda: tf.reduce_sum(w * w),
+            transform_grads_fn=lambda gv: [(tf.reduce_sum(g), v) for g, v in gv],
+        )
+
+
+@pytest.mark.parametrize("returned", [1.5, "variable"])
+def test_eager_loss_that_returns_no_tensor(returned):
+    w = tf.Variable(1.0)
+    train_op = trainop.create_train_op(
+        lambda: w if returned == "variable" else returned, make_optimizer("keras")
+    )
+    with pytest.raises(TypeError, match="`total_loss` must return a scalar loss tensor"):
+        train_op()
+
+
+def test_check_numerics_and_gate_gradients_of_the_wrong_type(runner):
+    w = runner.variable(1.0, "w")
+    with pytest.raises(TypeError, match="`check_numerics` must be True or False"):
+        build(runner, lambda: w * w, check_numerics="no")
+    with pytest.raises(ValueError, match="`gate_gradients` must be"):
+        build(runner, lambda: w * w, gate_gradients=1.0)

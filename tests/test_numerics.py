@@ -95,3 +95,36 @@ def test_keras_model_with_nan_input_batch_keeps_its_weights():
         np.testing.assert_array_equal(w.numpy(), before)
     for before, v in zip(slots, optimizer.variables):
         np.testing.assert_array_equal(v.numpy(), before)
+
+
+@pytest.mark.parametrize("family", ["keras", "tf_keras", "tf_keras_legacy", "v1"])
+def test_a_bad_first_step_leaves_the_optimizer_usable(runner, family):
+    # The optimizer's state is made before the check guards the update: a NaN on the very
+    # first step must not leave it half-made.
+    variables, scale, loss_fn = _model(runner)
+    optimizer = make_optimizer(family, "adam", 0.1)
+    step = runner.train_op(loss_fn, optimizer)
+    w0 = runner.read(variables[0])
+    runner.assign(scale, np.nan)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=trainop.LOSS_NOT_FINITE_MESSAGE):
+        step()
+    np.testing.assert_array_equal(runner.read(variables[0]), w0)
+    runner.assign(scale, 1.0)
+    step()
+    # Adam's first step: each weight moves by the learning rate against its gradient's sign.
+    np.testing.assert_allclose(runner.read(variables[0]), w0 - 0.1 * np.sign(w0), rtol=1e-5)
+    assert runner.read(runner.global_step()) == 1
+
+
+def test_graph_keras_optimizer_state_initializes_without_feeding_the_inputs():
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.compat.v1.get_variable("w", initializer=[1.0, -2.0], use_resource=True)
+        x = tf.compat.v1.placeholder(tf.float32, [])
+        optimizer = keras.optimizers.RMSprop(0.1)
+        train_op = trainop.create_train_op(x * tf.reduce_sum(w * w), optimizer)
+        session.run(tf.compat.v1.global_variables_initializer())  # no feed needed
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            session.run(train_op, {x: np.nan})
+        np.testing.assert_array_equal(session.run(w), [1.0, -2.0])
+        assert session.run(train_op, {x: 1.0}) == 5.0
+        assert session.run(tf.compat.v1.train.get_global_step()) == 1

@@ -68,3 +68,20 @@ def test_tf_slim_call_without_step_uses_the_global_step_in_graph_mode(tmp_path):
     values = _read(tmp_path)
     assert values["summarize_grads/w_gradient_norm"][0] == 12
     np.testing.assert_allclose(values["summarize_grads/w_gradient_norm"][1], 2.0)
+
+
+def test_graph_mode_without_a_writer_adds_tf1_summaries_for_tf_slim_loops():
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.compat.v1.get_variable("w", initializer=[3.0, 4.0], use_resource=True)
+        train_op = trainop.create_train_op(
+            0.5 * tf.reduce_sum(w * w),
+            tf.compat.v1.train.GradientDescentOptimizer(0.5),
+            summarize_gradients=True,
+        )
+        merged = tf.compat.v1.summary.merge_all()
+        session.run(tf.compat.v1.global_variables_initializer())
+        summary = tf.compat.v1.Summary.FromString(session.run(merged))
+        session.run(train_op)
+    values = {v.tag: v for v in summary.value}
+    assert values["summarize_grads/w_gradient_norm"].simple_value == pytest.approx(5.0)
+    assert values["summarize_grads/w_gradient"].histo.num == 2

@@ -491,16 +491,20 @@ def test_graph_train_op_in_a_monitored_session():
         w = tf.compat.v1.get_variable("w", initializer=1.0, use_resource=True)
         train_op = trainop.create_train_op(w * w, make_optimizer("v1"))
         global_step = tf.compat.v1.train.get_global_step()
-        hooks = [tf.compat.v1.train.StopAtStepHook(last_step=4)]
         steps = []
+
+        class RecordStep(tf.compat.v1.train.SessionRunHook):
+            def after_run(self, run_context, run_values):
+                steps.append(run_context.session.run(global_step))
+
+        hooks = [tf.compat.v1.train.StopAtStepHook(last_step=4), RecordStep()]
+        losses = []
         with tf.compat.v1.train.MonitoredSession(hooks=hooks) as session:
             while not session.should_stop():
-                steps.append(session.run([train_op, global_step]))
-        assert [step for _, step in steps] == [1, 2, 3, 4]
+                losses.append(session.run(train_op))
+        assert steps == [1, 2, 3, 4]
         # Each loss is w * w before its update, w shrinking by 0.8 a step.
-        np.testing.assert_allclose(
-            [loss for loss, _ in steps], [1.0, 0.64, 0.4096, 0.262144], rtol=1e-6
-        )
+        np.testing.assert_allclose(losses, [1.0, 0.64, 0.4096, 0.262144], rtol=1e-6)
 
 
 def test_graph_mode_accepts_a_loss_callable():
@@ -539,3 +543,48 @@ def test_variable_without_gradient_is_logged_once_when_the_first_call_traces_twi
         train_op()
     assert train_op.experimental_get_tracing_count() == 2
     assert caplog.text.count("never_used") == 1
+
+
+def test_a_variable_listed_twice_is_trained_once(runner, family):
+    shared = runner.variable(1.0, "encoder")
+    head = runner.variable(1.0, "head")
+    step = runner.train_op(
+        lambda: shared * shared + head * head,
+        make_optimizer(family),
+        variables_to_train=[shared, head, shared],
+    )
+    step()
+    assert runner.read(shared) == pytest.approx(0.8)
+    assert runner.read(head) == pytest.approx(0.8)
+
+
+def test_graph_front_end_in_a_tf_function_with_two_train_ops_and_the_default_step():
+    actor = tf.Variable(1.0)
+    critic = tf.Variable(2.0)
+    actor_optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+    critic_optimizer = keras.optimizers.SGD(0.1)
+
+    @tf.function
+    def train():
+        actor_loss = trainop.create_train_op(
+            actor * actor, actor_optimizer, variables_to_train=[actor]
+        )
+        critic_loss = trainop.create_train_op(
+            critic * critic, critic_optimizer, variables_to_train=[critic], global_step=None
+        )
+        return actor_loss, critic_loss
+
+    assert [float(loss) for loss in train()] == [1.0, 4.0]
+    assert actor.numpy() == pytest.approx(0.8)
+    assert critic.numpy() == pytest.approx(1.6)
+    assert int(tf.compat.v1.train.get_global_step()) == 1
+
+
+def test_v1_optimizer_in_eager_mode_traces_once_with_variables_to_train():
+    w = tf.Variable([1.0, 2.0])
+    train_op = trainop.create_train_op(
+        lambda: tf.reduce_sum(w * w), tf.compat.v1.train.AdamOptimizer(0.1), variables_to_train=[w]
+    )
+    for _ in range(3):
+        train_op()
+    assert train_op.experimental_get_tracing_count() == 1

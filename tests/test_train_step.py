@@ -100,9 +100,10 @@ def test_variables_to_train_as_a_callable(runner):
 
 def test_bad_arguments():
     w = tf.Variable(1.0)
-    with pytest.raises(TypeError, match="`total_loss_fn` must be a callable"):
+    # ValueError, as TF-Agents raises.
+    with pytest.raises(ValueError, match="`total_loss_fn` must be a callable"):
         trainop.create_train_step(lambda: w * w, make_optimizer("keras"), total_loss_fn=3)
-    with pytest.raises(TypeError, match="`loss` must be a zero-argument callable"):
+    with pytest.raises(ValueError, match="`loss` must be a zero-argument callable"):
         trainop.create_train_step(w * w, make_optimizer("keras"))
 
 
@@ -137,3 +138,21 @@ def test_compiled_steps_of_old_losses_are_let_go():
         train_once(float(value))
     gc.collect()
     assert first() is None
+
+
+def test_a_bound_method_as_loss_is_compiled_once():
+    class Agent:
+        def __init__(self):
+            self.w = tf.Variable(3.0)
+            self.traces = 0
+
+        def loss(self):
+            self.traces += 1
+            return self.w * self.w
+
+    agent = Agent()
+    optimizer = make_optimizer("keras", "sgd", 0.1)
+    optimizer.build([agent.w])
+    losses = [float(trainop.create_train_step(agent.loss, optimizer)) for _ in range(4)]
+    np.testing.assert_allclose(losses, [9.0 * 0.64**i for i in range(4)], rtol=1e-5)
+    assert agent.traces == 1

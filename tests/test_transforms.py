@@ -95,11 +95,12 @@ def test_multiply_gradients_rejects_bad_input():
     v = tf.Variable(1.0, name="v")
     with pytest.raises(ValueError, match="`gradient_multipliers` is empty"):
         trainop.multiply_gradients([(tf.constant(1.0), v)], {})
-    with pytest.raises(TypeError, match="`gradient_multipliers` must map"):
+    # ValueError where TF-Slim raises one.
+    with pytest.raises(ValueError, match="`gradient_multipliers` must map"):
         trainop.multiply_gradients([(tf.constant(1.0), v)], 2.0)
     with pytest.raises(TypeError, match="`gradient_multipliers` keys must be"):
         trainop.multiply_gradients([(tf.constant(1.0), v)], {3: 2.0})
-    with pytest.raises(TypeError, match="`grads_and_vars` must be a list"):
+    with pytest.raises(ValueError, match="`grads_and_vars` must be a list"):
         trainop.multiply_gradients(iter([(tf.constant(1.0), v)]), {"v": 2.0})
     with pytest.raises(ValueError, match="has no gradient: v"):
         trainop.multiply_gradients([(None, v)], {"v": 2.0})

@@ -23,7 +23,12 @@ if tuple(int(part) for part in _tf.__version__.split(".")[:2]) < (2, 16):
 from trainop._core import LOSS_NOT_FINITE_MESSAGE
 from trainop.summaries import add_gradients_summaries, add_variables_summaries
 from trainop.train_op import USE_GLOBAL_STEP, create_train_op, create_train_step
-from trainop.transforms import clip_gradient_norms, clip_gradient_norms_fn, multiply_gradients
+from trainop.transforms import (
+    clip_gradient_norms,
+    clip_gradient_norms_fn,
+    multiply_gradients,
+    multiply_gradients_fn,
+)
 
 __version__ = "0.1.0"
 
@@ -37,4 +42,5 @@ __all__ = [
     "create_train_op",
     "create_train_step",
     "multiply_gradients",
+    "multiply_gradients_fn",
 ]

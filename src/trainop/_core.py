@@ -80,7 +80,36 @@ def _check_transformed(
             "other. Expected variables: "
             f"{[optimizers.variable_name(v) for _, v in grads_and_vars]}. Received: {names}"
         )
+    for grad, var in transformed:
+        if grad is None:
+            continue
+        shape = grad.dense_shape if isinstance(grad, tf.IndexedSlices) else grad.shape
+        shape = (
+            tf.TensorShape(tf.get_static_value(shape)) if isinstance(shape, tf.Tensor) else shape
+        )
+        if not shape.is_compatible_with(var.shape) or grad.dtype != var.dtype:
+            raise ValueError(
+                "`transform_grads_fn` returned a gradient that does not fit its variable "
+                f"{optimizers.variable_name(var)} ({var.dtype.name} {var.shape}): "
+                f"{grad.dtype.name} {shape}"
+            )
     return [tuple(pair) for pair in transformed]
+
+
+def _summary_step(global_step: Any, adapter: optimizers.OptimizerAdapter) -> Any:
+    """The step gradient summaries are written at; raises if a writer needs one and has none."""
+    step = global_step if global_step is not None else adapter.iterations
+    if (
+        step is None
+        and summaries.writes_v2_summaries()
+        and (tf.summary.experimental.get_step() is None)
+    ):
+        raise ValueError(
+            "`summarize_gradients=True` needs a step to write at, and there is none: "
+            "`global_step` is None, the optimizer keeps no iteration counter and no "
+            "tf.summary.experimental.set_step() was called."
+        )
+    return step
 
 
 def _drop_missing_gradients(
@@ -141,6 +170,7 @@ def build_step(
       `total_loss`, which once evaluated has run the whole step.
     """
     check_loss(total_loss)
+    adapter.build(variables)
     grads_and_vars = compute_gradients(total_loss, variables, gate_gradients, aggregation_method)
 
     if check_numerics:
@@ -156,7 +186,7 @@ def build_step(
 
         summary_ops = []
         if summarize_gradients:
-            step = global_step if global_step is not None else adapter.iterations
+            step = _summary_step(global_step, adapter)
             summary_ops = summaries.add_gradients_summaries(grads_and_vars, step)
 
         update_ops = list(before_update()) if before_update is not None else []
@@ -171,4 +201,10 @@ def build_step(
 
 
 def _as_ops(values: Sequence[Any]) -> list[Any]:
-    return [v for v in values if isinstance(v, (tf.Tensor, tf.Operation))]
+    # TF1 summaries (strings) are fetched by the caller's loop from the SUMMARIES collection,
+    # not computed on every step.
+    return [
+        v
+        for v in values
+        if isinstance(v, tf.Operation) or (isinstance(v, tf.Tensor) and v.dtype != tf.string)
+    ]

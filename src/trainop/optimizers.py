@@ -105,6 +105,14 @@ def optimizer_family(optimizer: Any) -> str:
             "pass its inner optimizer and a float32 loss. "
             f"Received: optimizer={optimizer!r}"
         )
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        # Keras then applies one update every N calls: the global step would count calls.
+        raise TypeError(
+            "`optimizer` accumulates gradients (gradient_accumulation_steps="
+            f"{optimizer.gradient_accumulation_steps}), which create_train_op does not support "
+            "yet: the global step would count calls, not updates. "
+            f"Received: optimizer={optimizer!r}"
+        )
     for base, family in _optimizer_families():
         if isinstance(optimizer, base):
             return family
@@ -144,19 +152,26 @@ class OptimizerAdapter:
         return global_step is self.iterations
 
     def build(self, variables: list[Any]) -> None:
-        """Creates the optimizer's state for `variables` now, if the family allows it.
+        """Creates the optimizer's state (slots, counters) for `variables`, outside any guard.
 
-        A `tf.function` that creates variables on its first call traces twice; with the state
-        made beforehand, the eager train op traces once. `tf.compat.v1.train` optimizers make
-        their slots on first use only.
+        Called when the train op is built and again, under `tf.init_scope`, before the step is
+        added to a graph: state made inside the step would wait for the numerics check, so a
+        bad first step would leave it uninitialized. Made before the first call, it also spares
+        the eager train op the second trace that a `tf.function` creating variables needs.
+        Building twice is harmless.
         """
         optimizer = self.optimizer
-        if self.family == FAMILY_KERAS and not optimizer.built:
-            optimizer.build(variables)
-        elif self.family == FAMILY_TF_KERAS and not getattr(optimizer, "_built", False):
-            optimizer.build([as_tf_variable(v) for v in variables])
-        elif self.family == FAMILY_TF_KERAS_LEGACY:
-            optimizer._create_all_weights([as_tf_variable(v) for v in variables])
+        tf_variables = [as_tf_variable(v) for v in variables]
+        with tf.init_scope():
+            if self.family == FAMILY_KERAS and not optimizer.built:
+                optimizer.build(variables)
+            elif self.family == FAMILY_TF_KERAS and not getattr(optimizer, "_built", False):
+                optimizer.build(tf_variables)
+            elif self.family == FAMILY_TF_KERAS_LEGACY:
+                optimizer._create_all_weights(tf_variables)
+            elif self.family == FAMILY_V1:
+                # What apply_gradients does first; creating a slot twice returns the first.
+                optimizer._create_slots(tf_variables)
 
     @tf.autograph.experimental.do_not_convert
     def apply(self, grads_and_vars: list[tuple[Any, Any]], global_step: Any) -> tf.Operation:

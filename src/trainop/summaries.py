@@ -1,7 +1,9 @@
 """Gradient and variable summaries for TensorBoard.
 
-Summaries go to the default `tf.summary` writer (`writer.as_default()`) at the given step; with
-no default writer they write nothing and cost nothing.
+Summaries go to the default `tf.summary` writer (`writer.as_default()`) at the given step. In a
+`tf.compat.v1` graph with no default writer they are TF1 summaries instead, added to the
+`SUMMARIES` collection that TF-Slim's loop and `MonitoredTrainingSession` write out. Otherwise,
+with no writer, they write nothing and cost nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,30 @@ def _resolve_step(step: Any) -> Any:
         return step
     # TF-Slim's add_gradients_summaries(grads_and_vars) takes no step: use the global step.
     return tf.compat.v1.train.get_global_step()
+
+
+def writes_v2_summaries() -> bool:
+    """Whether a default `tf.summary` writer is set."""
+    # TensorFlow has no public way to ask.
+    from tensorflow.python.ops import summary_ops_v2
+
+    return summary_ops_v2.has_default_writer()
+
+
+def _summary_fns() -> tuple[Any, Any, bool]:
+    """The histogram and scalar functions to use, and whether they take a step."""
+    if not tf.executing_eagerly() and not tf.inside_function() and not writes_v2_summaries():
+        return tf.compat.v1.summary.histogram, tf.compat.v1.summary.scalar, False
+    return tf.summary.histogram, tf.summary.scalar, True
+
+
+def _write(name: str, values: Any, step: Any) -> list[Any]:
+    """A histogram of `values` and their norm."""
+    histogram, scalar, takes_step = _summary_fns()
+    norm = tf.linalg.global_norm([values])
+    if not takes_step:
+        return [histogram(name, values), scalar(name + "_norm", norm)]
+    return [histogram(name, values, step=step), scalar(name + "_norm", norm, step=step)]
 
 
 def _summary_name(variable: Any) -> str:
@@ -65,14 +91,7 @@ def add_gradients_summaries(
             if grad is None:
                 logger.info("Variable %s has no gradient", optimizers.variable_name(var))
                 continue
-            values = _values(grad)
-            name = _summary_name(var)
-            results.append(tf.summary.histogram(name + "_gradient", values, step=step))
-            results.append(
-                tf.summary.scalar(
-                    name + "_gradient_norm", tf.linalg.global_norm([values]), step=step
-                )
-            )
+            results += _write(_summary_name(var) + "_gradient", _values(grad), step)
     return [_unwrap_eager(r) for r in results]
 
 
@@ -101,12 +120,8 @@ def add_variables_summaries(
     results = []
     with tf.name_scope("summarize_vars"):
         for _, var in grads_and_vars:
-            values = tf.convert_to_tensor(_values(optimizers.as_tf_variable(var)))
-            name = _summary_name(var)
-            results.append(tf.summary.histogram(name + "_value", values, step=step))
-            results.append(
-                tf.summary.scalar(name + "_value_norm", tf.linalg.global_norm([values]), step=step)
-            )
+            values = tf.convert_to_tensor(optimizers.as_tf_variable(var))
+            results += _write(_summary_name(var) + "_value", values, step)
     return [_unwrap_eager(r) for r in results]
 
 

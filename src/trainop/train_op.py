@@ -11,10 +11,12 @@ Everything that differs between the two modes lives here; the step itself is `_c
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from trainop import _core, optimizers
@@ -27,9 +29,7 @@ USE_GLOBAL_STEP = 0
 
 _GATE_VALUES = (_core.GATE_NONE, _core.GATE_OP, _core.GATE_GRAPH)
 _AGGREGATION_VALUES = (
-    None,
-    tf.AggregationMethod.ADD_N,
-    tf.AggregationMethod.DEFAULT,
+    tf.AggregationMethod.ADD_N,  # also tf.AggregationMethod.DEFAULT
     tf.AggregationMethod.EXPERIMENTAL_TREE,
     tf.AggregationMethod.EXPERIMENTAL_ACCUMULATE_N,
 )
@@ -38,23 +38,47 @@ _AGGREGATION_VALUES = (
 # --- Argument checks, shared by both front-ends ------------------------------------------------
 
 
-def _check_choices(gate_gradients: Any, aggregation_method: Any) -> None:
-    if isinstance(gate_gradients, bool) or gate_gradients not in _GATE_VALUES:
+def _check_choices(gate_gradients: Any, aggregation_method: Any, check_numerics: Any) -> None:
+    if type(gate_gradients) is not int or gate_gradients not in _GATE_VALUES:
         raise ValueError(
             "`gate_gradients` must be tf.compat.v1.train.Optimizer.GATE_NONE (0), GATE_OP (1) or "
             f"GATE_GRAPH (2). Received: gate_gradients={gate_gradients!r}"
         )
-    if isinstance(aggregation_method, bool) or aggregation_method not in _AGGREGATION_VALUES:
+    if aggregation_method is not None and (
+        type(aggregation_method) is not int or aggregation_method not in _AGGREGATION_VALUES
+    ):
         raise ValueError(
             "`aggregation_method` must be None or a tf.AggregationMethod value (ADD_N, "
             "EXPERIMENTAL_TREE, EXPERIMENTAL_ACCUMULATE_N). "
             f"Received: aggregation_method={aggregation_method!r}"
+        )
+    if not isinstance(check_numerics, (bool, np.bool_)):
+        raise TypeError(
+            f"`check_numerics` must be True or False. Received: check_numerics={check_numerics!r}"
         )
 
 
 def _check_callable_or_none(name: str, value: Any) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")
+
+
+def _program_global_step() -> tf.Variable:
+    """`tf.compat.v1.train.get_or_create_global_step()`, also from inside a `tf.function`.
+
+    The global step belongs to the program: to the graph a function is traced from (whose
+    collection holds it), not to the function's own graph.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while getattr(graph, "outer_graph", None) is not None:
+        graph = graph.outer_graph
+    global_step = tf.compat.v1.train.get_global_step(graph)
+    if global_step is None:
+        with tf.init_scope():
+            global_step = tf.compat.v1.train.get_or_create_global_step()
+        if tf.compat.v1.train.get_global_step(graph) is None:
+            graph.add_to_collection(tf.compat.v1.GraphKeys.GLOBAL_STEP, global_step)
+    return global_step
 
 
 def _resolve_global_step(global_step: Any) -> tf.Variable | None:
@@ -66,7 +90,7 @@ def _resolve_global_step(global_step: Any) -> tf.Variable | None:
         and not isinstance(global_step, bool)
         and global_step == USE_GLOBAL_STEP
     ):
-        global_step = tf.compat.v1.train.get_or_create_global_step()
+        global_step = _program_global_step()
     variable = optimizers.as_tf_variable(global_step)
     if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
         raise TypeError(
@@ -77,7 +101,11 @@ def _resolve_global_step(global_step: Any) -> tf.Variable | None:
 
 
 def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
-    """Returns `variables` as a list after checking that each is a trainable variable."""
+    """Returns `variables` as a list, each once, after checking that each is trainable.
+
+    A variable listed twice (`actor.trainable_variables + critic.trainable_variables` with a
+    shared encoder) is trained once.
+    """
     if optimizers.is_variable(variables):
         variables = [variables]
     variables = tf.nest.flatten(variables)
@@ -95,7 +123,13 @@ def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
                 "`variables_to_train` holds a variable that is not trainable: "
                 f"{optimizers.variable_name(v)}. Create it with trainable=True or leave it out."
             )
-    return variables
+    seen: set[int] = set()
+    unique = []
+    for v in variables:
+        if optimizers.variable_key(v) not in seen:
+            seen.add(optimizers.variable_key(v))
+            unique.append(v)
+    return unique
 
 
 def _check_eager_update_ops(update_ops: Any) -> list[Callable[[], Any]]:
@@ -121,6 +155,14 @@ def _graph_update_ops(update_ops: Any) -> list[Any]:
         return list(collected)
     if isinstance(update_ops, (tf.Operation, tf.Tensor)):
         update_ops = [update_ops]
+    if not isinstance(update_ops, (list, tuple, set)) or not all(
+        isinstance(op, tf.Operation) or isinstance(getattr(op, "op", None), tf.Operation)
+        for op in update_ops
+    ):
+        raise TypeError(
+            "`update_ops` must be a list of ops or tensors of the graph in graph mode. "
+            f"Received: update_ops={update_ops!r:.200}"
+        )
     update_ops = list(update_ops)
     given = {id(op) for op in update_ops}
     left_out = [op for op in collected if id(op) not in given]
@@ -161,9 +203,12 @@ def _create_graph_train_op(
     variables = _check_variables_to_train(variables_to_train, in_graph=True)
 
     train_op = _core.build_step(total_loss, adapter, variables, global_step=global_step, **settings)
-    train_ops = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)
-    if train_op not in train_ops:
-        train_ops.append(train_op)
+    if not tf.inside_function():
+        # TF-Slim's loop finds the train op here. (Compared by identity: `==` on tensors is
+        # element-wise.)
+        train_ops = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)
+        if not any(op is train_op for op in train_ops):
+            train_ops.append(train_op)
     return train_op
 
 
@@ -189,29 +234,26 @@ def _create_eager_train_op(
         return [fn() for fn in update_fns]
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
-        if variables_to_train is None:
-            # The variables to train are the trainable ones that the loss reads.
-            with tf.GradientTape() as tape:
-                loss = loss_fn(*args, **kwargs)
+        # The trainable variables that the loss reads, should none be given.
+        with tf.GradientTape() as tape:
+            loss = loss_fn(*args, **kwargs)
+            total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
+        if not isinstance(total_loss, tf.Tensor):
+            raise TypeError(
+                "`total_loss` must return a scalar loss tensor"
+                + (" (through `total_loss_fn`)" if total_loss_fn is not None else "")
+                + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
+            )
+        variables = variables_to_train
+        if callable(variables):
+            variables = _check_variables_to_train(variables(), in_graph=False)
+        elif variables is None:
             variables = list(tape.watched_variables())
             if not variables:
                 raise ValueError(
                     "`variables_to_train` is None and the loss reads no trainable variable: "
                     "there is nothing to train."
                 )
-        else:
-            loss = loss_fn(*args, **kwargs)
-            variables = variables_to_train
-            if callable(variables):
-                variables = _check_variables_to_train(variables(), in_graph=False)
-
-        total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
-        if not isinstance(total_loss, tf.Tensor):
-            raise TypeError(
-                "The loss callable must return a scalar loss tensor"
-                + (" (through `total_loss_fn`)" if total_loss_fn is not None else "")
-                + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
-            )
         trained_loss = _core.build_step(
             total_loss,
             adapter,
@@ -243,7 +285,7 @@ def _prepare(
     check_numerics: Any,
 ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
     adapter = optimizers.OptimizerAdapter(optimizer)
-    _check_choices(gate_gradients, aggregation_method)
+    _check_choices(gate_gradients, aggregation_method, check_numerics)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
     settings = dict(
         transform_grads_fn=transform_grads_fn,
@@ -378,6 +420,9 @@ def _identity_key(value: Any) -> Any:
         return tuple(_identity_key(v) for v in value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if inspect.ismethod(value):
+        # `agent.loss` is a new bound-method object at every access.
+        return ("method", id(value.__self__), id(value.__func__))
     return ("id", id(value))
 
 
@@ -437,9 +482,9 @@ def create_train_step(
       that, when evaluated, run the step.
 
     Raises:
-      TypeError: `total_loss_fn` is not callable, `loss` is not callable in eager mode, or as
-        for `create_train_op`.
-      ValueError: as for `create_train_op`.
+      ValueError: `total_loss_fn` is not callable, `loss` is not callable in eager mode (both
+        ValueError, as in TF-Agents), or as for `create_train_op`.
+      TypeError: as for `create_train_op`.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -454,7 +499,8 @@ def create_train_step(
     if total_loss_fn is None:
         total_loss_fn = _identity
     if not callable(total_loss_fn):
-        raise TypeError(f"`total_loss_fn` must be a callable. Received: {total_loss_fn!r:.200}")
+        # ValueError, as TF-Agents raises.
+        raise ValueError(f"`total_loss_fn` must be a callable. Received: {total_loss_fn!r:.200}")
 
     if not tf.executing_eagerly():
         if _is_loss_callable(loss):
@@ -481,7 +527,7 @@ def create_train_step(
             return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
 
     if not _is_loss_callable(loss):
-        raise TypeError(
+        raise ValueError(  # As TF-Agents raises.
             "`loss` must be a zero-argument callable in eager mode. "
             f"Received: loss of type {type(loss).__name__}"
         )

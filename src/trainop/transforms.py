@@ -84,7 +84,7 @@ def _multiplier_items(gradient_multipliers: Any) -> list[tuple[Any, Any]]:
     elif isinstance(gradient_multipliers, (list, tuple)):
         items = [tuple(pair) for pair in gradient_multipliers]
     else:
-        raise TypeError(
+        raise ValueError(  # ValueError, as TF-Slim raises.
             "`gradient_multipliers` must map variables or variable names to multipliers. "
             f"Received: gradient_multipliers={gradient_multipliers!r:.200}"
         )
@@ -119,9 +119,10 @@ def multiply_gradients(
     """Scales the gradients of chosen variables.
 
     As TF-Slim's `multiply_gradients`: a variable is chosen by its name (`'conv0/weights'`, the
-    name without `:0`; a Keras 3 variable's `path`, such as `'dense/kernel'`) or by the variable
-    itself. TensorFlow 2 variables are not hashable: key a dict by `v.ref()`, or pass a list of
-    (variable or name, multiplier) pairs instead of a dict.
+    name without `:0`; a Keras 3 variable's `path`, such as `'sequential/dense/kernel'`, which
+    begins with the model's name) or by the variable itself. A name that matches no variable is
+    ignored, as in TF-Slim. TensorFlow 2 variables are not hashable: key a dict by `v.ref()`, or
+    pass a list of (variable or name, multiplier) pairs instead of a dict.
 
     Args:
       grads_and_vars: a list of (gradient, variable) pairs.
@@ -132,8 +133,9 @@ def multiply_gradients(
       The list of (gradient, variable) pairs, chosen gradients scaled.
 
     Raises:
-      ValueError: if `gradient_multipliers` is empty, or a chosen variable has no gradient.
-      TypeError: if `grads_and_vars` is not a list or `gradient_multipliers` has a bad key.
+      ValueError: if `grads_and_vars` is not a list, `gradient_multipliers` is empty or not a
+        dict or list, or a chosen variable has no gradient (ValueError, as in TF-Slim).
+      TypeError: if a key of `gradient_multipliers` is neither a variable nor a name.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -143,7 +145,7 @@ def multiply_gradients(
       6.0
     """
     if not isinstance(grads_and_vars, (list, tuple)):
-        raise TypeError(
+        raise ValueError(  # ValueError, as TF-Slim raises.
             "`grads_and_vars` must be a list of (gradient, variable) pairs. "
             f"Received: {type(grads_and_vars).__name__}"
         )
@@ -161,3 +163,22 @@ def multiply_gradients(
             grad = _map_values(grad, lambda t, m=multiplier: t * tf.cast(m, t.dtype))
         result.append((grad, var))
     return result
+
+
+def multiply_gradients_fn(gradient_multipliers: Any) -> TransformGradsFn:
+    """Returns a `transform_grads_fn` that applies `multiply_gradients(..., gradient_multipliers)`.
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> v = tf.Variable(0.0, name='frozen')
+      >>> freeze = trainop.multiply_gradients_fn({'frozen': 0.0})
+      >>> [(g, _)] = freeze([(tf.constant(2.0), v)])
+      >>> float(g)
+      0.0
+    """
+    _multiplier_items(gradient_multipliers)  # Bad multipliers fail here, not at the first step.
+
+    def multiply(grads_and_vars: GradsAndVars) -> GradsAndVars:
+        return multiply_gradients(grads_and_vars, gradient_multipliers)
+
+    return multiply
