@@ -12,19 +12,15 @@ says why. Prints one JSON line: tests run, failures and errors.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
+import pathlib
 import sys
 import types
 import unittest
 
-
-def _wheel(wheel_dir: str, name: str) -> str:
-    paths = glob.glob(os.path.join(wheel_dir, f"{name}-*.whl"))
-    if not paths:
-        raise SystemExit(f"no {name} wheel in {wheel_dir}")
-    return paths[0]
+# The peers' loaders live with the benchmarks, which time the peers' own functions.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import peers  # noqa: E402
 
 
 def _slim_layers():
@@ -117,12 +113,9 @@ def _easy_training_set(self) -> None:
 
 
 def load_tf_slim(wheel_dir: str) -> types.ModuleType:
-    import importlib
-
-    sys.path.insert(0, _wheel(wheel_dir, "tf_slim"))
     import trainop
 
-    training = importlib.import_module("tf_slim.training.training")
+    training = peers.import_tf_slim("training.training", pathlib.Path(wheel_dir))
     for name in (
         "create_train_op",
         "clip_gradient_norms",
@@ -131,7 +124,7 @@ def load_tf_slim(wheel_dir: str) -> types.ModuleType:
         "add_gradients_summaries",
     ):
         setattr(training, name, getattr(trainop, name))
-    tests = importlib.import_module("tf_slim.training.training_test")
+    tests = peers.import_tf_slim("training.training_test")
     tests.layers = _slim_layers()
     tests.variables_lib.local_variable = _local_variable
     for name in ("TrainTest", "TrainBatchNormClassifierTest"):
@@ -141,22 +134,9 @@ def load_tf_slim(wheel_dir: str) -> types.ModuleType:
 
 
 def load_tf_agents(wheel_dir: str) -> types.ModuleType:
-    wheel = _wheel(wheel_dir, "tf_agents")
-    # tf_agents/__init__.py imports every agent and their dependencies: load the two utility
-    # modules from the wheel under empty parent packages instead.
-    for package in ("tf_agents", "tf_agents.utils"):
-        module = types.ModuleType(package)
-        module.__path__ = [os.path.join(wheel, *package.split("."))]
-        sys.modules[package] = module
-    common = types.ModuleType("tf_agents.utils.common")
-    common.resource_variables_enabled = lambda: True
-    sys.modules["tf_agents.utils.common"] = common
-
-    import importlib
-
     import trainop
 
-    eager_utils = importlib.import_module("tf_agents.utils.eager_utils")
+    eager_utils = peers.import_tf_agents_utils("eager_utils", pathlib.Path(wheel_dir))
     for name in (
         "create_train_op",
         "create_train_step",
@@ -166,7 +146,7 @@ def load_tf_agents(wheel_dir: str) -> types.ModuleType:
         "add_variables_summaries",
     ):
         setattr(eager_utils, name, getattr(trainop, name))
-    return importlib.import_module("tf_agents.utils.eager_utils_test")
+    return peers.import_tf_agents_utils("eager_utils_test")
 
 
 def main() -> None:
