@@ -38,3 +38,47 @@ def test_bench_core_smoke_run(tmp_path):
     assert all(r["time_ratio"] > 0 for r in results["ratios"].values())
     # Same batches, same initial weights: the train ops did exactly the baseline's work.
     assert results["max_weight_diff"] == {"trainop": 0.0, "trainop_vars": 0.0}
+
+
+def test_benchmark_suite_quick_run(tmp_path):
+    out = tmp_path / "suite.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--models", "tiny", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "### tiny: batch 8" in result.stdout and "### Build time" in result.stdout
+    results = json.loads(out.read_text())
+    variants = results["speed"]["tiny"]["variants"]
+    expected = {
+        "baseline",
+        "baseline_xla",
+        "trainop",
+        "trainop_all",
+        "trainop_v1adam",
+        "trainop_graph",
+    }
+    assert expected <= set(variants)
+    assert variants["baseline"]["time_ratio"] == 1.0
+    assert all(v["median_s_per_step"] > 0 for v in variants.values())
+    steady = results["steady_state"]
+    # One trace for the whole run, and every step counted once.
+    assert steady["traces_after_warmup"] == steady["traces_at_end"] == 1
+    assert steady["global_step"] == steady["steps"] == 200
+    assert set(results["machine"]) >= {"cpu_count", "tensorflow"}
+
+
+def test_benchmark_suite_rejects_bad_options():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--models", "huge"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--models must name some of tiny, mlp, conv" in result.stderr
