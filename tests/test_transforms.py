@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -45,7 +48,7 @@ def test_clip_gradient_norms_fn_in_graph_mode():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    values=st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=6),
+    values=st.lists(st.floats(-1e3, 1e3, width=32, allow_subnormal=False), min_size=1, max_size=6),
     max_norm=st.floats(0.125, 100.0, width=32),
 )
 def test_clipped_norm_never_exceeds_the_bound_and_small_gradients_stay(values, max_norm):
@@ -71,7 +74,8 @@ def test_multiply_gradients_by_name_variable_ref_and_pairs():
 
     assert [float(g) for g, _ in by_name] == [6.0, 2.0, 2.0]
     assert [float(g) for g, _ in by_ref] == [2.0, 1.0, 2.0]
-    assert [float(g) for g, _ in by_pairs] == [20.0, 2.0, 0.0]
+    assert [float(g) for g, _ in by_pairs[:2]] == [20.0, 2.0]
+    assert by_pairs[2][0] is None  # a multiplier of 0 freezes c
     assert [v for _, v in by_pairs] == [a, b, c]
 
 
@@ -104,3 +108,137 @@ def test_multiply_gradients_rejects_bad_input():
         trainop.multiply_gradients(iter([(tf.constant(1.0), v)]), {"v": 2.0})
     with pytest.raises(ValueError, match="has no gradient: v"):
         trainop.multiply_gradients([(None, v)], {"v": 2.0})
+
+
+# --- Transforms beyond the peers' ---------------------------------------------------------------
+
+gradient_lists = st.lists(
+    st.lists(st.floats(-1e3, 1e3, width=32, allow_subnormal=False), min_size=1, max_size=5),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _pairs(values):
+    return [(tf.constant(v, tf.float32), tf.Variable(tf.zeros(len(v)))) for v in values]
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=gradient_lists, max_norm=st.floats(0.125, 100.0, width=32))
+def test_clip_by_global_norm_bounds_the_norm_and_leaves_small_gradients_exactly(values, max_norm):
+    pairs = _pairs(values)
+    clipped = trainop.clip_by_global_norm(pairs, max_norm)
+    norm = float(trainop.global_norm(pairs))
+    assert float(trainop.global_norm(clipped)) <= max_norm * (1 + 1e-5)
+    if norm <= max_norm:
+        for (g, _), (c, _) in zip(pairs, clipped):
+            np.testing.assert_array_equal(c.numpy(), g.numpy())
+    else:  # every gradient is scaled by the same factor
+        for (g, _), (c, _) in zip(pairs, clipped):
+            np.testing.assert_allclose(
+                c.numpy(), g.numpy() * max_norm / norm, rtol=1e-4, atol=1e-30
+            )
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=gradient_lists, max_norm=st.floats(0.125, 100.0, width=32))
+def test_dense_and_indexed_slices_gradients_clip_alike(values, max_norm):
+    dense = _pairs(values)
+    sparse = [(tf.IndexedSlices(tf.reshape(g, (-1, 1)), tf.range(tf.size(g))), v) for g, v in dense]
+    for (d, _), (s, _) in zip(
+        trainop.clip_by_global_norm(dense, max_norm), trainop.clip_by_global_norm(sparse, max_norm)
+    ):
+        assert isinstance(s, tf.IndexedSlices)
+        np.testing.assert_allclose(tf.reshape(s.values, [-1]).numpy(), d.numpy(), rtol=1e-6)
+
+
+def test_clip_by_global_norm_passes_none_and_poisons_a_nan_norm():
+    v = tf.Variable([0.0])
+    pairs = [(None, v), (tf.constant([np.nan]), v), (tf.constant([1.0]), v)]
+    clipped = trainop.clip_by_global_norm(pairs, 1.0)
+    assert clipped[0][0] is None
+    assert np.isnan(clipped[2][0].numpy()).all()  # never a silent zero
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    value=st.floats(-1e3, 1e3, width=32, allow_subnormal=False),
+    multiplier=st.floats(-10, 10, width=32, allow_subnormal=False).filter(lambda m: m != 0),
+)
+def test_multipliers_scale_exactly(value, multiplier):
+    v = tf.Variable(0.0, name="layer/kernel")
+    [(g, _)] = trainop.multiply_gradients([(tf.constant(value), v)], {"layer/kernel": multiplier})
+    assert g.numpy() == np.float32(value) * np.float32(multiplier)
+
+
+def test_multipliers_by_regular_expression_first_match_wins():
+    kernel = tf.Variable(1.0, name="dense/kernel")
+    bias = tf.Variable(1.0, name="dense/bias")
+    other = tf.Variable(1.0, name="head/bias")
+    grads = [(tf.constant(1.0), kernel), (tf.constant(1.0), bias), (tf.constant(1.0), other)]
+    result = trainop.multiply_gradients(
+        grads, [("head/bias", 5.0), (re.compile(r".*/bias"), 2.0), (re.compile(".*"), 3.0)]
+    )
+    assert [float(g) for g, _ in result] == [3.0, 2.0, 5.0]
+
+
+def test_a_zero_multiplier_freezes_a_variable_even_under_adam(caplog):
+    frozen = tf.Variable(1.0, name="frozen")
+    trained = tf.Variable(1.0, name="trained")
+    train_op = trainop.create_train_op(
+        lambda: frozen * frozen + trained * trained,
+        keras.optimizers.Adam(0.1),
+        transform_grads_fn=trainop.multiply_gradients_fn({"frozen": 0.0}),
+        global_step=None,
+    )
+    with caplog.at_level("WARNING", logger="trainop"):
+        for _ in range(3):
+            train_op()
+    assert frozen.numpy() == 1.0
+    assert trained.numpy() < 0.8
+    assert "no gradient" not in caplog.text
+
+
+def test_chain_applies_transforms_in_order():
+    v = tf.Variable([0.0], name="v")
+    double = trainop.multiply_gradients_fn({"v": 2.0})
+    clip = trainop.clip_by_value_fn(-1.0, 1.0)
+    grads = [(tf.constant([3.0]), v)]
+    assert float(trainop.chain(clip, double)(grads)[0][0][0]) == 2.0
+    assert float(trainop.chain(double, clip)(grads)[0][0][0]) == 1.0
+    assert trainop.chain()(grads) == grads
+
+
+def test_gradient_noise_is_annealed_by_the_step():
+    v = tf.Variable(tf.zeros(200_000))
+    step = tf.Variable(0, dtype=tf.int64)
+    noisy = trainop.add_gradient_noise_fn(1.0, decay_exponent=0.55, step=step, seed=1)
+    zeros = [(tf.zeros(200_000), v), (None, v)]
+    std_at_0 = float(tf.math.reduce_std(noisy(zeros)[0][0]))
+    step.assign(99)
+    result = noisy(zeros)
+    assert result[1][0] is None
+    std_at_99 = float(tf.math.reduce_std(result[0][0]))
+    assert std_at_0 == pytest.approx(1.0, rel=0.02)
+    assert std_at_99 == pytest.approx(100**-0.55, rel=0.02)
+
+
+def test_clip_by_value_on_indexed_slices():
+    v = tf.Variable(tf.zeros((4, 1)))
+    grad = tf.IndexedSlices(tf.constant([[5.0], [-0.5]]), tf.constant([0, 3]))
+    [(clipped, _)] = trainop.clip_by_value([(grad, v)], -1.0, 1.0)
+    np.testing.assert_array_equal(clipped.values.numpy(), [[1.0], [-0.5]])
+    np.testing.assert_array_equal(clipped.indices.numpy(), [0, 3])
+
+
+def test_transform_factories_reject_bad_settings():
+    with pytest.raises(ValueError, match="`max_norm` must be positive"):
+        trainop.clip_by_global_norm_fn(0.0)
+    with pytest.raises(ValueError, match="`clip_value_min` must not exceed"):
+        trainop.clip_by_value_fn(1.0, -1.0)
+    with pytest.raises(ValueError, match="`stddev` and `decay_exponent`"):
+        trainop.add_gradient_noise_fn(-1.0)
+    with pytest.raises(TypeError, match="`chain` takes transform_grads_fn callables"):
+        trainop.chain(trainop.clip_by_value_fn(-1.0, 1.0), 3.0)
+    with pytest.raises(TypeError, match="compiled regular"):
+        trainop.multiply_gradients_fn({3.5: 1.0})

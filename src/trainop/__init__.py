@@ -24,8 +24,16 @@ from trainop._core import LOSS_NOT_FINITE_MESSAGE
 from trainop.summaries import add_gradients_summaries, add_variables_summaries
 from trainop.train_op import USE_GLOBAL_STEP, create_train_op, create_train_step
 from trainop.transforms import (
+    add_gradient_noise,
+    add_gradient_noise_fn,
+    chain,
+    clip_by_global_norm,
+    clip_by_global_norm_fn,
+    clip_by_value,
+    clip_by_value_fn,
     clip_gradient_norms,
     clip_gradient_norms_fn,
+    global_norm,
     multiply_gradients,
     multiply_gradients_fn,
 )
@@ -35,12 +43,20 @@ __version__ = "0.1.0"
 __all__ = [
     "LOSS_NOT_FINITE_MESSAGE",
     "USE_GLOBAL_STEP",
+    "add_gradient_noise",
+    "add_gradient_noise_fn",
     "add_gradients_summaries",
     "add_variables_summaries",
+    "chain",
+    "clip_by_global_norm",
+    "clip_by_global_norm_fn",
+    "clip_by_value",
+    "clip_by_value_fn",
     "clip_gradient_norms",
     "clip_gradient_norms_fn",
     "create_train_op",
     "create_train_step",
+    "global_norm",
     "multiply_gradients",
     "multiply_gradients_fn",
 ]

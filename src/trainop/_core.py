@@ -112,12 +112,10 @@ def _summary_step(global_step: Any, adapter: optimizers.OptimizerAdapter) -> Any
     return step
 
 
-def _drop_missing_gradients(
-    grads_and_vars: list[tuple[Any, Any]], reported: set[str]
-) -> list[tuple[Any, Any]]:
-    present = [(g, v) for g, v in grads_and_vars if g is not None]
+def _report_missing_gradients(grads_and_vars: list[tuple[Any, Any]], reported: set[str]) -> None:
+    """Logs, once per train op, the variables that the loss gives no gradient."""
     missing = [optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
-    if not present:
+    if len(missing) == len(grads_and_vars):
         raise ValueError(
             "`total_loss` has no gradient with respect to any of `variables_to_train`: "
             f"{missing}. Does the loss depend on them?"
@@ -131,6 +129,15 @@ def _drop_missing_gradients(
             ", ".join(unreported),
         )
         reported.update(unreported)
+
+
+def _present_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """The pairs to apply: a None gradient (none from the loss, or frozen) is not applied."""
+    present = [(g, v) for g, v in grads_and_vars if g is not None]
+    if not present:
+        raise ValueError(
+            "`transform_grads_fn` left no gradient to apply: every variable is frozen."
+        )
     return present
 
 
@@ -172,6 +179,9 @@ def build_step(
     check_loss(total_loss)
     adapter.build(variables)
     grads_and_vars = compute_gradients(total_loss, variables, gate_gradients, aggregation_method)
+    _report_missing_gradients(
+        grads_and_vars, reported_missing if reported_missing is not None else set()
+    )
 
     if check_numerics:
         total_loss = tf.debugging.check_numerics(total_loss, LOSS_NOT_FINITE_MESSAGE)
@@ -190,9 +200,7 @@ def build_step(
             summary_ops = summaries.add_gradients_summaries(grads_and_vars, step)
 
         update_ops = list(before_update()) if before_update is not None else []
-        grads_and_vars = _drop_missing_gradients(
-            grads_and_vars, reported_missing if reported_missing is not None else set()
-        )
+        grads_and_vars = _present_gradients(grads_and_vars)
         with tf.control_dependencies(_as_ops(update_ops)):
             apply_op = adapter.apply(grads_and_vars, global_step)
 
