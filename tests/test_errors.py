@@ -198,3 +198,25 @@ def test_check_numerics_and_gate_gradients_of_the_wrong_type(runner):
         build(runner, lambda: w * w, check_numerics="no")
     with pytest.raises(ValueError, match="`gate_gradients` must be"):
         build(runner, lambda: w * w, gate_gradients=1.0)
+
+
+def test_missing_gradients_raise_names_every_variable_without_gradient(runner):
+    used = runner.variable(1.0, "used")
+    idle_a = runner.variable(1.0, "idle_a")
+    idle_b = runner.variable(1.0, "idle_b")
+    with pytest.raises(ValueError, match=r"missing_gradients='raise'.*idle_a.*idle_b"):
+        build(
+            runner,
+            lambda: used * used,
+            variables_to_train=[used, idle_a, idle_b],
+            missing_gradients="raise",
+        )
+    with pytest.raises(ValueError, match="`missing_gradients` must be 'log' or 'raise'"):
+        build(runner, lambda: used * used, missing_gradients="ignore")
+
+
+def test_missing_gradients_raise_is_quiet_when_every_variable_has_a_gradient(runner):
+    w = runner.variable(1.0, "w")
+    step = runner.train_op(lambda: w * w, make_optimizer("keras"), missing_gradients="raise")
+    step()
+    assert runner.read(w) == pytest.approx(0.8)

@@ -112,9 +112,16 @@ def _summary_step(global_step: Any, adapter: optimizers.OptimizerAdapter) -> Any
     return step
 
 
-def _report_missing_gradients(grads_and_vars: list[tuple[Any, Any]], reported: set[str]) -> None:
-    """Logs, once per train op, the variables that the loss gives no gradient."""
+def _report_missing_gradients(
+    grads_and_vars: list[tuple[Any, Any]], reported: set[str], policy: str
+) -> None:
+    """Logs, once per train op, or raises for, the variables the loss gives no gradient."""
     missing = [optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
+    if missing and policy == "raise":
+        raise ValueError(
+            "`total_loss` gives no gradient to these `variables_to_train` "
+            f"(missing_gradients='raise'): {missing}"
+        )
     if len(missing) == len(grads_and_vars):
         raise ValueError(
             "`total_loss` has no gradient with respect to any of `variables_to_train`: "
@@ -155,6 +162,7 @@ def build_step(
     check_numerics: bool,
     before_update: Callable[[], Sequence[Any]] | None = None,
     reported_missing: set[str] | None = None,
+    missing_gradients: str = "log",
 ) -> tf.Tensor:
     """Adds the training step to the current graph.
 
@@ -172,6 +180,7 @@ def build_step(
         to add the caller's update ops; returns them.
       reported_missing: names of variables without gradient already logged for this train op;
         names logged now are added.
+      missing_gradients: 'log' or 'raise', for variables without gradient.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
@@ -180,7 +189,9 @@ def build_step(
     adapter.build(variables)
     grads_and_vars = compute_gradients(total_loss, variables, gate_gradients, aggregation_method)
     _report_missing_gradients(
-        grads_and_vars, reported_missing if reported_missing is not None else set()
+        grads_and_vars,
+        reported_missing if reported_missing is not None else set(),
+        missing_gradients,
     )
 
     if check_numerics:

@@ -283,16 +283,23 @@ def _prepare(
     gate_gradients: Any,
     aggregation_method: Any,
     check_numerics: Any,
+    missing_gradients: Any,
 ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
     adapter = optimizers.OptimizerAdapter(optimizer)
     _check_choices(gate_gradients, aggregation_method, check_numerics)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
+    if missing_gradients not in ("log", "raise"):
+        raise ValueError(
+            "`missing_gradients` must be 'log' or 'raise'. "
+            f"Received: missing_gradients={missing_gradients!r}"
+        )
     settings = dict(
         transform_grads_fn=transform_grads_fn,
         summarize_gradients=bool(summarize_gradients),
         gate_gradients=gate_gradients,
         aggregation_method=aggregation_method,
         check_numerics=bool(check_numerics),
+        missing_gradients=missing_gradients,
     )
     return adapter, _resolve_global_step(global_step), settings
 
@@ -314,6 +321,7 @@ def create_train_op(
     check_numerics: bool = True,
     *,
     colocate_gradients_with_ops: bool = False,
+    missing_gradients: str = "log",
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -353,6 +361,9 @@ def create_train_op(
       aggregation_method: a `tf.AggregationMethod` value combining gradient terms, or None.
       check_numerics: whether an inf or NaN loss raises, before anything changes.
       colocate_gradients_with_ops: accepted for TF-Slim's programs; TensorFlow 2 ignores it.
+      missing_gradients: what a variable to train that gets no gradient from the loss does:
+        'log' (default) names it once on the `trainop` logger and trains the others; 'raise'
+        raises a ValueError naming all of them when the step is built.
 
     Returns:
       Graph mode: the loss `Tensor` whose evaluation runs the step. Eager mode: the callable step,
@@ -384,6 +395,7 @@ def create_train_op(
         gate_gradients,
         aggregation_method,
         check_numerics,
+        missing_gradients,
     )
     if tf.executing_eagerly():
         if not _is_loss_callable(total_loss):
@@ -452,6 +464,8 @@ def create_train_step(
     gate_gradients: int = tf.compat.v1.train.Optimizer.GATE_OP,
     aggregation_method: int | None = None,
     check_numerics: bool = True,
+    *,
+    missing_gradients: str = "log",
 ) -> Any:
     """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
 
@@ -476,6 +490,7 @@ def create_train_step(
       gate_gradients: as for `create_train_op`.
       aggregation_method: as for `create_train_op`.
       check_numerics: as for `create_train_op`.
+      missing_gradients: as for `create_train_op`.
 
     Returns:
       Eager mode: the loss structure of this step. Graph mode: the loss structure as tensors
@@ -522,6 +537,7 @@ def create_train_step(
             gate_gradients=gate_gradients,
             aggregation_method=aggregation_method,
             check_numerics=check_numerics,
+            missing_gradients=missing_gradients,
         )
         with tf.control_dependencies([train_op]):
             return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
@@ -538,6 +554,7 @@ def create_train_step(
         gate_gradients,
         aggregation_method,
         check_numerics,
+        missing_gradients,
         global_step,
         update_ops,
         variables_to_train,
@@ -554,6 +571,7 @@ def create_train_step(
             gate_gradients,
             aggregation_method,
             check_numerics,
+            missing_gradients,
         )
         return _create_eager_train_op(
             loss,
