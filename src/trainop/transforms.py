@@ -20,6 +20,13 @@ GradsAndVars = list[tuple[Any, Any]]
 TransformGradsFn = Callable[[GradsAndVars], GradsAndVars]
 
 
+def _map_gradients(
+    grads_and_vars: Sequence[tuple[Any, Any]], fn: Callable[[tf.Tensor], tf.Tensor]
+) -> GradsAndVars:
+    """Applies `fn` to every gradient's values; None gradients pass through."""
+    return [(None if g is None else _map_values(g, fn), v) for g, v in grads_and_vars]
+
+
 def _map_values(grad: Any, fn: Callable[[tf.Tensor], tf.Tensor]) -> Any:
     """Applies `fn` to a dense gradient, or to the values of an `IndexedSlices` gradient."""
     if isinstance(grad, tf.IndexedSlices):
@@ -49,10 +56,7 @@ def clip_gradient_norms(
       >>> float(g)
       3.0
     """
-    return [
-        (None if grad is None else _map_values(grad, lambda t: tf.clip_by_norm(t, max_norm)), var)
-        for grad, var in gradients_to_variables
-    ]
+    return _map_gradients(gradients_to_variables, lambda t: tf.clip_by_norm(t, max_norm))
 
 
 def clip_gradient_norms_fn(max_norm: float) -> TransformGradsFn:
@@ -213,15 +217,9 @@ def clip_by_value(
             "`clip_value_min` must not exceed `clip_value_max`. Received: "
             f"clip_value_min={clip_value_min}, clip_value_max={clip_value_max}"
         )
-    return [
-        (
-            None
-            if grad is None
-            else _map_values(grad, lambda t: tf.clip_by_value(t, clip_value_min, clip_value_max)),
-            var,
-        )
-        for grad, var in grads_and_vars
-    ]
+    return _map_gradients(
+        grads_and_vars, lambda t: tf.clip_by_value(t, clip_value_min, clip_value_max)
+    )
 
 
 def clip_by_value_fn(clip_value_min: float, clip_value_max: float) -> TransformGradsFn:
@@ -267,10 +265,7 @@ def clip_by_global_norm(grads_and_vars: Sequence[tuple[Any, Any]], max_norm: flo
         tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-30)),
         tf.constant(float("nan")),
     )
-    return [
-        (None if grad is None else _map_values(grad, lambda t: t * tf.cast(scale, t.dtype)), var)
-        for grad, var in grads_and_vars
-    ]
+    return _map_gradients(grads_and_vars, lambda t: t * tf.cast(scale, t.dtype))
 
 
 def clip_by_global_norm_fn(max_norm: float) -> TransformGradsFn:
@@ -288,23 +283,14 @@ def add_gradient_noise(
     grads_and_vars: Sequence[tuple[Any, Any]], stddev: Any, seed: int | None = None
 ) -> GradsAndVars:
     """Adds Gaussian noise of standard deviation `stddev` to every gradient element."""
-    return [
-        (
-            None
-            if grad is None
-            else _map_values(
-                grad,
-                lambda t: (
-                    t
-                    + tf.random.normal(
-                        tf.shape(t), stddev=tf.cast(stddev, t.dtype), dtype=t.dtype, seed=seed
-                    )
-                ),
-            ),
-            var,
+
+    def add_noise(t: tf.Tensor) -> tf.Tensor:
+        noise = tf.random.normal(
+            tf.shape(t), stddev=tf.cast(stddev, t.dtype), dtype=t.dtype, seed=seed
         )
-        for grad, var in grads_and_vars
-    ]
+        return t + noise
+
+    return _map_gradients(grads_and_vars, add_noise)
 
 
 def add_gradient_noise_fn(
