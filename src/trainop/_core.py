@@ -17,15 +17,13 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import optimizers, summaries
+from trainop import numerics, optimizers, summaries
 
 logger = logging.getLogger("trainop")
 
 GATE_NONE = tf.compat.v1.train.Optimizer.GATE_NONE
 GATE_OP = tf.compat.v1.train.Optimizer.GATE_OP
 GATE_GRAPH = tf.compat.v1.train.Optimizer.GATE_GRAPH
-
-LOSS_NOT_FINITE_MESSAGE = "LossTensor is inf or nan"
 
 
 def check_loss(total_loss: tf.Tensor) -> None:
@@ -97,19 +95,13 @@ def _check_transformed(
 
 
 def _summary_step(global_step: Any, adapter: optimizers.OptimizerAdapter) -> Any:
-    """The step gradient summaries are written at; raises if a writer needs one and has none."""
-    step = global_step if global_step is not None else adapter.iterations
-    if (
-        step is None
-        and summaries.writes_v2_summaries()
-        and (tf.summary.experimental.get_step() is None)
-    ):
-        raise ValueError(
-            "`summarize_gradients=True` needs a step to write at, and there is none: "
-            "`global_step` is None, the optimizer keeps no iteration counter and no "
-            "tf.summary.experimental.set_step() was called."
-        )
-    return step
+    """The step summaries are written at: the global step, else the optimizer's counter, else
+    `tf.summary.experimental.get_step()`; None if there is none."""
+    if global_step is not None:
+        return global_step
+    if adapter.iterations is not None:
+        return adapter.iterations
+    return tf.summary.experimental.get_step()
 
 
 def _report_missing_gradients(
@@ -159,10 +151,11 @@ def build_step(
     summarize_gradients: bool,
     gate_gradients: int,
     aggregation_method: int | None,
-    check_numerics: bool,
+    check_numerics: bool | numerics.SkipNonFiniteSteps,
     before_update: Callable[[], Sequence[Any]] | None = None,
     reported_missing: set[str] | None = None,
     missing_gradients: str = "log",
+    summarize_every_n_steps: int | None = None,
 ) -> tf.Tensor:
     """Adds the training step to the current graph.
 
@@ -175,17 +168,21 @@ def build_step(
       summarize_gradients: whether to write a histogram and a norm per gradient.
       gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
       aggregation_method: a `tf.AggregationMethod` value or None.
-      check_numerics: whether an inf or NaN loss raises before anything changes.
+      check_numerics: True: an inf or NaN loss raises before anything changes. A
+        `SkipNonFiniteSteps`: a step whose loss or gradients are not finite changes nothing.
       before_update: called, after the numerics check and before the gradients are applied,
         to add the caller's update ops; returns them.
       reported_missing: names of variables without gradient already logged for this train op;
         names logged now are added.
       missing_gradients: 'log' or 'raise', for variables without gradient.
+      summarize_every_n_steps: write summaries only at steps that are multiples of it.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
     """
     check_loss(total_loss)
+    # Decided before any tf.cond: a cond branch is a function graph even in a v1 graph.
+    in_function = tf.inside_function()
     adapter.build(variables)
     grads_and_vars = compute_gradients(total_loss, variables, gate_gradients, aggregation_method)
     _report_missing_gradients(
@@ -193,29 +190,40 @@ def build_step(
         reported_missing if reported_missing is not None else set(),
         missing_gradients,
     )
+    step = _summary_step(global_step, adapter)
 
-    if check_numerics:
-        total_loss = tf.debugging.check_numerics(total_loss, LOSS_NOT_FINITE_MESSAGE)
-        # Everything that changes state waits for the check: a failed check changes nothing.
-        guard = [total_loss]
-    else:
-        guard = []
-
-    with tf.control_dependencies(guard):
+    def update() -> list[Any]:
+        transformed = grads_and_vars
         if transform_grads_fn is not None:
-            grads_and_vars = _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
-
-        summary_ops = []
-        if summarize_gradients:
-            step = _summary_step(global_step, adapter)
-            summary_ops = summaries.add_gradients_summaries(grads_and_vars, step)
-
+            transformed = _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+        summary_ops = summaries.add_train_summaries(
+            total_loss,
+            grads_and_vars,
+            transformed,
+            step,
+            learning_rate=adapter.learning_rate,
+            summarize_gradients=summarize_gradients,
+            every_n_steps=summarize_every_n_steps,
+        )
         update_ops = list(before_update()) if before_update is not None else []
-        grads_and_vars = _present_gradients(grads_and_vars)
-        with tf.control_dependencies(_as_ops(update_ops)):
-            apply_op = adapter.apply(grads_and_vars, global_step)
+        present = _present_gradients(transformed)
+        # The summaries read the step before the update counts it.
+        with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
+            return [adapter.apply(present, global_step, in_function)]
 
-    with tf.control_dependencies([apply_op, *_as_ops(summary_ops)]):
+    if isinstance(check_numerics, numerics.SkipNonFiniteSteps):
+        check_numerics.check_context()
+        finite = numerics.all_finite(total_loss, [g for g, _ in grads_and_vars])
+        done = [check_numerics.update_if_finite(finite, update, step)]
+    elif check_numerics:
+        total_loss = numerics.check_loss_is_finite(total_loss)
+        # Everything that changes state waits for the check: a failed check changes nothing.
+        with tf.control_dependencies([total_loss]):
+            done = update()
+    else:
+        done = update()
+
+    with tf.control_dependencies(done):
         return tf.identity(total_loss, name="train_op")
 
 

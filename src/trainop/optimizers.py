@@ -173,13 +173,35 @@ class OptimizerAdapter:
                 # What apply_gradients does first; creating a slot twice returns the first.
                 optimizer._create_slots(tf_variables)
 
+    def learning_rate(self) -> tf.Tensor | None:
+        """The learning rate the next update uses, as a float32 tensor; None if unknown."""
+        optimizer = self.optimizer
+        if self.family == FAMILY_TF_KERAS_LEGACY:
+            return optimizer._decayed_lr(tf.float32)
+        if self.family == FAMILY_V1:
+            # Each v1 optimizer keeps its own attribute: `_learning_rate`, or `_lr` (Adam).
+            rate = getattr(optimizer, "_learning_rate", getattr(optimizer, "_lr", None))
+        else:
+            rate = optimizer.learning_rate
+        if callable(rate) and not isinstance(rate, (tf.Tensor, tf.Variable)):
+            # A schedule (of the iteration counter) or a zero-argument callable (v1).
+            rate = rate(self.optimizer.iterations) if self.family != FAMILY_V1 else rate()
+        if rate is None:
+            return None
+        return tf.cast(as_tf_variable(rate), tf.float32)
+
     @tf.autograph.experimental.do_not_convert
-    def apply(self, grads_and_vars: list[tuple[Any, Any]], global_step: Any) -> tf.Operation:
+    def apply(
+        self, grads_and_vars: list[tuple[Any, Any]], global_step: Any, in_function: bool
+    ) -> tf.Operation:
         """Adds, to the current graph, the ops that apply `grads_and_vars` and count the step.
 
         Args:
           grads_and_vars: (gradient, variable) pairs, no gradient None.
           global_step: a `tf.Variable` incremented by one when the update is applied, or None.
+          in_function: whether the step is built in a `tf.function`, whose automatic control
+            dependencies order stateful ops. (A `tf.cond` branch inside a `tf.compat.v1` graph
+            is a function graph without them.)
 
         Returns:
           An op that, once run, has applied the update and incremented the global step.
@@ -192,7 +214,7 @@ class OptimizerAdapter:
         if self.family == FAMILY_V1:
             return self.optimizer.apply_gradients(pairs, global_step=global_step)
 
-        if tf.inside_function():
+        if in_function:
             # A tf.function's automatic control dependencies run the update before the
             # global step increment and before the function returns.
             self.optimizer.apply_gradients(pairs)

@@ -1,15 +1,18 @@
 """Gradient and variable summaries for TensorBoard.
 
 Summaries go to the default `tf.summary` writer (`writer.as_default()`) at the given step. In a
-`tf.compat.v1` graph with no default writer they are TF1 summaries instead, added to the
-`SUMMARIES` collection that TF-Slim's loop and `MonitoredTrainingSession` write out. Otherwise,
-with no writer, they write nothing and cost nothing.
+`tf.compat.v1` graph with no default writer, the gradient summaries are TF1 summaries instead,
+added to the `SUMMARIES` collection that TF-Slim's loop and `MonitoredTrainingSession` write out.
+Otherwise, with no writer, they write nothing and cost nothing.
+
+The train op's own summaries (`add_train_summaries`) sit in one `tf.cond` on the recording
+condition, so that the steps that do not write compute none of their norms.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -43,7 +46,7 @@ def writes_v2_summaries() -> bool:
 
 def _summary_fns() -> tuple[Any, Any, bool]:
     """The histogram and scalar functions to use, and whether they take a step."""
-    if not tf.executing_eagerly() and not tf.inside_function() and not writes_v2_summaries():
+    if not writes_v2_summaries() and not tf.executing_eagerly() and not tf.inside_function():
         return tf.compat.v1.summary.histogram, tf.compat.v1.summary.scalar, False
     return tf.summary.histogram, tf.summary.scalar, True
 
@@ -129,3 +132,100 @@ def _unwrap_eager(result: Any) -> Any:
     if isinstance(result, bool) or not tf.executing_eagerly():
         return result
     return bool(result)
+
+
+def add_train_summaries(
+    total_loss: tf.Tensor,
+    raw_grads_and_vars: Sequence[tuple[Any, Any]],
+    grads_and_vars: Sequence[tuple[Any, Any]],
+    step: Any,
+    *,
+    learning_rate: Callable[[], Any],
+    summarize_gradients: bool,
+    every_n_steps: int | None,
+) -> list[Any]:
+    """Adds the train op's summaries to the current graph, written at `step` when recording.
+
+    With a default `tf.summary` writer: `train/loss`, `train/global_gradient_norm` (of the
+    gradients before `transform_grads_fn`) and `train/learning_rate`, and with
+    `summarize_gradients` a histogram and norm per (transformed) gradient. They are written when
+    `tf.summary.should_record_summaries()` holds and, with `every_n_steps`, `step` is a
+    multiple of it. Without a writer, in a `tf.compat.v1` graph, `summarize_gradients` adds TF1
+    gradient summaries to the `SUMMARIES` collection, as TF-Slim does; otherwise nothing.
+
+    Args:
+      total_loss: the loss of this step.
+      raw_grads_and_vars: the (gradient, variable) pairs as computed.
+      grads_and_vars: the pairs after `transform_grads_fn`.
+      step: the step to write at (read before the update), or None if there is none.
+      learning_rate: returns the optimizer's learning rate, or None.
+      summarize_gradients: whether to write a histogram and a norm per gradient.
+      every_n_steps: write only at the steps that are multiples of it; None for every step.
+
+    Returns:
+      The ops to wait for (empty when nothing is written), and in a `tf.compat.v1` graph without
+      a writer the TF1 summary tensors.
+
+    Raises:
+      ValueError: if summaries need a step and there is none.
+    """
+    if not writes_v2_summaries():
+        if summarize_gradients and not tf.executing_eagerly() and not tf.inside_function():
+            return add_gradients_summaries(grads_and_vars, step)
+        return []
+    if step is None:
+        if summarize_gradients or every_n_steps is not None:
+            argument = (
+                "`summarize_gradients=True`"
+                if summarize_gradients
+                else f"`summarize_every_n_steps={every_n_steps}`"
+            )
+            raise ValueError(
+                f"{argument} needs a step to write at, and there is none: `global_step` is "
+                "None, the optimizer keeps no iteration counter and no "
+                "tf.summary.experimental.set_step() was called."
+            )
+        logger.warning(
+            "A default tf.summary writer is set but the train op has no step to write at "
+            "(global_step=None and the optimizer keeps no iteration counter): it writes no "
+            "summaries."
+        )
+        return []
+
+    # A tf.cond branch opens a name scope of its own, which would prefix the tags: the branch
+    # returns to this one ("" is the root scope, "a/" the absolute scope "a").
+    outer_scope = tf.get_current_name_scope()
+    outer_scope = outer_scope + "/" if outer_scope else ""
+
+    def in_outer_scope() -> Any:
+        return tf.compat.v1.get_default_graph().name_scope(outer_scope)
+
+    def write() -> tf.Tensor:
+        # The condition is decided once, by the cond: the summaries need not decide it again.
+        with tf.summary.record_if(True), in_outer_scope(), tf.name_scope("train"):
+            written = [
+                tf.summary.scalar("loss", total_loss, step=step),
+                tf.summary.scalar(
+                    "global_gradient_norm",
+                    tf.linalg.global_norm(
+                        [_values(g) for g, _ in raw_grads_and_vars if g is not None]
+                    ),
+                    step=step,
+                ),
+            ]
+            rate = learning_rate()
+            if rate is not None:
+                written.append(tf.summary.scalar("learning_rate", rate, step=step))
+        if summarize_gradients:
+            with tf.summary.record_if(True), in_outer_scope():
+                written += add_gradients_summaries(grads_and_vars, step)
+        with tf.control_dependencies(written):
+            return tf.constant(True)
+
+    should_record = tf.summary.should_record_summaries()
+    if every_n_steps is not None:
+        step_value = tf.convert_to_tensor(step)
+        should_record = tf.logical_and(
+            should_record, tf.equal(step_value % tf.cast(every_n_steps, step_value.dtype), 0)
+        )
+    return [tf.cond(should_record, write, lambda: tf.constant(False))]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _core, optimizers
+from trainop import _core, numerics, optimizers
 
 logger = logging.getLogger("trainop")
 
@@ -38,7 +38,9 @@ _AGGREGATION_VALUES = (
 # --- Argument checks, shared by both front-ends ------------------------------------------------
 
 
-def _check_choices(gate_gradients: Any, aggregation_method: Any, check_numerics: Any) -> None:
+def _check_choices(
+    gate_gradients: Any, aggregation_method: Any, summarize_every_n_steps: Any
+) -> None:
     if type(gate_gradients) is not int or gate_gradients not in _GATE_VALUES:
         raise ValueError(
             "`gate_gradients` must be tf.compat.v1.train.Optimizer.GATE_NONE (0), GATE_OP (1) or "
@@ -52,9 +54,14 @@ def _check_choices(gate_gradients: Any, aggregation_method: Any, check_numerics:
             "EXPERIMENTAL_TREE, EXPERIMENTAL_ACCUMULATE_N). "
             f"Received: aggregation_method={aggregation_method!r}"
         )
-    if not isinstance(check_numerics, (bool, np.bool_)):
-        raise TypeError(
-            f"`check_numerics` must be True or False. Received: check_numerics={check_numerics!r}"
+    if summarize_every_n_steps is not None and (
+        isinstance(summarize_every_n_steps, bool)
+        or not isinstance(summarize_every_n_steps, (int, np.integer))
+        or summarize_every_n_steps < 1
+    ):
+        raise ValueError(
+            "`summarize_every_n_steps` must be a positive integer or None. "
+            f"Received: summarize_every_n_steps={summarize_every_n_steps!r}"
         )
 
 
@@ -284,9 +291,10 @@ def _prepare(
     aggregation_method: Any,
     check_numerics: Any,
     missing_gradients: Any,
+    summarize_every_n_steps: Any,
 ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
     adapter = optimizers.OptimizerAdapter(optimizer)
-    _check_choices(gate_gradients, aggregation_method, check_numerics)
+    _check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
     if missing_gradients not in ("log", "raise"):
         raise ValueError(
@@ -298,8 +306,11 @@ def _prepare(
         summarize_gradients=bool(summarize_gradients),
         gate_gradients=gate_gradients,
         aggregation_method=aggregation_method,
-        check_numerics=bool(check_numerics),
+        check_numerics=numerics.resolve_check_numerics(check_numerics),
         missing_gradients=missing_gradients,
+        summarize_every_n_steps=(
+            None if summarize_every_n_steps is None else int(summarize_every_n_steps)
+        ),
     )
     return adapter, _resolve_global_step(global_step), settings
 
@@ -318,10 +329,11 @@ def create_train_op(
     summarize_gradients: bool = False,
     gate_gradients: int = tf.compat.v1.train.Optimizer.GATE_OP,
     aggregation_method: int | None = None,
-    check_numerics: bool = True,
+    check_numerics: bool | str | numerics.SkipNonFiniteSteps = True,
     *,
     colocate_gradients_with_ops: bool = False,
     missing_gradients: str = "log",
+    summarize_every_n_steps: int | None = None,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -336,8 +348,15 @@ def create_train_op(
 
     With `check_numerics`, an inf or NaN loss raises `tf.errors.InvalidArgumentError` ("LossTensor
     is inf or nan") before anything changes: the variables, the optimizer's slots and iteration
-    counter and the global step keep their values. What the forward pass writes itself (Keras
+    counter and the global step keep their values. With `check_numerics="skip"` (or a
+    `SkipNonFiniteSteps`), a step whose loss or any gradient is inf or NaN is skipped instead,
+    with the same guarantee, and counted. What the forward pass writes itself (Keras
     BatchNormalization's moving statistics, graph update ops) is outside that guarantee.
+
+    With a default `tf.summary` writer set when the step is built (traced), the step writes
+    `train/loss`, `train/global_gradient_norm` and `train/learning_rate` at the global step
+    (read before the update), on the steps that `tf.summary.record_if` and
+    `summarize_every_n_steps` select; the other steps compute none of it.
 
     Args:
       total_loss: a scalar floating-point `Tensor` (graph mode), or a callable returning one
@@ -354,16 +373,23 @@ def create_train_op(
         reads (eager mode).
       transform_grads_fn: maps the list of (gradient, variable) pairs to a new one of the same
         variables (clipping, multipliers) before it is applied.
-      summarize_gradients: whether to write a histogram and a norm per gradient to the default
-        `tf.summary` writer at the global step.
+      summarize_gradients: whether to write a histogram and a norm per gradient (after
+        `transform_grads_fn`) to the default `tf.summary` writer at the global step.
       gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`, as for
         `tf.compat.v1.train.Optimizer.compute_gradients`.
       aggregation_method: a `tf.AggregationMethod` value combining gradient terms, or None.
-      check_numerics: whether an inf or NaN loss raises, before anything changes.
+      check_numerics: True: an inf or NaN loss raises before anything changes. False: no check.
+        'skip' or a `trainop.SkipNonFiniteSteps(max_consecutive=...)`: a step whose loss or
+        any gradient is inf or NaN changes nothing and is counted; more than `max_consecutive`
+        (by default 10) such steps in a row raise. Pass your own `SkipNonFiniteSteps` to read
+        its `skipped_steps` counter.
       colocate_gradients_with_ops: accepted for TF-Slim's programs; TensorFlow 2 ignores it.
       missing_gradients: what a variable to train that gets no gradient from the loss does:
         'log' (default) names it once on the `trainop` logger and trains the others; 'raise'
         raises a ValueError naming all of them when the step is built.
+      summarize_every_n_steps: write the summaries only at global steps that are multiples of
+        it (0, n, 2n...), and only when `tf.summary.record_if` allows; None (default): whenever
+        `tf.summary.record_if` allows.
 
     Returns:
       Graph mode: the loss `Tensor` whose evaluation runs the step. Eager mode: the callable step,
@@ -373,8 +399,8 @@ def create_train_op(
       TypeError: `total_loss` is a Tensor in eager mode, the loss is not floating-point, the
         optimizer is of no known family, or an argument has the wrong type.
       ValueError: the loss is not a scalar, there is no variable to train, a variable to train
-        is not trainable, `gate_gradients` or `aggregation_method` is unknown, or
-        `transform_grads_fn` returns other variables.
+        is not trainable, `gate_gradients`, `aggregation_method` or `summarize_every_n_steps`
+        is not one of its values, or `transform_grads_fn` returns other variables.
 
     Example:
       >>> import keras, tensorflow as tf, trainop
@@ -396,6 +422,7 @@ def create_train_op(
         aggregation_method,
         check_numerics,
         missing_gradients,
+        summarize_every_n_steps,
     )
     if tf.executing_eagerly():
         if not _is_loss_callable(total_loss):
@@ -463,9 +490,10 @@ def create_train_step(
     summarize_gradients: bool = False,
     gate_gradients: int = tf.compat.v1.train.Optimizer.GATE_OP,
     aggregation_method: int | None = None,
-    check_numerics: bool = True,
+    check_numerics: bool | str | numerics.SkipNonFiniteSteps = True,
     *,
     missing_gradients: str = "log",
+    summarize_every_n_steps: int | None = None,
 ) -> Any:
     """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
 
@@ -491,6 +519,7 @@ def create_train_step(
       aggregation_method: as for `create_train_op`.
       check_numerics: as for `create_train_op`.
       missing_gradients: as for `create_train_op`.
+      summarize_every_n_steps: as for `create_train_op`.
 
     Returns:
       Eager mode: the loss structure of this step. Graph mode: the loss structure as tensors
@@ -538,6 +567,7 @@ def create_train_step(
             aggregation_method=aggregation_method,
             check_numerics=check_numerics,
             missing_gradients=missing_gradients,
+            summarize_every_n_steps=summarize_every_n_steps,
         )
         with tf.control_dependencies([train_op]):
             return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
@@ -555,6 +585,7 @@ def create_train_step(
         aggregation_method,
         check_numerics,
         missing_gradients,
+        summarize_every_n_steps,
         global_step,
         update_ops,
         variables_to_train,
@@ -572,6 +603,7 @@ def create_train_step(
             aggregation_method,
             check_numerics,
             missing_gradients,
+            summarize_every_n_steps,
         )
         return _create_eager_train_op(
             loss,

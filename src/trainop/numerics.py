@@ -1,0 +1,180 @@
+"""The numerics guard: what a step with an inf or NaN loss or gradient does.
+
+* `check_numerics=True` (the default): the step raises `tf.errors.InvalidArgumentError` before
+  anything changes.
+* `check_numerics=False`: no check.
+* `check_numerics="skip"` or a `SkipNonFiniteSteps`: the step is skipped. The decision is taken
+  on the device, by one `tf.cond` around the whole update, so a healthy step pays for one fused
+  finiteness test and nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+LOSS_NOT_FINITE_MESSAGE = "LossTensor is inf or nan"
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
+
+
+def check_loss_is_finite(total_loss: tf.Tensor) -> tf.Tensor:
+    """`total_loss`, once checked: raises on evaluation if it is inf or NaN."""
+    return tf.debugging.check_numerics(total_loss, LOSS_NOT_FINITE_MESSAGE)
+
+
+def all_finite(total_loss: tf.Tensor, gradients: Sequence[Any]) -> tf.Tensor:
+    """A boolean scalar: whether the loss and every gradient are free of inf and NaN.
+
+    One small reduction per gradient and a single `reduce_all`: much cheaper than a
+    `CheckNumerics` op per gradient, which copies each one.
+    """
+    checks = [tf.math.is_finite(total_loss)]
+    for grad in gradients:
+        if grad is None:
+            continue
+        values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+        checks.append(tf.reduce_all(tf.math.is_finite(values)))
+    return tf.reduce_all(tf.stack(checks))
+
+
+class SkipNonFiniteSteps(tf.Module):
+    """A numerics guard that skips the steps whose loss or gradients hold inf or NaN.
+
+    Pass it as `check_numerics` to `create_train_op` or `create_train_step`. On a step whose loss
+    or any gradient is not finite, the train op changes no variable, no optimizer slot or
+    counter and not the global step, runs none of the update ops, writes no summary, and counts
+    the step in `skipped_steps`. After `max_consecutive` skipped steps in a row, the next bad
+    step raises `tf.errors.InvalidArgumentError` naming the global step, still without changing
+    anything: a rare bad batch is passed over, a model that has gone bad stops training.
+
+    The decision is taken on the device: nothing is read back to the host. The counters are
+    variables, read them with `int(guard.skipped_steps)` (eager) or `session.run` (graph). The
+    guard is a `tf.Module`: put it in a `tf.train.Checkpoint` to keep its counts across
+    restarts. Its variables belong to the graph it was created in (in eager mode, to the eager
+    context): create it where the train op is built.
+
+    Args:
+      max_consecutive: how many steps in a row may be skipped before a bad step raises; None
+        for no limit.
+      name: the module's name.
+
+    Raises:
+      ValueError: if `max_consecutive` is not a positive integer or None.
+
+    Example:
+      >>> import keras, numpy as np, tensorflow as tf, trainop
+      >>> w = tf.Variable(1.0)
+      >>> guard = trainop.SkipNonFiniteSteps(max_consecutive=3)
+      >>> train_op = trainop.create_train_op(lambda x: (w * x) ** 2, keras.optimizers.SGD(0.1),
+      ...                                    global_step=None, check_numerics=guard)
+      >>> _ = train_op(tf.constant(np.nan))  # skipped
+      >>> float(w.numpy()), int(guard.skipped_steps)
+      (1.0, 1)
+      >>> _ = train_op(tf.constant(1.0))  # applied: w - 0.1 * 2 * w
+      >>> round(float(w.numpy()), 6), int(guard.consecutive_skipped_steps)
+      (0.8, 0)
+    """
+
+    def __init__(self, max_consecutive: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, name=None):
+        super().__init__(name=name)
+        if max_consecutive is not None and (
+            type(max_consecutive) is not int or max_consecutive < 1
+        ):
+            raise ValueError(
+                "`max_consecutive` must be a positive integer or None. "
+                f"Received: max_consecutive={max_consecutive!r}"
+            )
+        self.max_consecutive = max_consecutive
+        with tf.init_scope():
+            self._graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+            self.skipped_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="skipped_steps"
+            )
+            self.consecutive_skipped_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="consecutive_skipped_steps"
+            )
+
+    def __repr__(self) -> str:
+        return f"SkipNonFiniteSteps(max_consecutive={self.max_consecutive})"
+
+    def check_context(self) -> None:
+        """Raises if the train op being built is in another graph than the guard's variables."""
+        with tf.init_scope():
+            graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        if graph is not self._graph:
+            raise ValueError(
+                "`check_numerics` is a SkipNonFiniteSteps created in another "
+                f"{'graph' if self._graph is not None else 'context (eager)'} than the train "
+                "op: its counters could not be updated. Create it where the train op is built."
+            )
+
+    def update_if_finite(
+        self,
+        finite: tf.Tensor,
+        update: Callable[[], Sequence[Any]],
+        step: Any,
+    ) -> tf.Tensor:
+        """Runs `update()` if `finite`, else counts the step as skipped (or raises).
+
+        Args:
+          finite: a boolean scalar, from `all_finite`.
+          update: adds the ops of the update to the current graph; returns the ops and tensors
+            to wait for.
+          step: the global step, named in the error; or None.
+
+        Returns:
+          A boolean tensor (`finite`) that, once evaluated, has run the chosen branch.
+        """
+
+        def apply() -> tf.Tensor:
+            with tf.control_dependencies(update()):
+                reset = self.consecutive_skipped_steps.assign(0, read_value=False)
+            with tf.control_dependencies([reset]):
+                return tf.constant(True)
+
+        def skip() -> tf.Tensor:
+            checks = []
+            if self.max_consecutive is not None:
+                checks.append(
+                    tf.debugging.Assert(
+                        self.consecutive_skipped_steps < self.max_consecutive,
+                        [
+                            "The loss or a gradient is inf or nan, "
+                            f"after {self.max_consecutive} steps in a row skipped for the same "
+                            "reason (SkipNonFiniteSteps.max_consecutive): stopping at global "
+                            "step",
+                            step if step is not None else "(none)",
+                        ],
+                    )
+                )
+            with tf.control_dependencies(checks):
+                counted = [
+                    self.skipped_steps.assign_add(1, read_value=False),
+                    self.consecutive_skipped_steps.assign_add(1, read_value=False),
+                ]
+            with tf.control_dependencies(counted):
+                return tf.constant(False)
+
+        return tf.cond(finite, apply, skip)
+
+
+def resolve_check_numerics(check_numerics: Any) -> bool | SkipNonFiniteSteps:
+    """Returns True, False or the guard that `check_numerics` stands for.
+
+    Raises:
+      TypeError: if `check_numerics` is none of True, False, 'skip' or a SkipNonFiniteSteps.
+    """
+    if isinstance(check_numerics, SkipNonFiniteSteps):
+        return check_numerics
+    if isinstance(check_numerics, str) and check_numerics == "skip":
+        return SkipNonFiniteSteps()
+    # np.bool_ too: a flag read from a config array.
+    if isinstance(check_numerics, (bool, np.bool_)):
+        return bool(check_numerics)
+    raise TypeError(
+        "`check_numerics` must be True, False, 'skip' or a trainop.SkipNonFiniteSteps. "
+        f"Received: check_numerics={check_numerics!r}"
+    )
