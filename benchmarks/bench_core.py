@@ -221,6 +221,61 @@ def max_weight_difference(a: keras.Model, b: keras.Model) -> float:
     return max(float(np.max(np.abs(wa - wb))) for wa, wb in zip(a.get_weights(), b.get_weights()))
 
 
+def time_interleaved(
+    variants: Sequence[Variant],
+    batches: Sequence[tuple[tf.Tensor, tf.Tensor]],
+    blocks: int,
+    steps_per_block: int,
+    warmup_steps: int,
+) -> dict[str, list[float]]:
+    """Warms every variant up, then times them in alternating blocks.
+
+    Returns:
+      Per variant name, the seconds per step of each of its `blocks` blocks.
+    """
+    for variant in variants:
+        # Warm-up also traces: the default candidate creates the Adam slots on its first call
+        # and so traces twice; none of that belongs in the timings.
+        run_block(variant, batches, warmup_steps)
+
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    # A collection in the middle of a block would be charged to whichever variant runs then.
+    gc.collect()
+    gc.disable()
+    try:
+        for round_index in range(blocks):
+            # Rotating the order gives every variant every position equally often, so none
+            # always runs right after another one's cache traffic.
+            shift = round_index % len(variants)
+            for variant in [*variants[shift:], *variants[:shift]]:
+                elapsed = run_block(variant, batches, steps_per_block)
+                times[variant.name].append(elapsed / steps_per_block)
+    finally:
+        gc.enable()
+    return times
+
+
+def compare(
+    times: dict[str, list[float]], reference: str, candidates: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """The time ratio of each candidate to `reference`: of the medians, and block by block."""
+    reference_median = statistics.median(times[reference])
+    ratios = {}
+    for name in candidates:
+        ratio = statistics.median(times[name]) / reference_median
+        # The same ratio taken round by round (blocks that ran next to each other): less
+        # sensitive to slow drifts of the machine's speed.
+        paired = statistics.median(c / b for c, b in zip(times[name], times[reference]))
+        ratios[name] = {
+            "time_ratio": ratio,
+            "overhead_pct": 100.0 * (ratio - 1.0),
+            "paired_median_ratio": paired,
+            # Includes the rare slow blocks (a summary written): the amortized cost.
+            "mean_ratio": statistics.fmean(times[name]) / statistics.fmean(times[reference]),
+        }
+    return ratios
+
+
 def run(
     blocks: int = DEFAULT_BLOCKS,
     steps_per_block: int = DEFAULT_STEPS_PER_BLOCK,
@@ -257,40 +312,9 @@ def run(
     keras.utils.set_random_seed(seed)
     batches = make_batches(seed)
     variants = make_variants()
-
-    for variant in variants:
-        # Warm-up also traces: the default candidate creates the Adam slots on its first call
-        # and so traces twice; none of that belongs in the timings.
-        run_block(variant, batches, warmup_steps)
-
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    # A collection in the middle of a block would be charged to whichever variant runs then.
-    gc.collect()
-    gc.disable()
-    try:
-        for round_index in range(blocks):
-            # Rotating the order gives every variant every position equally often, so none
-            # always runs right after another one's cache traffic.
-            shift = round_index % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                elapsed = run_block(variant, batches, steps_per_block)
-                times[variant.name].append(elapsed / steps_per_block)
-    finally:
-        gc.enable()
-
+    times = time_interleaved(variants, batches, blocks, steps_per_block, warmup_steps)
     summaries = {name: {**summarize(t), "block_s_per_step": t} for name, t in times.items()}
-    baseline_median = summaries[BASELINE]["median_s_per_step"]
-    ratios = {}
-    for name in CANDIDATES:
-        ratio = summaries[name]["median_s_per_step"] / baseline_median
-        # The same ratio taken round by round (blocks that ran next to each other): less
-        # sensitive to slow drifts of the machine's speed.
-        paired = statistics.median(c / b for c, b in zip(times[name], times[BASELINE]))
-        ratios[name] = {
-            "time_ratio": ratio,
-            "overhead_pct": 100.0 * (ratio - 1.0),
-            "paired_median_ratio": paired,
-        }
+    ratios = compare(times, BASELINE, CANDIDATES)
 
     by_name = {v.name: v for v in variants}
     return {

@@ -90,6 +90,7 @@ class GraphRunner(Runner):
         self._context.__enter__()
         self.session = tf.compat.v1.Session(graph=self.graph)
         self._initialized = False
+        self._assigns: dict[int, Any] = {}
 
     def close(self) -> None:
         self.session.close()
@@ -127,7 +128,12 @@ class GraphRunner(Runner):
 
     def assign(self, variable, value):
         self.initialize()
-        self.session.run(variable.assign(value))
+        # One assign op per variable, fed: a test assigning every step keeps its graph small.
+        if id(variable) not in self._assigns:
+            placeholder = tf.compat.v1.placeholder(variable.dtype, variable.shape)
+            self._assigns[id(variable)] = placeholder, variable.assign(placeholder)
+        placeholder, assign = self._assigns[id(variable)]
+        self.session.run(assign, {placeholder: value})
 
 
 class EagerRunner(Runner):

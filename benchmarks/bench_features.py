@@ -1,0 +1,171 @@
+"""The cost of trainop's optional features, against the same train op without them.
+
+On the core benchmark's Keras 3 MLP (784-256-256-10, batch 64, Adam; `bench_core`), in one
+process, each variant trains its own identical copy of the model on the same batches:
+
+* ``trainop``: `create_train_op(loss_fn, optimizer)` with its defaults: the reference.
+* ``skip``: `check_numerics="skip"`: the finiteness of the loss and every gradient decided on
+  the device, the update in a `tf.cond`.
+* ``summaries``: `summarize_gradients=True, summarize_every_n_steps=100` with a default
+  `tf.summary` file writer: loss, global gradient norm, learning rate and a histogram and norm
+  per gradient, written every 100th step.
+* ``skip_summaries``: both.
+
+The variants run in short alternating blocks (`bench_core.time_interleaved`). The time ratio is
+of the medians of the per-step block times; the mean ratio also counts the blocks in which a
+summary was written (one block in ten with the defaults), the amortized cost.
+
+Run it from the repository root::
+
+    python -m benchmarks.bench_features [--blocks N] [--steps-per-block N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import trainop  # noqa: E402
+from benchmarks.bench_core import (  # noqa: E402
+    DEFAULT_BLOCKS,
+    DEFAULT_STEPS_PER_BLOCK,
+    DEFAULT_THREADS,
+    DEFAULT_WARMUP_STEPS,
+    LEARNING_RATE,
+    Variant,
+    compare,
+    copy_model,
+    machine_info,
+    make_batches,
+    make_loss_fn,
+    make_model,
+    set_threads,
+    summarize,
+    time_interleaved,
+)
+
+SUMMARY_EVERY_N_STEPS = 100
+REFERENCE = "trainop"
+FEATURES: dict[str, dict[str, Any]] = {
+    "trainop": {},
+    "skip": {"check_numerics": "skip"},
+    "summaries": {"summarize_gradients": True, "summarize_every_n_steps": SUMMARY_EVERY_N_STEPS},
+    "skip_summaries": {
+        "check_numerics": "skip",
+        "summarize_gradients": True,
+        "summarize_every_n_steps": SUMMARY_EVERY_N_STEPS,
+    },
+}
+
+
+def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list[Variant]:
+    """One train op per entry of `FEATURES`, each with its own model, optimizer, global step.
+
+    A summarizing train op writes to the default writer of the moment it is traced, and keeps
+    writing there: it is traced here, with the writer as default, and then timed like the
+    others. (Entering `writer.as_default()` around every call would time a flush per call.)
+    """
+    base_model = make_model()
+    variants = []
+    for name, kwargs in FEATURES.items():
+        model = copy_model(base_model)
+        optimizer = keras.optimizers.Adam(LEARNING_RATE)
+        step = trainop.create_train_op(
+            make_loss_fn(model),
+            optimizer,
+            global_step=tf.Variable(0, dtype=tf.int64, trainable=False),
+            **kwargs,
+        )
+        if kwargs.get("summarize_gradients"):
+            with writer.as_default():
+                step(*first_batch)
+        variants.append(Variant(name, step, model, optimizer))
+    return variants
+
+
+def run(
+    blocks: int = DEFAULT_BLOCKS,
+    steps_per_block: int = DEFAULT_STEPS_PER_BLOCK,
+    threads: int = DEFAULT_THREADS,
+    *,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Runs the benchmark; returns per variant its timings, and its ratios to `trainop`."""
+    if min(blocks, steps_per_block, threads) < 1 or warmup_steps < 0:
+        raise ValueError(
+            "blocks, steps_per_block and threads must be at least 1 and warmup_steps at least "
+            f"0. Received: {blocks=}, {steps_per_block=}, {threads=}, {warmup_steps=}"
+        )
+    set_threads(threads)
+    keras.utils.set_random_seed(seed)
+    batches = make_batches(seed)
+    with tempfile.TemporaryDirectory(prefix="trainop-bench-") as logdir:
+        # Kept alive by this scope: a traced train op holds the writer's resource, not the
+        # writer, which deletes the resource when it goes.
+        writer = tf.summary.create_file_writer(logdir)
+        variants = make_variants(writer, batches[0])
+        times = time_interleaved(variants, batches, blocks, steps_per_block, warmup_steps)
+    candidates = [name for name in FEATURES if name != REFERENCE]
+    return {
+        "config": {
+            "blocks": blocks,
+            "steps_per_block": steps_per_block,
+            "threads": threads,
+            "warmup_steps": warmup_steps,
+            "summary_every_n_steps": SUMMARY_EVERY_N_STEPS,
+        },
+        "variants": {name: summarize(t) for name, t in times.items()},
+        "ratios": compare(times, REFERENCE, candidates),
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a markdown table, one row per variant."""
+    lines = [
+        "| variant | ms/step | IQR % | time ratio | paired ratio | mean ratio | arguments |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, summary in results["variants"].items():
+        ratio = results["ratios"].get(
+            name, {"time_ratio": 1.0, "paired_median_ratio": 1.0, "mean_ratio": 1.0}
+        )
+        arguments = ", ".join(f"{k}={v!r}" for k, v in FEATURES[name].items()) or "defaults"
+        lines.append(
+            f"| {name} | {1e3 * summary['median_s_per_step']:.3f} "
+            f"| {summary['iqr_pct_of_median']:.0f} | {ratio['time_ratio']:.3f} "
+            f"| {ratio['paired_median_ratio']:.3f} | {ratio['mean_ratio']:.3f} | {arguments} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parses the command line, runs the benchmark and prints its table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS)
+    parser.add_argument("--steps-per-block", type=int, default=DEFAULT_STEPS_PER_BLOCK)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    args = parser.parse_args(argv)
+    results = run(args.blocks, args.steps_per_block, args.threads)
+    info = machine_info()
+    config = results["config"]
+    print(
+        f"{config['blocks']} blocks x {config['steps_per_block']} steps per variant, "
+        f"{config['threads']} thread(s), {info['cpu_count']} CPUs ({info['cpu_model']}), "
+        f"TensorFlow {info['tensorflow']}, Keras {info['keras']}"
+    )
+    print()
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()
