@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import trainop
+from conftest import make_optimizer
 
 
 def _read(logdir):
@@ -85,3 +89,148 @@ def test_graph_mode_without_a_writer_adds_tf1_summaries_for_tf_slim_loops():
     values = {v.tag: v for v in summary.value}
     assert values["summarize_grads/w_gradient_norm"].simple_value == pytest.approx(5.0)
     assert values["summarize_grads/w_gradient"].histo.num == 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.random.default_rng(0).normal(size=(784, 256)),
+        np.random.default_rng(1).normal(size=(1000,)).astype(np.float32),
+        np.full((5,), 2.5),  # one distinct value
+        np.zeros((0,)),  # no values
+        np.arange(10),  # integers
+    ],
+    ids=["float64", "float32", "one_value", "empty", "int"],
+)
+def test_histogram_writes_what_tensorboard_writes(tmp_path, data):
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        assert trainop.summaries.histogram("ours", tf.constant(data), step=3)
+        tf.summary.histogram("tensorboard", tf.constant(data), step=3)
+    writer.flush()
+    values = _read(tmp_path)
+    ours, theirs = values["ours"][1], values["tensorboard"][1]
+    assert ours.shape == theirs.shape == (30, 3)
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[:, 2].sum() == data.size
+
+
+def _read_series(logdir):
+    series = {}
+    for path in tf.io.gfile.glob(f"{logdir}/events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                series.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    return series
+
+
+@pytest.mark.parametrize("family", ["v1", "keras", "tf_keras", "tf_keras_legacy"])
+def test_train_summaries_are_written_at_the_cadence_with_their_values(tmp_path, family):
+    w = tf.Variable([3.0, 4.0], name="weights")
+    b = tf.Variable(1.0, name="bias")
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        train_op = trainop.create_train_op(
+            lambda: 0.5 * tf.reduce_sum(w * w) + b,
+            make_optimizer(family, "sgd", 0.25),
+            summarize_every_n_steps=3,
+        )
+        losses, norms = [], []
+        for _ in range(7):
+            # The gradients are w and 1.
+            norms.append(np.sqrt(np.sum(w.numpy() ** 2) + 1.0))
+            losses.append(float(train_op()))
+    writer.flush()
+    series = _read_series(tmp_path)
+    assert set(series) == {"train/loss", "train/global_gradient_norm", "train/learning_rate"}
+    for tag, expected in [
+        ("train/loss", losses),
+        ("train/global_gradient_norm", norms),
+        ("train/learning_rate", [0.25] * 7),
+    ]:
+        assert [step for step, _ in series[tag]] == [0, 3, 6]
+        np.testing.assert_allclose([v for _, v in series[tag]], np.take(expected, [0, 3, 6]), 1e-6)
+
+
+def test_gradient_summaries_follow_the_cadence_and_a_learning_rate_schedule(tmp_path):
+    w = tf.Variable([3.0, 4.0], name="weights")
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.5, decay_steps=1, decay_rate=0.5)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        train_op = trainop.create_train_op(
+            lambda: 0.5 * tf.reduce_sum(w * w),
+            keras.optimizers.SGD(schedule),
+            summarize_gradients=True,
+            summarize_every_n_steps=2,
+        )
+        gradient_norms = []
+        for _ in range(5):
+            gradient_norms.append(np.linalg.norm(w.numpy()))
+            train_op()
+    writer.flush()
+    series = _read_series(tmp_path)
+    assert [s for s, _ in series["summarize_grads/weights_gradient_norm"]] == [0, 2, 4]
+    np.testing.assert_allclose(
+        [v for _, v in series["summarize_grads/weights_gradient_norm"]],
+        np.take(gradient_norms, [0, 2, 4]),
+        rtol=1e-6,
+    )
+    assert [v[:, 2].sum() for _, v in series["summarize_grads/weights_gradient"]] == [2, 2, 2]
+    # The rate the update of that step used: 0.5 * 0.5 ** step.
+    np.testing.assert_allclose(
+        [v for _, v in series["train/learning_rate"]], [0.5, 0.125, 0.03125], rtol=1e-6
+    )
+
+
+def test_record_if_decides_with_the_cadence(tmp_path):
+    w = tf.Variable(2.0, name="w")
+    step = tf.compat.v1.train.get_or_create_global_step()
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default(), tf.summary.record_if(lambda: step >= 4):
+        train_op = trainop.create_train_op(
+            lambda: w * w, make_optimizer("keras", "sgd", 0.1), summarize_every_n_steps=2
+        )
+        for _ in range(9):
+            train_op()
+    writer.flush()
+    assert [s for s, _ in _read_series(tmp_path)["train/loss"]] == [4, 6, 8]
+
+
+def test_graph_mode_writes_the_train_summaries_to_a_v2_writer(tmp_path):
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.compat.v1.get_variable("w", initializer=[3.0, 4.0], use_resource=True)
+        writer = tf.summary.create_file_writer(str(tmp_path))
+        with writer.as_default():
+            train_op = trainop.create_train_op(
+                0.5 * tf.reduce_sum(w * w),
+                tf.compat.v1.train.GradientDescentOptimizer(0.5),
+                summarize_every_n_steps=2,
+            )
+        session.run([tf.compat.v1.global_variables_initializer(), writer.init()])
+        losses = [session.run(train_op) for _ in range(4)]
+        session.run(writer.flush())
+    series = _read_series(tmp_path)
+    assert [s for s, _ in series["train/loss"]] == [0, 2]
+    np.testing.assert_allclose([v for _, v in series["train/loss"]], [losses[0], losses[2]])
+    np.testing.assert_allclose([v for _, v in series["train/learning_rate"]], [0.5, 0.5])
+
+
+def test_without_a_writer_the_train_op_holds_no_summary_op():
+    w = tf.Variable([3.0, 4.0])
+    train_op = trainop.create_train_op(
+        lambda: tf.reduce_sum(w * w),
+        make_optimizer("keras"),
+        summarize_gradients=True,
+        summarize_every_n_steps=10,
+    )
+    graph = train_op.get_concrete_function().graph
+    op_types = {op.type for op in graph.get_operations()}
+    op_types |= {node.op for f in graph.as_graph_def().library.function for node in f.node_def}
+    assert not any("Summary" in t or "Histogram" in t for t in op_types)
+    writer = tf.summary.create_file_writer(tempfile.mkdtemp())
+    with writer.as_default():
+        traced_with_writer = trainop.create_train_op(
+            lambda: tf.reduce_sum(w * w), make_optimizer("keras"), summarize_gradients=True
+        ).get_concrete_function()
+    library = traced_with_writer.graph.as_graph_def().library.function
+    assert any(node.op == "WriteSummary" for f in library for node in f.node_def)

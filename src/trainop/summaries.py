@@ -48,7 +48,67 @@ def _summary_fns() -> tuple[Any, Any, bool]:
     """The histogram and scalar functions to use, and whether they take a step."""
     if not writes_v2_summaries() and not tf.executing_eagerly() and not tf.inside_function():
         return tf.compat.v1.summary.histogram, tf.compat.v1.summary.scalar, False
-    return tf.summary.histogram, tf.summary.scalar, True
+    return histogram, tf.summary.scalar, True
+
+
+HISTOGRAM_BUCKETS = 30
+
+
+def histogram(name: str, data: Any, step: Any = None) -> Any:
+    """Writes the histogram summary that `tf.summary.histogram` writes, counted in one pass.
+
+    TensorBoard's `tf.summary.histogram` counts through a one-hot float64 matrix with a column
+    per bucket: for a 784 x 256 gradient that is 48 MB and about 15 ms a write, where one
+    `tf.histogram_fixed_width` op reads the values once. The summary is the same: 30 rows of
+    (left edge, right edge, count), with the same edge cases (no values: zeros; one distinct
+    value: all edges at it, all the count in the last bucket).
+
+    Args:
+      name: the summary's name, prefixed by the current name scope.
+      data: a tensor of any shape.
+      step: the step to write at; by default `tf.summary.experimental.get_step()`.
+
+    Returns:
+      True if written (eager), or a boolean tensor.
+    """
+    from tensorboard.plugins.histogram import metadata
+
+    data = tf.reshape(tf.stop_gradient(data), [-1])
+    if data.dtype not in (tf.float32, tf.float64):
+        data = tf.cast(data, tf.float32)
+    with tf.summary.experimental.summary_scope(name, "histogram_summary", values=[data, step]) as (
+        tag,
+        _,
+    ):
+        return tf.summary.write(
+            tag=tag,
+            tensor=lambda: _buckets(data),
+            step=step,
+            metadata=metadata.create_summary_metadata(display_name=None, description=None),
+        )
+
+
+def _buckets(data: tf.Tensor) -> tf.Tensor:
+    """`HISTOGRAM_BUCKETS` rows of (left edge, right edge, count), float64."""
+    size = tf.size(data)
+    low, high = tf.reduce_min(data), tf.reduce_max(data)
+    spread = tf.logical_and(tf.math.is_finite(high - low), high > low)
+    # histogram_fixed_width refuses an empty or non-finite range: such a range gets a dummy
+    # one, and its counts are replaced below.
+    value_range = tf.where(spread, tf.stack([low, high]), tf.constant([0.0, 1.0], data.dtype))
+    counts = tf.cast(
+        tf.histogram_fixed_width(data, value_range, nbins=HISTOGRAM_BUCKETS), tf.float64
+    )
+    low, high = tf.cast(low, tf.float64), tf.cast(high, tf.float64)
+    edges = tf.concat([tf.linspace(low, high, HISTOGRAM_BUCKETS + 1)[:-1], [high]], 0)
+    spread_buckets = tf.stack([edges[:-1], edges[1:], counts], axis=1)
+    one_value = tf.fill([HISTOGRAM_BUCKETS], high)
+    one_value_counts = tf.concat(
+        [tf.zeros([HISTOGRAM_BUCKETS - 1], tf.float64), [tf.cast(size, tf.float64)]], 0
+    )
+    one_value_buckets = tf.stack([one_value, one_value, one_value_counts], axis=1)
+    buckets = tf.where(spread, spread_buckets, one_value_buckets)
+    return tf.where(size > 0, buckets, tf.zeros_like(buckets))
 
 
 def _write(name: str, values: Any, step: Any) -> list[Any]:
