@@ -18,6 +18,7 @@ summary was written (one block in ten with the defaults), the amortized cost.
 Run it from the repository root::
 
     python -m benchmarks.bench_features [--blocks N] [--steps-per-block N] [--threads N]
+                                        [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -48,6 +50,7 @@ from benchmarks.bench_core import (  # noqa: E402
     make_batches,
     make_loss_fn,
     make_model,
+    max_weight_difference,
     set_threads,
     summarize,
     time_interleaved,
@@ -71,8 +74,9 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
     """One train op per entry of `FEATURES`, each with its own model, optimizer, global step.
 
     A summarizing train op writes to the default writer of the moment it is traced, and keeps
-    writing there: it is traced here, with the writer as default, and then timed like the
-    others. (Entering `writer.as_default()` around every call would time a flush per call.)
+    writing there: it is traced here, with the writer as default (without running a step, so
+    that every variant trains on the same batches), and then timed like the others. (Entering
+    `writer.as_default()` around every call would time a flush per call.)
     """
     base_model = make_model()
     variants = []
@@ -87,7 +91,7 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
         )
         if kwargs.get("summarize_gradients"):
             with writer.as_default():
-                step(*first_batch)
+                step.get_concrete_function(*first_batch)  # traces, trains nothing
         variants.append(Variant(name, step, model, optimizer))
     return variants
 
@@ -116,6 +120,7 @@ def run(
         variants = make_variants(writer, batches[0])
         times = time_interleaved(variants, batches, blocks, steps_per_block, warmup_steps)
     candidates = [name for name in FEATURES if name != REFERENCE]
+    by_name = {v.name: v for v in variants}
     return {
         "config": {
             "blocks": blocks,
@@ -126,6 +131,11 @@ def run(
         },
         "variants": {name: summarize(t) for name, t in times.items()},
         "ratios": compare(times, REFERENCE, candidates),
+        # None of the features may change what is trained on healthy batches.
+        "max_weight_diff": {
+            name: max_weight_difference(by_name[REFERENCE].model, by_name[name].model)
+            for name in candidates
+        },
     }
 
 
@@ -154,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS)
     parser.add_argument("--steps-per-block", type=int, default=DEFAULT_STEPS_PER_BLOCK)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
     args = parser.parse_args(argv)
     results = run(args.blocks, args.steps_per_block, args.threads)
     info = machine_info()
@@ -165,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print()
     print(format_table(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({**results, "machine": info}, file, indent=2)
+            file.write("\n")
 
 
 if __name__ == "__main__":

@@ -130,11 +130,6 @@ class Variant:
     sync: Callable[[], Any]
 
 
-def _clip_by_global_norm(grads_and_vars: list) -> list:
-    grads, _ = tf.clip_by_global_norm([g for g, _ in grads_and_vars], CLIP_NORM)
-    return list(zip(grads, [v for _, v in grads_and_vars]))
-
-
 def _eager_variants(model: Model, values: list[np.ndarray], batch: tuple) -> list[Variant]:
     x, y = (tf.constant(t) for t in batch)
     variants = []
@@ -176,30 +171,31 @@ def _eager_variants(model: Model, values: list[np.ndarray], batch: tuple) -> lis
     writer = tf.summary.create_file_writer(tempfile.mkdtemp(prefix="trainop-bench-"))
 
     def all_features(params, loss_fn):
-        optimizer = keras.optimizers.Adam(LEARNING_RATE)
         train_op = trainop.create_train_op(
             loss_fn,
-            optimizer,
-            transform_grads_fn=_clip_by_global_norm,
+            keras.optimizers.Adam(LEARNING_RATE),
+            transform_grads_fn=trainop.clip_by_global_norm_fn(CLIP_NORM),
             summarize_gradients=True,
+            summarize_every_n_steps=SUMMARY_EVERY_N_STEPS,
+            check_numerics="skip",
             variables_to_train=params,
         )
-        step_count = tf.compat.v1.train.get_global_step()
+        traced = []
 
         def step(x, y):
-            # The summaries are traced with this writer and condition, and write every 100th
-            # step only.
-            with (
-                writer.as_default(),
-                tf.summary.record_if(lambda: step_count % SUMMARY_EVERY_N_STEPS == 0),
-            ):
-                return train_op(x, y)
+            if not traced:
+                # Traced with the writer as the default, it writes there from then on. (Entering
+                # `writer.as_default()` at every call would flush the writer at every call.)
+                traced.append(True)
+                with writer.as_default():
+                    return train_op(x, y)
+            return train_op(x, y)
 
         return step
 
     add(
         "trainop_all",
-        "+ clip by global norm, gradient summaries every 100 steps",
+        "+ clip by global norm, skip guard, gradient summaries every 100 steps",
         all_features,
     )
     add(

@@ -11,48 +11,45 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_bench_core_smoke_run(tmp_path):
+def _run_json(module, tmp_path, *args, timeout=300):
+    """Runs `python -m module *args --json PATH`; returns its stdout and the JSON it wrote."""
     out = tmp_path / "results.json"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_core",
-            "--blocks",
-            "2",
-            "--steps-per-block",
-            "2",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, "-m", module, *args, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| trainop |" in result.stdout and "| baseline |" in result.stdout
-    results = json.loads(out.read_text())
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_bench_core_smoke_run(tmp_path):
+    stdout, results = _run_json(
+        "benchmarks.bench_core", tmp_path, "--blocks", "2", "--steps-per-block", "2"
+    )
+    assert "| trainop |" in stdout and "| baseline |" in stdout
     assert set(results["variants"]) == {"baseline", "trainop", "trainop_vars"}
     assert all(r["time_ratio"] > 0 for r in results["ratios"].values())
     # Same batches, same initial weights: the train ops did exactly the baseline's work.
     assert results["max_weight_diff"] == {"trainop": 0.0, "trainop_vars": 0.0}
 
 
-def test_benchmark_suite_quick_run(tmp_path):
-    out = tmp_path / "suite.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--models", "tiny", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+def test_bench_features_smoke_run(tmp_path):
+    stdout, results = _run_json(
+        "benchmarks.bench_features", tmp_path, "--blocks", "2", "--steps-per-block", "2"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "### tiny: batch 8" in result.stdout and "### Build time" in result.stdout
-    results = json.loads(out.read_text())
+    assert "| skip | " in stdout and "| summaries | " in stdout
+    assert set(results["ratios"]) == {"skip", "summaries", "skip_summaries"}
+    # On healthy batches the guard and the summaries change nothing that is trained.
+    assert results["max_weight_diff"] == {"skip": 0.0, "summaries": 0.0, "skip_summaries": 0.0}
+
+
+def test_benchmark_suite_quick_run(tmp_path):
+    stdout, results = _run_json("benchmarks", tmp_path, "--quick", "--models", "tiny", timeout=600)
+    assert "### tiny: batch 8" in stdout and "### Build time" in stdout
     variants = results["speed"]["tiny"]["variants"]
     expected = {
         "baseline",
