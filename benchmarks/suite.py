@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import trainop  # noqa: E402
-from benchmarks import peers  # noqa: E402
+from benchmarks import options, peers  # noqa: E402
 from benchmarks.bench_core import machine_info, set_threads, summarize  # noqa: E402
 
 LEARNING_RATE = 1e-3
@@ -502,40 +502,13 @@ def run(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> None:
+    """Runs the suite and prints its report: on the command line `argv`, or parsed `args`."""
+    if args is None:
+        args = options.parse(argv)
+    results = run(
+        args.models, args.blocks_scale, args.steady_steps, args.build_variables, args.threads
     )
-    parser.add_argument(
-        "--models", default="tiny,mlp,conv", help="comma-separated, of tiny, mlp, conv"
-    )
-    parser.add_argument(
-        "--blocks-scale",
-        type=float,
-        default=1.0,
-        help="scales every model's number of timed blocks (default 1: about 5 minutes)",
-    )
-    parser.add_argument("--steady-steps", type=int, default=10_000)
-    parser.add_argument("--build-variables", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a smoke run: a few blocks, 200 steady-state steps, 50 variables",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
-    args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown or args.blocks_scale <= 0 or min(args.steady_steps, args.build_variables) < 10:
-        parser.error(
-            f"--models must name some of {', '.join(MODELS)}; --blocks-scale must be positive; "
-            "--steady-steps and --build-variables at least 10"
-        )
-    if args.quick:
-        args.blocks_scale, args.steady_steps, args.build_variables = 0.02, 200, 50
-
-    results = run(models, args.blocks_scale, args.steady_steps, args.build_variables, args.threads)
     info = machine_info()
     print(
         f"trainop benchmarks: {info['cpu_model'] or info['processor']}, {info['cpu_count']} "

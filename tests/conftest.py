@@ -22,6 +22,9 @@ import tf_keras  # noqa: E402
 
 import trainop  # noqa: E402
 
+# Programs that the tests run in subprocesses, not test modules.
+collect_ignore = ["programs"]
+
 FAMILIES = ["v1", "keras", "tf_keras", "tf_keras_legacy"]
 
 _OPTIMIZERS = {

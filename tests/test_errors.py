@@ -194,8 +194,10 @@ def test_eager_loss_that_returns_no_tensor(returned):
 
 def test_check_numerics_and_gate_gradients_of_the_wrong_type(runner):
     w = runner.variable(1.0, "w")
-    with pytest.raises(TypeError, match="`check_numerics` must be True, False, .skip. or"):
+    with pytest.raises(ValueError, match="`check_numerics` must be True, False, .skip. or"):
         build(runner, lambda: w * w, check_numerics="no")
+    with pytest.raises(TypeError, match="`check_numerics` must be True, False, .skip. or"):
+        build(runner, lambda: w * w, check_numerics=1)
     with pytest.raises(ValueError, match="`gate_gradients` must be"):
         build(runner, lambda: w * w, gate_gradients=1.0)
 

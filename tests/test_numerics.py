@@ -336,3 +336,76 @@ def test_a_guard_from_another_graph_is_refused():
         w = tf.compat.v1.get_variable("w", initializer=1.0, use_resource=True)
         with pytest.raises(ValueError, match="SkipNonFiniteSteps created in another"):
             trainop.create_train_op(w * w, make_optimizer("v1"), check_numerics=guard)
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_healthy_steps_of_the_skip_guard_are_those_of_the_default_check(mode, family):
+    results = []
+    for skip in (False, True):
+        with _fresh_runner(mode) as runner:
+            variables, (x, y, _), loss_fn = _regression(runner)
+            optimizer = make_optimizer(family, "adam", 0.05)
+            check_numerics = trainop.SkipNonFiniteSteps() if skip else True
+            step = runner.train_op(loss_fn, optimizer, check_numerics=check_numerics)
+            for i in range(5):
+                inputs, targets = _batch(i)
+                runner.assign(x, inputs)
+                runner.assign(y, targets)
+                step()
+            results.append([runner.read(v) for v in variables])
+    for default, guarded in zip(*results):
+        np.testing.assert_array_equal(guarded, default)
+
+
+def test_a_nan_gradient_of_a_frozen_variable_does_not_skip_the_step(runner):
+    w = runner.variable(np.array([1.0, 2.0], np.float32), "w")
+    frozen = runner.variable(1.0, "frozen")
+    guard = trainop.SkipNonFiniteSteps()
+    step = runner.train_op(
+        # d/d(frozen) of sqrt(frozen - 1) at 1 is inf.
+        lambda: tf.reduce_sum(w * w) + tf.sqrt(frozen - 1.0),
+        make_optimizer("keras", "sgd", 0.25),
+        check_numerics=guard,
+        transform_grads_fn=trainop.multiply_gradients_fn({"frozen": 0.0}),
+    )
+    step()
+    assert runner.read(guard.skipped_steps) == 0
+    np.testing.assert_allclose(runner.read(w), [0.5, 1.0])
+
+
+def test_a_nan_made_by_a_transform_skips_the_step(runner):
+    w = runner.variable(np.array([1.0, 2.0], np.float32), "w")
+    guard = trainop.SkipNonFiniteSteps()
+    step = runner.train_op(
+        lambda: tf.reduce_sum(w * w),
+        make_optimizer("keras", "sgd", 0.25),
+        check_numerics=guard,
+        transform_grads_fn=lambda pairs: [(g * np.nan, v) for g, v in pairs],
+    )
+    step()
+    assert runner.read(guard.skipped_steps) == 1
+    np.testing.assert_array_equal(runner.read(w), [1.0, 2.0])
+
+
+def test_skip_works_when_the_train_op_is_built_inside_a_users_tf_function():
+    w = tf.Variable([1.0, 2.0])
+    x = tf.Variable(1.0, trainable=False)
+    optimizer = make_optimizer("keras", "sgd", 0.25)
+
+    @tf.function
+    def train_step():
+        # The first trace builds the optimizer's state, so TensorFlow traces twice.
+        return trainop.create_train_op(
+            x * tf.reduce_sum(w * w),
+            optimizer,
+            global_step=None,
+            variables_to_train=[w],
+            check_numerics="skip",
+        )
+
+    train_step()
+    x.assign(np.nan)
+    train_step()
+    np.testing.assert_allclose(w.numpy(), [0.5, 1.0])
+    guard = trainop.numerics.resolve_check_numerics("skip", optimizer)
+    assert int(guard.skipped_steps) == 1

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 import trainop
 from conftest import make_optimizer
@@ -234,3 +235,88 @@ def test_without_a_writer_the_train_op_holds_no_summary_op():
         ).get_concrete_function()
     library = traced_with_writer.graph.as_graph_def().library.function
     assert any(node.op == "WriteSummary" for f in library for node in f.node_def)
+
+
+def test_histogram_of_data_with_nan_and_inf_counts_the_finite_values(tmp_path):
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    data = tf.constant([1.0, np.nan, 2.0, np.inf, 3.0, -np.inf])
+    with writer.as_default():
+        assert trainop.summaries.histogram("h", data, step=0)
+    writer.flush()
+    buckets = _read(tmp_path)["h"][1]
+    assert buckets[:, 2].sum() == 3
+    assert (buckets[0, 0], buckets[-1, 1]) == (1.0, 3.0)
+
+
+def test_a_nan_gradient_does_not_break_a_writing_step(tmp_path):
+    w = tf.Variable([1.0, 2.0], name="w")
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        train_op = trainop.create_train_op(
+            # A finite loss, NaN gradients: the default check lets the step through.
+            lambda: tf.reduce_sum(tf.where(w > 5.0, tf.sqrt(w - 5.0), 0.0)),
+            make_optimizer("keras", "sgd"),
+            summarize_gradients=True,
+        )
+        train_op()
+    writer.flush()
+    assert "summarize_grads/w_gradient" in _read(tmp_path)
+
+
+def test_gradients_of_mixed_float_dtypes_have_one_global_norm(tmp_path):
+    w32 = tf.Variable([3.0], dtype=tf.float32, name="w32")
+    w64 = tf.Variable([4.0], dtype=tf.float64, name="w64")
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        train_op = trainop.create_train_op(
+            lambda: (
+                0.5 * tf.reduce_sum(w32 * w32) + tf.cast(0.5 * tf.reduce_sum(w64 * w64), tf.float32)
+            ),
+            make_optimizer("keras", "sgd"),
+        )
+        train_op()
+    writer.flush()
+    np.testing.assert_allclose(_read(tmp_path)["train/global_gradient_norm"][1], 5.0)
+
+
+def test_skip_mode_keeps_tf_slims_tf1_gradient_summaries():
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.compat.v1.get_variable("w", initializer=[3.0, 4.0], use_resource=True)
+        trainop.create_train_op(
+            0.5 * tf.reduce_sum(w * w),
+            tf.compat.v1.train.GradientDescentOptimizer(0.5),
+            summarize_gradients=True,
+            check_numerics="skip",
+        )
+        session.run(tf.compat.v1.global_variables_initializer())
+        summary = tf.compat.v1.Summary.FromString(session.run(tf.compat.v1.summary.merge_all()))
+    values = {v.tag: v for v in summary.value}
+    assert values["summarize_grads/w_gradient_norm"].simple_value == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("family", ["keras", "tf_keras", "tf_keras_legacy"])
+def test_the_learning_rate_written_is_the_one_of_that_update(tmp_path, family):
+    schedules = {
+        "keras": lambda: keras.optimizers.SGD(
+            keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)
+        ),
+        "tf_keras": lambda: tf_keras.optimizers.SGD(
+            tf_keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)
+        ),
+        "tf_keras_legacy": lambda: tf_keras.optimizers.legacy.SGD(
+            tf_keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)
+        ),
+    }
+    w = tf.Variable([3.0, 4.0])
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    applied = []
+    with writer.as_default():
+        train_op = trainop.create_train_op(lambda: 0.5 * tf.reduce_sum(w * w), schedules[family]())
+        for _ in range(3):
+            before = w.numpy().copy()
+            train_op()
+            applied.append(1.0 - w.numpy()[0] / before[0])  # w <- w - rate * w
+    writer.flush()
+    written = [v for _, v in _read_series(tmp_path)["train/learning_rate"]]
+    np.testing.assert_allclose(written, applied, rtol=1e-5)
+    np.testing.assert_allclose(written, [0.5, 0.25, 0.125], rtol=1e-6)

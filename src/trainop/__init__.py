@@ -20,6 +20,7 @@ if tuple(int(part) for part in _tf.__version__.split(".")[:2]) < (2, 16):
         "`pip install --upgrade tensorflow` (or tensorflow-cpu)."
     )
 
+from trainop.loop import Hook, StopTraining, TrainResult, train
 from trainop.numerics import LOSS_NOT_FINITE_MESSAGE, NOT_FINITE_MESSAGE, SkipNonFiniteSteps
 from trainop.summaries import add_gradients_summaries, add_variables_summaries
 from trainop.train_op import USE_GLOBAL_STEP, create_train_op, create_train_step
@@ -43,7 +44,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LOSS_NOT_FINITE_MESSAGE",
     "NOT_FINITE_MESSAGE",
+    "Hook",
     "SkipNonFiniteSteps",
+    "StopTraining",
+    "TrainResult",
     "USE_GLOBAL_STEP",
     "add_gradient_noise",
     "add_gradient_noise_fn",
@@ -61,4 +65,5 @@ __all__ = [
     "global_norm",
     "multiply_gradients",
     "multiply_gradients_fn",
+    "train",
 ]

@@ -192,41 +192,57 @@ def build_step(
     )
     step = _summary_step(global_step, adapter)
     in_outer_scope = summaries.reentrant_name_scope()
+    # In a tf.compat.v1 graph without a v2 writer, gradient summaries are TF1 summaries that the
+    # caller's loop fetches from the SUMMARIES collection: built beside the step, not in it.
+    tf1_summaries = summarize_gradients and not in_function and not summaries.writes_v2_summaries()
 
-    def update() -> list[Any]:
+    def transform() -> list[tuple[Any, Any]]:
+        if transform_grads_fn is None:
+            return grads_and_vars
+        return _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+
+    def update(transformed: list[tuple[Any, Any]]) -> list[Any]:
         with in_outer_scope():
-            return _update()
-
-    def _update() -> list[Any]:
-        transformed = grads_and_vars
-        if transform_grads_fn is not None:
-            transformed = _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
-        summary_ops = summaries.add_train_summaries(
-            total_loss,
-            grads_and_vars,
-            transformed,
-            step,
-            learning_rate=adapter.learning_rate,
-            summarize_gradients=summarize_gradients,
-            every_n_steps=summarize_every_n_steps,
-        )
-        update_ops = list(before_update()) if before_update is not None else []
-        present = _present_gradients(transformed)
-        # The summaries read the step before the update counts it.
-        with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
-            return [adapter.apply(present, global_step, in_function)]
+            summary_ops = []
+            if not tf1_summaries:
+                summary_ops = summaries.add_train_summaries(
+                    total_loss,
+                    grads_and_vars,
+                    transformed,
+                    step,
+                    learning_rate=adapter.learning_rate,
+                    summarize_gradients=summarize_gradients,
+                    every_n_steps=summarize_every_n_steps,
+                )
+            update_ops = list(before_update()) if before_update is not None else []
+            present = _present_gradients(transformed)
+            # The summaries read the step before the update counts it.
+            with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
+                return [adapter.apply(present, global_step, in_function)]
 
     if isinstance(check_numerics, numerics.SkipNonFiniteSteps):
         check_numerics.check_context()
-        finite = numerics.all_finite(total_loss, [g for g, _ in grads_and_vars])
-        done = [check_numerics.update_if_finite(finite, update, step)]
+        # The gradients as they would be applied: a transform's NaN counts, a frozen
+        # variable's gradient does not.
+        transformed = transform()
+        finite = numerics.all_finite(total_loss, [g for g, _ in transformed])
+        step_name = "global step" if global_step is not None else "optimizer step"
+        done = [
+            check_numerics.update_if_finite(
+                finite, lambda: update(transformed), step, step_name=step_name
+            )
+        ]
     elif check_numerics:
         total_loss = numerics.check_loss_is_finite(total_loss)
         # Everything that changes state waits for the check: a failed check changes nothing.
         with tf.control_dependencies([total_loss]):
-            done = update()
+            transformed = transform()
+            done = update(transformed)
     else:
-        done = update()
+        transformed = transform()
+        done = update(transformed)
+    if tf1_summaries:
+        summaries.add_gradients_summaries(transformed, step)
 
     with tf.control_dependencies(done):
         return tf.identity(total_loss, name="train_op")

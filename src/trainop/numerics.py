@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,8 +32,8 @@ def all_finite(total_loss: tf.Tensor, gradients: Sequence[Any]) -> tf.Tensor:
 
     One `L2Loss` per gradient (a single read of it, nothing written) and one sum: inf or NaN
     anywhere makes the sum inf or NaN. This costs about half of an `is_finite` test of every
-    element, and a `CheckNumerics` op per gradient costs ten times more. A gradient whose squared
-    norm overflows float32 (a norm above about 2.6e19) counts as not finite too.
+    element, and a `CheckNumerics` op per gradient costs ten times more. Gradients whose global
+    norm overflows float32 when squared (above about 2.6e19) count as not finite too.
     """
     squares = []
     for grad in gradients:
@@ -53,9 +54,10 @@ class SkipNonFiniteSteps(tf.Module):
     """A numerics guard that skips the steps whose loss or gradients hold inf or NaN.
 
     Pass it as `check_numerics` to `create_train_op` or `create_train_step`. On a step whose loss
-    or any gradient is not finite, the train op changes no variable, no optimizer slot or
-    counter and not the global step, runs none of the update ops, writes no summary, and counts
-    the step in `skipped_steps`. After `max_consecutive` skipped steps in a row, the next bad
+    or any gradient (as `transform_grads_fn` returns it) is not finite, the train op changes no
+    variable, no optimizer slot or counter and not the global step, writes no summary, runs none
+    of the eager update ops (graph update ops run before the loss, as always), and counts the
+    step in `skipped_steps`. After `max_consecutive` skipped steps in a row, the next bad
     step raises `tf.errors.InvalidArgumentError` naming the global step, still without changing
     anything: a rare bad batch is passed over, a model that has gone bad stops training.
 
@@ -91,13 +93,15 @@ class SkipNonFiniteSteps(tf.Module):
     def __init__(self, max_consecutive: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, name=None):
         super().__init__(name=name)
         if max_consecutive is not None and (
-            type(max_consecutive) is not int or max_consecutive < 0
+            isinstance(max_consecutive, bool)
+            or not isinstance(max_consecutive, (int, np.integer))
+            or max_consecutive < 0
         ):
             raise ValueError(
                 "`max_consecutive` must be an integer >= 0 or None. "
                 f"Received: max_consecutive={max_consecutive!r}"
             )
-        self.max_consecutive = max_consecutive
+        self.max_consecutive = None if max_consecutive is None else int(max_consecutive)
         with tf.init_scope():
             self._graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
             self.skipped_steps = tf.Variable(
@@ -126,6 +130,7 @@ class SkipNonFiniteSteps(tf.Module):
         finite: tf.Tensor,
         update: Callable[[], Sequence[Any]],
         step: Any,
+        step_name: str = "global step",
     ) -> tf.Tensor:
         """Runs `update()` if `finite`, else counts the step as skipped (or raises).
 
@@ -133,7 +138,8 @@ class SkipNonFiniteSteps(tf.Module):
           finite: a boolean scalar, from `all_finite`.
           update: adds the ops of the update to the current graph; returns the ops and tensors
             to wait for.
-          step: the global step, named in the error; or None.
+          step: the step named in the error; or None.
+          step_name: what `step` is, for the error.
 
         Returns:
           A boolean tensor (`finite`) that, once evaluated, has run the chosen branch.
@@ -152,7 +158,7 @@ class SkipNonFiniteSteps(tf.Module):
                     tf.debugging.Assert(
                         self.consecutive_skipped_steps < self.max_consecutive,
                         [
-                            NOT_FINITE_MESSAGE + " at global step",
+                            f"{NOT_FINITE_MESSAGE} at {step_name}",
                             step if step is not None else "(none)",
                             f"after {self.max_consecutive} skipped steps in a row: stopping "
                             f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive}))",
@@ -170,19 +176,39 @@ class SkipNonFiniteSteps(tf.Module):
         return tf.cond(finite, apply, skip)
 
 
-def resolve_check_numerics(check_numerics: Any) -> bool | SkipNonFiniteSteps:
+# The guard that `check_numerics="skip"` stands for, one per optimizer and program (graph or
+# eager context): a user's tf.function that builds the train op traces it more than once, and
+# must find the same counters each time.
+_SKIP_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def resolve_check_numerics(check_numerics: Any, optimizer: Any) -> bool | SkipNonFiniteSteps:
     """Returns True, False or the guard that `check_numerics` stands for.
 
     Raises:
-      TypeError: if `check_numerics` is none of True, False, 'skip' or a SkipNonFiniteSteps.
+      TypeError: if `check_numerics` is none of True, False, a string or a SkipNonFiniteSteps.
+      ValueError: if it is a string other than 'skip'.
     """
     if isinstance(check_numerics, SkipNonFiniteSteps):
         return check_numerics
-    if isinstance(check_numerics, str) and check_numerics == "skip":
-        return SkipNonFiniteSteps()
     # np.bool_ too: a flag read from a config array.
     if isinstance(check_numerics, (bool, np.bool_)):
         return bool(check_numerics)
+    if isinstance(check_numerics, str):
+        if check_numerics != "skip":
+            raise ValueError(
+                "`check_numerics` must be True, False, 'skip' or a trainop.SkipNonFiniteSteps. "
+                f"Received: check_numerics={check_numerics!r}"
+            )
+        with tf.init_scope():
+            context = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        try:
+            guards = _SKIP_GUARDS.setdefault(optimizer, {})
+        except TypeError:  # an optimizer that cannot be weakly referenced
+            guards = {}
+        if context not in guards:
+            guards[context] = SkipNonFiniteSteps()
+        return guards[context]
     raise TypeError(
         "`check_numerics` must be True, False, 'skip' or a trainop.SkipNonFiniteSteps. "
         f"Received: check_numerics={check_numerics!r}"

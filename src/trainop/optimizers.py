@@ -181,6 +181,9 @@ class OptimizerAdapter:
         if self.family == FAMILY_V1:
             # Each v1 optimizer keeps its own attribute: `_learning_rate`, or `_lr` (Adam).
             rate = getattr(optimizer, "_learning_rate", getattr(optimizer, "_lr", None))
+        elif self.family == FAMILY_TF_KERAS:
+            # Its `learning_rate` property gives a schedule's value of the previous update.
+            rate = optimizer._learning_rate
         else:
             rate = optimizer.learning_rate
         if callable(rate) and not isinstance(rate, (tf.Tensor, tf.Variable)):

@@ -61,7 +61,8 @@ def histogram(name: str, data: Any, step: Any = None) -> Any:
     per bucket: for a 784 x 256 gradient that is 48 MB and about 15 ms a write, where one
     `tf.histogram_fixed_width` op reads the values once. The summary is the same: 30 rows of
     (left edge, right edge, count), with the same edge cases (no values: zeros; one distinct
-    value: all edges at it, all the count in the last bucket).
+    value: all edges at it, all the count in the last bucket). Inf and NaN values are left out
+    of the counts, where TensorBoard's edges would turn NaN.
 
     Args:
       name: the summary's name, prefixed by the current name scope.
@@ -74,8 +75,6 @@ def histogram(name: str, data: Any, step: Any = None) -> Any:
     from tensorboard.plugins.histogram import metadata
 
     data = tf.reshape(tf.stop_gradient(data), [-1])
-    if data.dtype not in (tf.float32, tf.float64):
-        data = tf.cast(data, tf.float32)
     with tf.summary.experimental.summary_scope(name, "histogram_summary", values=[data, step]) as (
         tag,
         _,
@@ -89,17 +88,23 @@ def histogram(name: str, data: Any, step: Any = None) -> Any:
 
 
 def _buckets(data: tf.Tensor) -> tf.Tensor:
-    """`HISTOGRAM_BUCKETS` rows of (left edge, right edge, count), float64."""
+    """`HISTOGRAM_BUCKETS` rows of (left edge, right edge, count), float64.
+
+    In float64, as TensorBoard counts, so that no float32 range overflows. Inf and NaN values
+    are left out (`histogram_fixed_width` refuses NaN): a histogram of a broken gradient shows
+    its finite part, and a step writing it does not fail.
+    """
+    data = tf.cast(data, tf.float64)
+    data = tf.boolean_mask(data, tf.math.is_finite(data))
     size = tf.size(data)
     low, high = tf.reduce_min(data), tf.reduce_max(data)
-    spread = tf.logical_and(tf.math.is_finite(high - low), high > low)
-    # histogram_fixed_width refuses an empty or non-finite range: such a range gets a dummy
-    # one, and its counts are replaced below.
-    value_range = tf.where(spread, tf.stack([low, high]), tf.constant([0.0, 1.0], data.dtype))
+    spread = high > low
+    # histogram_fixed_width refuses an empty range: such a range gets a dummy one, and its
+    # counts are replaced below.
+    value_range = tf.where(spread, tf.stack([low, high]), tf.constant([0.0, 1.0], tf.float64))
     counts = tf.cast(
         tf.histogram_fixed_width(data, value_range, nbins=HISTOGRAM_BUCKETS), tf.float64
     )
-    low, high = tf.cast(low, tf.float64), tf.cast(high, tf.float64)
     edges = tf.concat([tf.linspace(low, high, HISTOGRAM_BUCKETS + 1)[:-1], [high]], 0)
     spread_buckets = tf.stack([edges[:-1], edges[1:], counts], axis=1)
     one_value = tf.fill([HISTOGRAM_BUCKETS], high)
@@ -194,6 +199,14 @@ def _unwrap_eager(result: Any) -> Any:
     return bool(result)
 
 
+def _global_norm(grads_and_vars: Sequence[tuple[Any, Any]]) -> tf.Tensor:
+    """The global norm, in float32, of gradients of any float dtypes (mixed ones too)."""
+    squares = [
+        tf.nn.l2_loss(tf.cast(_values(g), tf.float32)) for g, _ in grads_and_vars if g is not None
+    ]
+    return tf.sqrt(2.0 * tf.add_n(squares))
+
+
 def reentrant_name_scope() -> Callable[[], Any]:
     """Returns a function that re-enters the current name scope, from inside a `tf.cond` too.
 
@@ -221,8 +234,7 @@ def add_train_summaries(
     gradients before `transform_grads_fn`) and `train/learning_rate`, and with
     `summarize_gradients` a histogram and norm per (transformed) gradient. They are written when
     `tf.summary.should_record_summaries()` holds and, with `every_n_steps`, `step` is a
-    multiple of it. Without a writer, in a `tf.compat.v1` graph, `summarize_gradients` adds TF1
-    gradient summaries to the `SUMMARIES` collection, as TF-Slim does; otherwise nothing.
+    multiple of it. Without a writer, nothing.
 
     Args:
       total_loss: the loss of this step.
@@ -234,15 +246,12 @@ def add_train_summaries(
       every_n_steps: write only at the steps that are multiples of it; None for every step.
 
     Returns:
-      The ops to wait for (empty when nothing is written), and in a `tf.compat.v1` graph without
-      a writer the TF1 summary tensors.
+      The ops to wait for (empty when nothing is written).
 
     Raises:
       ValueError: if summaries need a step and there is none.
     """
     if not writes_v2_summaries():
-        if summarize_gradients and not tf.executing_eagerly() and not tf.inside_function():
-            return add_gradients_summaries(grads_and_vars, step)
         return []
     if step is None:
         if summarize_gradients or every_n_steps is not None:
@@ -271,11 +280,7 @@ def add_train_summaries(
             written = [
                 tf.summary.scalar("loss", total_loss, step=step),
                 tf.summary.scalar(
-                    "global_gradient_norm",
-                    tf.linalg.global_norm(
-                        [_values(g) for g, _ in raw_grads_and_vars if g is not None]
-                    ),
-                    step=step,
+                    "global_gradient_norm", _global_norm(raw_grads_and_vars), step=step
                 ),
             ]
             rate = learning_rate()

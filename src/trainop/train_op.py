@@ -306,7 +306,7 @@ def _prepare(
         summarize_gradients=bool(summarize_gradients),
         gate_gradients=gate_gradients,
         aggregation_method=aggregation_method,
-        check_numerics=numerics.resolve_check_numerics(check_numerics),
+        check_numerics=numerics.resolve_check_numerics(check_numerics, optimizer),
         missing_gradients=missing_gradients,
         summarize_every_n_steps=(
             None if summarize_every_n_steps is None else int(summarize_every_n_steps)

@@ -1,0 +1,646 @@
+"""`train`: runs a train op with checkpoints, resume, TensorBoard, progress and a clean stop.
+
+The loop owns what a train op does not: where the data comes from, when state is saved and
+restored, what the user sees, and what happens on Ctrl-C or SIGTERM. It works with the eager
+train op of `create_train_op` (or any callable step) and with a `tf.compat.v1` graph train op
+run in a `Session`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from trainop import optimizers
+from trainop.train_op import USE_GLOBAL_STEP
+
+logger = logging.getLogger("trainop")
+
+# A global step that stays put for this many calls in a row means the train op does not count
+# the step the loop reads (a skip guard raises long before).
+_MAX_CALLS_WITHOUT_PROGRESS = 1000
+
+
+class StopTraining(Exception):
+    """Raised by a hook to end training: the loop saves a checkpoint and returns.
+
+    Example:
+      >>> import trainop
+      >>> def stop_when_good(step, loss):
+      ...     if loss < 0.01:
+      ...         raise trainop.StopTraining(f"loss {loss:.3g} at step {step}")
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """User code that `train` calls after every step whose global step is a multiple of `n`.
+
+    Args:
+      fn: called as `fn(global_step, loss)` with Python numbers (the loss of that step, as the
+        train op returned it, or its first element for a structure). It may raise
+        `StopTraining` to end training after this step.
+      every_n_steps: the cadence, in global steps.
+
+    Raises:
+      TypeError: if `fn` is not callable.
+      ValueError: if `every_n_steps` is not a positive integer.
+
+    Example:
+      >>> import trainop
+      >>> seen = []
+      >>> hook = trainop.Hook(lambda step, loss: seen.append(step), every_n_steps=100)
+      >>> hook.every_n_steps
+      100
+    """
+
+    fn: Callable[[int, float], Any]
+    every_n_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"`fn` must be callable. Received: fn={self.fn!r:.200}")
+        _check_positive("every_n_steps", self.every_n_steps)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` did.
+
+    Attributes:
+      global_step: the global step at the end.
+      loss: the loss of the last step run, or None if none ran.
+      steps_run: the calls of the train op in this run.
+      stopped_by: 'SIGTERM' or 'SIGINT' if a signal stopped the run, 'StopTraining: <its
+        message>' if a hook did, else None.
+      resumed_from: the checkpoint restored at the start, or None.
+      last_checkpoint: the newest checkpoint at the end (written by this run or restored).
+    """
+
+    global_step: int
+    loss: float | None
+    steps_run: int
+    stopped_by: str | None
+    resumed_from: str | None
+    last_checkpoint: str | None
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def _first_loss(result: Any) -> Any:
+    flat = tf.nest.flatten(result)
+    return flat[0] if flat else None
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- Data --------------------------------------------------------------------------------------
+
+
+class _Batches:
+    """The batches to train on, and their position in a checkpoint.
+
+    A `tf.data.Dataset`'s iterator is saved in the checkpoint (its position, shuffle buffers
+    included); any other iterable is counted, and a resumed run skips what was consumed.
+    """
+
+    def __init__(self, dataset: Any):
+        self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
+        self.consumed = 0
+        if dataset is None:
+            self._iterator: Iterator[Any] = itertools.repeat(())
+            self.trackable: Any = None
+        elif isinstance(dataset, tf.data.Dataset):
+            self._iterator = iter(dataset)
+            self.trackable = self._iterator
+        elif isinstance(dataset, Iterable):
+            self._dataset = dataset
+            self._iterator = iter(dataset)
+            self.trackable = self.position
+        else:
+            raise TypeError(
+                "`dataset` must be a tf.data.Dataset, an iterable of batches or None. "
+                f"Received: dataset of type {type(dataset).__name__}"
+            )
+
+    def resumed(self) -> None:
+        """Skips, in a plain iterable, the batches consumed before the checkpoint."""
+        if self.trackable is self.position:
+            skip = int(self.position.numpy())
+            self._iterator = itertools.islice(self._iterator, skip, None)
+            self.consumed = skip
+
+    def __next__(self) -> Any:
+        batch = next(self._iterator)
+        self.consumed += 1
+        return batch
+
+    def before_save(self) -> None:
+        self.position.assign(self.consumed)
+
+
+def _call(train_op: Callable[..., Any], batch: Any) -> Any:
+    if isinstance(batch, tuple):
+        return train_op(*batch)
+    if isinstance(batch, Mapping):
+        return train_op(**batch)
+    return train_op(batch)
+
+
+# --- Signals -----------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """Turns SIGTERM and a first Ctrl-C into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal_name = name
+        logger.warning("%s received: stopping after this step and saving a checkpoint.", name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only.
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+# --- Progress ----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar of the global step, with the loss, refreshed twice a second at most."""
+
+    def __init__(self, enabled: bool | None, start: int, total: int | None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                logger.warning("Progress bar off: tqdm is not installed (pip install tqdm).")
+            else:
+                self._bar = tqdm(
+                    total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr
+                )
+        self._last_refresh = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None
+
+    def update(self, step: int, loss: Callable[[], float | None]) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(step - self._bar.n)
+        now = time.monotonic()
+        if now - self._last_refresh >= 0.5:
+            self._last_refresh = now
+            value = loss()
+            if value is not None:
+                self._bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# --- Checkpoints -------------------------------------------------------------------------------
+
+
+class _Checkpoints:
+    """A `CheckpointManager` that writes only checkpoints whose variables are all finite."""
+
+    def __init__(
+        self,
+        objects: Mapping[str, Any],
+        global_step: tf.Variable,
+        batches: _Batches,
+        directory: str,
+        max_to_keep: int,
+        session: Any,
+    ):
+        extra = {"global_step": global_step}
+        if batches.trackable is not None:
+            extra["data"] = batches.trackable
+        clashing = sorted(set(objects) & set(extra))
+        if clashing:
+            raise ValueError(
+                f"`checkpoint` must not use the names {clashing}: the loop saves the global step "
+                "and the data position under them."
+            )
+        self.checkpoint = tf.train.Checkpoint(**objects, **extra)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
+        self._session = session
+        self._batches = batches
+        self._global_step = global_step
+        variables = [
+            optimizers.as_tf_variable(d)
+            for d in tf.train.TrackableView(self.checkpoint).descendants()
+        ]
+        self._float_variables = [
+            v for v in variables if isinstance(v, tf.Variable) and v.dtype.is_floating
+        ]
+
+    def _run(self, value: Any) -> Any:
+        return self._session.run(value) if self._session is not None else value
+
+    def non_finite_variables(self) -> list[str]:
+        """The names of the checkpoint's variables that hold inf or NaN."""
+        if not self._float_variables:
+            return []
+        if self._session is not None:
+            if not hasattr(self, "_finite_op"):
+                with self._session.graph.as_default():
+                    self._finite_op = [
+                        tf.reduce_all(tf.math.is_finite(v)) for v in self._float_variables
+                    ]
+            finite = self._session.run(self._finite_op)
+        else:
+            finite = [bool(tf.reduce_all(tf.math.is_finite(v))) for v in self._float_variables]
+        return [
+            optimizers.variable_name(v) for v, ok in zip(self._float_variables, finite) if not ok
+        ]
+
+    def save(self, step: int) -> str:
+        """Writes a checkpoint numbered `step`.
+
+        Raises:
+          FloatingPointError: if a variable holds inf or NaN; nothing is written, and the
+            checkpoints already written are kept.
+        """
+        bad = self.non_finite_variables()
+        if bad:
+            raise FloatingPointError(
+                f"Not saving a checkpoint at global step {step}: these variables hold inf or "
+                f"NaN: {bad[:10]}{' ...' if len(bad) > 10 else ''}. The checkpoints already "
+                f"written are kept: {self.manager.checkpoints}"
+            )
+        if self._session is None:
+            self._batches.before_save()
+        return self.manager.save(checkpoint_number=step)
+
+    def restore_latest_finite(self) -> str | None:
+        """Restores the newest checkpoint whose variables are all finite; returns its path."""
+        for path in reversed(self.manager.checkpoints):
+            status = self.checkpoint.restore(path)
+            if self._session is not None:
+                status.run_restore_ops(self._session)
+            bad = self.non_finite_variables()
+            if not bad:
+                return path
+            logger.warning("Checkpoint %s holds inf or NaN in %s: trying an older one.", path, bad)
+        return None
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+
+# One writer per log directory for the whole process: a traced train op keeps writing to the
+# writer it was traced with, and fails once that writer is deleted, so a second `train` call
+# with the same train op and directory must find the same writer alive.
+_WRITERS: dict[str, Any] = {}
+
+
+def _writer(logdir: str) -> Any:
+    if logdir not in _WRITERS:
+        _WRITERS[logdir] = tf.summary.create_file_writer(logdir)
+    return _WRITERS[logdir]
+
+
+def _resolve_step_variable(global_step: Any, graph: Any) -> tf.Variable:
+    if global_step is USE_GLOBAL_STEP or (
+        isinstance(global_step, int) and not isinstance(global_step, bool) and global_step == 0
+    ):
+        variable = tf.compat.v1.train.get_global_step(graph)
+        if variable is None:
+            raise ValueError(
+                "`global_step` is trainop.USE_GLOBAL_STEP but there is no global step: build "
+                "the train op with its default global_step, or pass the variable it counts in."
+            )
+        return variable
+    variable = optimizers.as_tf_variable(global_step)
+    if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
+        raise TypeError(
+            "`global_step` must be the integer variable the train op counts steps in, or "
+            f"trainop.USE_GLOBAL_STEP. Received: global_step={global_step!r:.200}"
+        )
+    return variable
+
+
+def train(
+    train_op: Callable[..., Any] | tf.Tensor | tf.Operation,
+    dataset: Any = None,
+    *,
+    max_steps: int | None = None,
+    logdir: str | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+    save_every_n_steps: int = 1000,
+    max_checkpoints_to_keep: int = 5,
+    hooks: Sequence[Hook] = (),
+    progress: bool | None = None,
+    global_step: Any = USE_GLOBAL_STEP,
+    session: Any = None,
+) -> TrainResult:
+    """Runs a train op until `max_steps` or the end of `dataset`, saving and resuming.
+
+    Each batch of `dataset` is passed to the train op: a tuple as positional arguments, a dict as
+    keyword arguments, anything else as one argument (no dataset: no arguments). With `logdir`
+    and `checkpoint`, the loop restores the newest checkpoint in `logdir` whose variables are
+    all finite, so that a restarted run continues at the saved global step on the batches that
+    come next; it saves every `save_every_n_steps` global steps and at the end. With `logdir`,
+    it is the default `tf.summary` writer around the train op's first call (when it is traced):
+    the train op's summaries (`create_train_op`'s loss, gradient norm, learning rate) go there.
+
+    On SIGTERM or a first Ctrl-C the loop finishes the step under way, saves a checkpoint and
+    returns (`stopped_by` says which); a second Ctrl-C raises `KeyboardInterrupt` at once.
+
+    Args:
+      train_op: the eager train op (a callable returning the loss), or a graph train op (a
+        `Tensor` or `Operation` of a `tf.compat.v1` graph), run in `session`.
+      dataset: a `tf.data.Dataset`, any iterable of batches, or None (eager mode: the train op
+        takes no argument; graph mode: the graph reads its own input).
+      max_steps: stop when the global step reaches it (an absolute step, so a resumed run stops
+        where the uninterrupted one would). None: at the end of `dataset`.
+      logdir: the directory of checkpoints and TensorBoard events.
+      checkpoint: what to save, as names and trackable objects: `{"model": model,
+        "optimizer": optimizer}`. The loop adds the global step and the data position.
+      save_every_n_steps: the checkpoint cadence, in global steps.
+      max_checkpoints_to_keep: how many checkpoints `logdir` keeps, newest first.
+      hooks: `Hook`s, called after the steps they ask for.
+      progress: show a tqdm progress bar (step, loss, steps/s); None: when stderr is a
+        terminal.
+      global_step: the integer variable the train op counts in; by default the global step.
+      session: graph mode: the `Session` to run in; by default a new one, whose variables the
+        loop initializes (or restores).
+
+    Returns:
+      A `TrainResult`.
+
+    Raises:
+      TypeError: `train_op`, `dataset`, `checkpoint`, `global_step` or a hook is of the wrong
+        type.
+      ValueError: `max_steps`, `save_every_n_steps` or `max_checkpoints_to_keep` is not a
+        positive integer, there is neither `dataset` nor `max_steps`, or `checkpoint` comes
+        without `logdir`.
+      FloatingPointError: a checkpoint was due and a variable holds inf or NaN: nothing is
+        written, and the checkpoints already written are kept.
+      RuntimeError: the global step did not move in 1,000 calls of the train op.
+
+    Example:
+      >>> import keras, tensorflow as tf, trainop
+      >>> w = tf.Variable(1.0)
+      >>> train_op = trainop.create_train_op(lambda: (w - 3.0) ** 2, keras.optimizers.SGD(0.1))
+      >>> result = trainop.train(train_op, max_steps=50, progress=False)
+      >>> result.global_step, round(float(w.numpy()), 3)
+      (50, 3.0)
+    """
+    in_graph = isinstance(train_op, (tf.Tensor, tf.Operation))
+    if not in_graph and not callable(train_op):
+        raise TypeError(
+            "`train_op` must be a callable train op (eager mode) or a Tensor or Operation of a "
+            f"graph. Received: {train_op!r:.200}"
+        )
+    if max_steps is not None:
+        _check_positive("max_steps", max_steps)
+    _check_positive("save_every_n_steps", save_every_n_steps)
+    _check_positive("max_checkpoints_to_keep", max_checkpoints_to_keep)
+    hooks = list(hooks)
+    for hook in hooks:
+        if not isinstance(hook, Hook):
+            raise TypeError(f"`hooks` must hold trainop.Hook objects. Received: {hook!r:.200}")
+    if dataset is not None and not isinstance(dataset, (tf.data.Dataset, Iterable)):
+        raise TypeError(
+            "`dataset` must be a tf.data.Dataset, an iterable of batches or None. "
+            f"Received: dataset of type {type(dataset).__name__}"
+        )
+    if checkpoint is not None:
+        if not isinstance(checkpoint, Mapping):
+            raise TypeError(
+                "`checkpoint` must map names to trackable objects, such as "
+                "{'model': model, 'optimizer': optimizer}. "
+                f"Received: checkpoint of type {type(checkpoint).__name__}"
+            )
+        if logdir is None:
+            raise ValueError("`checkpoint` needs `logdir`, the directory to save it in.")
+    if in_graph:
+        if dataset is not None:
+            raise ValueError(
+                "`dataset` must be None for a graph train op: the graph reads its own input."
+            )
+        if max_steps is None:
+            raise ValueError("A graph train op needs `max_steps`: it has no end of data.")
+        return _train_graph(
+            train_op,
+            max_steps=max_steps,
+            logdir=logdir,
+            checkpoint=checkpoint,
+            save_every_n_steps=save_every_n_steps,
+            max_checkpoints_to_keep=max_checkpoints_to_keep,
+            hooks=hooks,
+            progress=progress,
+            global_step=global_step,
+            session=session,
+        )
+    if dataset is None and max_steps is None:
+        raise ValueError("Pass `dataset`, `max_steps` or both: there is nothing to stop the loop.")
+
+    step_variable = _resolve_step_variable(global_step, None)
+    batches = _Batches(dataset)
+    saver = (
+        _Checkpoints(checkpoint, step_variable, batches, logdir, max_checkpoints_to_keep, None)
+        if checkpoint is not None
+        else None
+    )
+    resumed_from = saver.restore_latest_finite() if saver is not None else None
+    if resumed_from is not None:
+        batches.resumed()
+        logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable))
+    writer = _writer(logdir) if logdir is not None else None
+    with contextlib.ExitStack() as stack:
+        if writer is not None:
+            stack.enter_context(writer.as_default())
+        return _run(
+            lambda: _call(train_op, next(batches)),
+            read_step=lambda: int(step_variable.numpy()),
+            saver=saver,
+            resumed_from=resumed_from,
+            max_steps=max_steps,
+            save_every_n_steps=save_every_n_steps,
+            hooks=hooks,
+            progress=progress,
+        )
+
+
+def _train_graph(
+    train_op: Any,
+    *,
+    max_steps: int,
+    logdir: str | None,
+    checkpoint: Mapping[str, Any] | None,
+    save_every_n_steps: int,
+    max_checkpoints_to_keep: int,
+    hooks: list[Hook],
+    progress: bool | None,
+    global_step: Any,
+    session: Any,
+) -> TrainResult:
+    graph = train_op.graph
+    with graph.as_default():
+        step_variable = _resolve_step_variable(global_step, graph)
+        read_step_tensor = step_variable.read_value()
+        batches = _Batches(None)
+        owns_session = session is None
+        if owns_session:
+            session = tf.compat.v1.Session(graph=graph)
+        saver = (
+            _Checkpoints(
+                checkpoint, step_variable, batches, logdir, max_checkpoints_to_keep, session
+            )
+            if checkpoint is not None
+            else None
+        )
+        # What the session has not initialized yet (all of it in a new session), as
+        # MonitoredSession does; a restored checkpoint then overwrites what it holds.
+        variables = tf.compat.v1.global_variables() + tf.compat.v1.local_variables()
+        uninitialized = set(session.run(tf.compat.v1.report_uninitialized_variables(variables)))
+        session.run(
+            tf.compat.v1.variables_initializer(
+                [v for v in variables if v.op.name.encode() in uninitialized]
+            )
+        )
+        # TF1 summaries (the SUMMARIES collection) are written at the checkpoint cadence.
+        summary_op = tf.compat.v1.summary.merge_all()
+        summary_writer = (
+            tf.compat.v1.summary.FileWriter(logdir, graph)
+            if logdir is not None and summary_op is not None
+            else None
+        )
+    try:
+        resumed_from = saver.restore_latest_finite() if saver is not None else None
+
+        def write_summaries(step: int) -> None:
+            if summary_writer is not None:
+                summary_writer.add_summary(session.run(summary_op), step)
+
+        result = _run(
+            lambda: session.run(train_op),
+            read_step=lambda: int(session.run(read_step_tensor)),
+            saver=saver,
+            resumed_from=resumed_from,
+            max_steps=max_steps,
+            save_every_n_steps=save_every_n_steps,
+            hooks=[*hooks, Hook(lambda step, loss: write_summaries(step), save_every_n_steps)],
+            progress=progress,
+        )
+    finally:
+        if summary_writer is not None:
+            summary_writer.close()
+        if owns_session:
+            session.close()
+    return result
+
+
+def _run(
+    run_step: Callable[[], Any],
+    *,
+    read_step: Callable[[], int],
+    saver: _Checkpoints | None,
+    resumed_from: str | None,
+    max_steps: int | None,
+    save_every_n_steps: int,
+    hooks: list[Hook],
+    progress: bool | None,
+) -> TrainResult:
+    step = start = read_step()
+    saved_step = step if resumed_from is not None else None
+    stopped_by = None
+    last_checkpoint = resumed_from
+    loss = None
+    steps_run = calls_without_progress = 0
+    bar = _Progress(progress, start, max_steps)
+    stop = _StopRequest()
+
+    def save() -> None:
+        nonlocal saved_step, last_checkpoint
+        if saver is not None and saved_step != step:
+            last_checkpoint = saver.save(step)
+            saved_step = step
+
+    try:
+        with stop.installed():
+            while stop.signal_name is None and (max_steps is None or step < max_steps):
+                try:
+                    loss = run_step()
+                except StopIteration:
+                    break
+                steps_run += 1
+                previous, step = step, read_step()
+                calls_without_progress = 0 if step != previous else calls_without_progress + 1
+                if calls_without_progress >= _MAX_CALLS_WITHOUT_PROGRESS:
+                    raise RuntimeError(
+                        f"The global step stayed at {step} for {calls_without_progress} calls "
+                        "of the train op: does it count steps in `global_step`?"
+                    )
+                bar.update(step, lambda value=loss: _as_float(_first_loss(value)))
+                crossed = [
+                    h for h in hooks if step // h.every_n_steps > previous // h.every_n_steps
+                ]
+                try:
+                    for hook in crossed:
+                        hook.fn(step, _as_float(_first_loss(loss)))
+                except StopTraining as request:
+                    stopped_by = f"StopTraining: {request}"
+                    logger.info("%s at global step %d.", stopped_by, step)
+                    break
+                if step // save_every_n_steps > previous // save_every_n_steps:
+                    save()
+            save()
+    finally:
+        bar.close()
+    if stop.signal_name is not None:
+        stopped_by = stop.signal_name
+        logger.warning("Stopped by %s at global step %d.", stop.signal_name, step)
+    return TrainResult(
+        global_step=step,
+        loss=_as_float(_first_loss(loss)),
+        steps_run=steps_run,
+        stopped_by=stopped_by,
+        resumed_from=resumed_from,
+        last_checkpoint=last_checkpoint,
+    )

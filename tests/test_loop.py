@@ -1,0 +1,335 @@
+"""trainop.train: cadence, checkpoints, resume across processes, SIGTERM, progress, bad input."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import trainop
+from conftest import make_optimizer
+
+CHILD = pathlib.Path(__file__).parent / "programs" / "train_child.py"
+
+
+def _child(logdir, max_steps, *extra):
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), str(logdir), str(max_steps), *map(str, extra)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+def _losses(stdout):
+    """{global step: loss} from the child's `step N LOSS` lines."""
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("step ")]
+    return {int(step): float(loss) for _, step, loss in lines}
+
+
+def _checkpointed_step(logdir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(logdir)))
+    return int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses(tmp_path):
+    whole = _child(tmp_path / "whole", 60)
+    crashed = _child(tmp_path / "crashed", 60, "--crash-at", 35)
+    whole_out, whole_err = whole.communicate(timeout=300)
+    crashed_out, _ = crashed.communicate(timeout=300)
+    assert whole.returncode == 0, whole_err[-2000:]
+    assert crashed.returncode == -signal.SIGKILL
+    assert max(_losses(crashed_out)) == 35
+    assert _checkpointed_step(tmp_path / "crashed") == 30  # steps 31-35 were never saved
+
+    resumed = _child(tmp_path / "crashed", 60)
+    resumed_out, resumed_err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_err[-2000:]
+    expected = _losses(whole_out)
+    assert sorted(_losses(resumed_out)) == list(range(31, 61))
+    # The same batches, in the same order, on the same weights and optimizer state.
+    assert _losses(resumed_out) == {step: expected[step] for step in range(31, 61)}
+    assert "result 60 None" in resumed_out
+
+
+def test_sigterm_stops_after_the_step_under_way_and_loses_no_finished_step(tmp_path):
+    child = _child(tmp_path, 1_000_000)
+    finished = []
+    for line in child.stdout:
+        if line.startswith("step "):
+            finished.append(int(line.split()[1]))
+            if finished[-1] == 25:
+                child.send_signal(signal.SIGTERM)
+        elif line.startswith("result "):
+            result_line = line
+    child.wait(timeout=120)
+    assert child.returncode == 0, child.stderr.read()[-2000:]
+    assert result_line.split()[2] == "SIGTERM"
+    last = finished[-1]
+    assert 25 <= last < 1_000_000
+    assert int(result_line.split()[1]) == last
+    assert _checkpointed_step(tmp_path) == last
+
+
+def _linear(seed=0):
+    w = tf.Variable(np.random.default_rng(seed).normal(size=(3,)).astype(np.float32), name="w")
+    target = tf.constant([1.0, -2.0, 0.5])
+    return w, lambda: tf.reduce_sum((w - target) ** 2)
+
+
+def test_hooks_run_at_their_cadence_with_the_loss_of_that_step():
+    w, loss_fn = _linear()
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(loss_fn, make_optimizer("keras", "sgd", 0.1), step)
+    seen = []
+    result = trainop.train(
+        train_op,
+        max_steps=30,
+        hooks=[trainop.Hook(lambda s, loss: seen.append((s, loss)), every_n_steps=10)],
+        global_step=step,
+        progress=False,
+    )
+    assert [s for s, _ in seen] == [10, 20, 30]
+    # Each step multiplies the distance to the target by 1 - 2 * 0.1.
+    initial = float(np.sum((w.numpy() - [1.0, -2.0, 0.5]) ** 2)) / 0.8 ** (2 * 30)
+    np.testing.assert_allclose(
+        [loss for _, loss in seen], [initial * 0.8 ** (2 * (s - 1)) for s, _ in seen], 1e-4
+    )
+    assert (result.global_step, result.steps_run, result.stopped_by) == (30, 30, None)
+
+
+def test_a_hook_can_stop_training_and_the_stop_is_saved(tmp_path):
+    w, loss_fn = _linear()
+    step = tf.Variable(0, dtype=tf.int64)
+    optimizer = make_optimizer("keras", "sgd", 0.1)
+    train_op = trainop.create_train_op(loss_fn, optimizer, step)
+
+    def stop_at_7(s, loss):
+        if s == 7:
+            raise trainop.StopTraining("enough")
+
+    result = trainop.train(
+        train_op,
+        max_steps=100,
+        logdir=str(tmp_path),
+        checkpoint={"w": w, "optimizer": optimizer},
+        hooks=[trainop.Hook(stop_at_7)],
+        global_step=step,
+        progress=False,
+    )
+    assert (result.global_step, result.stopped_by) == (7, "StopTraining: enough")
+    assert _checkpointed_step(tmp_path) == 7
+
+
+def test_a_plain_iterable_resumes_after_the_batches_it_consumed(tmp_path):
+    def run(max_steps):
+        w = tf.Variable(0.0)
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            lambda x: (w - x) ** 2, make_optimizer("keras", "sgd", 0.1), step
+        )
+        batches = [tf.constant(float(i)) for i in range(40)]
+        trainop.train(
+            train_op,
+            batches,
+            max_steps=max_steps,
+            logdir=str(tmp_path),
+            checkpoint={"w": w},
+            save_every_n_steps=5,
+            global_step=step,
+            progress=False,
+        )
+        return w.numpy(), int(step.numpy())
+
+    run(12)
+    resumed_w, resumed_step = run(30)
+    tf.io.gfile.rmtree(str(tmp_path))
+    whole_w, whole_step = run(30)
+    assert resumed_step == whole_step == 30
+    assert resumed_w == whole_w
+
+
+def _nan_at_step(step_of_nan, tmp_path, **train_kwargs):
+    """Trains w with an unchecked train op whose data turns the weights NaN at a step."""
+    w = tf.Variable([1.0, 2.0], name="w")
+    step = tf.Variable(0, dtype=tf.int64)
+    data = [tf.constant(np.nan if i + 1 == step_of_nan else 1.0) for i in range(100)]
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_sum(x * w * w),
+        make_optimizer("keras", "sgd", 0.01),
+        step,
+        check_numerics=False,
+    )
+    return (
+        w,
+        step,
+        lambda: trainop.train(
+            train_op,
+            data,
+            logdir=str(tmp_path),
+            checkpoint={"w": w},
+            global_step=step,
+            progress=False,
+            **train_kwargs,
+        ),
+    )
+
+
+def test_no_checkpoint_with_nan_weights_is_written_and_the_healthy_one_is_kept(tmp_path):
+    w, step, run = _nan_at_step(15, tmp_path, save_every_n_steps=10, max_checkpoints_to_keep=1)
+    with pytest.raises(FloatingPointError, match=r"global step 20: .*\['w'\]"):
+        run()
+    assert np.isnan(w.numpy()).all()
+    assert tf.train.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths == [
+        str(tmp_path / "ckpt-10")
+    ]
+    assert _checkpointed_step(tmp_path) == 10
+
+
+def test_resume_skips_a_checkpoint_holding_nan(tmp_path):
+    w = tf.Variable([1.0, 2.0], name="w")
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(w=w, global_step=step), str(tmp_path), 5
+    )
+    step.assign(10)
+    manager.save(10)
+    w.assign([np.nan, 0.0])
+    step.assign(20)
+    manager.save(20)  # written by some other program
+
+    w.assign([5.0, 5.0])
+    step.assign(0)
+    train_op = trainop.create_train_op(
+        lambda: tf.reduce_sum(w * w), make_optimizer("keras", "sgd", 0.1), step
+    )
+    result = trainop.train(
+        train_op,
+        max_steps=12,
+        logdir=str(tmp_path),
+        checkpoint={"w": w},
+        global_step=step,
+        progress=False,
+    )
+    assert result.resumed_from == str(tmp_path / "ckpt-10")
+    np.testing.assert_allclose(w.numpy(), np.array([1.0, 2.0]) * 0.8**2, rtol=1e-6)
+    assert result.global_step == 12
+
+
+def test_the_progress_bar_turns_itself_off_without_a_terminal(capsys):
+    w, loss_fn = _linear()
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(loss_fn, make_optimizer("keras", "sgd", 0.1), step)
+    trainop.train(train_op, max_steps=5, global_step=step)  # progress=None, stderr captured
+    assert capsys.readouterr().err == ""
+    trainop.train(train_op, max_steps=10, global_step=step, progress=True)
+    err = capsys.readouterr().err
+    assert "10/10" in err and "step/s" in err
+
+
+def test_graph_train_op_trains_saves_and_resumes(tmp_path):
+    def run(max_steps):
+        with tf.Graph().as_default():
+            w = tf.compat.v1.get_variable("w", initializer=[3.0, 4.0], use_resource=True)
+            train_op = trainop.create_train_op(
+                tf.reduce_sum(w * w), tf.compat.v1.train.GradientDescentOptimizer(0.1)
+            )
+            with tf.compat.v1.Session() as session:
+                result = trainop.train(
+                    train_op,
+                    max_steps=max_steps,
+                    logdir=str(tmp_path),
+                    checkpoint={"w": w},
+                    save_every_n_steps=4,
+                    progress=False,
+                    session=session,
+                )
+                return result, session.run(w)
+
+    first, _ = run(6)
+    second, w = run(10)
+    assert (first.global_step, second.global_step, second.steps_run) == (6, 10, 4)
+    assert second.resumed_from == str(tmp_path / "ckpt-6")
+    np.testing.assert_allclose(w, np.array([3.0, 4.0]) * 0.8**10, rtol=1e-5)
+
+
+def test_a_train_op_that_does_not_count_the_step_is_stopped():
+    w, loss_fn = _linear()
+    unrelated = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(loss_fn, make_optimizer("keras"), global_step=None)
+    with pytest.raises(RuntimeError, match="stayed at 0 for 1000 calls"):
+        trainop.train(train_op, max_steps=5, global_step=unrelated, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"max_steps": 0}, ValueError, "`max_steps` must be a positive integer"),
+        ({}, ValueError, "Pass `dataset`, `max_steps` or both"),
+        ({"max_steps": 5, "checkpoint": {"w": 1}}, ValueError, "`checkpoint` needs `logdir`"),
+        ({"max_steps": 5, "logdir": "x", "checkpoint": [1]}, TypeError, "`checkpoint` must map"),
+        ({"max_steps": 5, "hooks": [print]}, TypeError, "`hooks` must hold trainop.Hook"),
+        ({"max_steps": 5, "save_every_n_steps": 1.5}, ValueError, "`save_every_n_steps`"),
+        ({"dataset": 3}, TypeError, "`dataset` must be a tf.data.Dataset"),
+        ({"max_steps": 5, "global_step": 1.0}, TypeError, "`global_step` must be"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match):
+    w, loss_fn = _linear()
+    train_op = trainop.create_train_op(loss_fn, make_optimizer("keras"), global_step=None)
+    with pytest.raises(error, match=match):
+        trainop.train(train_op, progress=False, **kwargs)
+
+
+def test_bad_train_op_and_hook():
+    with pytest.raises(TypeError, match="`train_op` must be a callable"):
+        trainop.train(3, max_steps=1)
+    with pytest.raises(ValueError, match="`every_n_steps` must be a positive integer"):
+        trainop.Hook(print, every_n_steps=0)
+    with pytest.raises(TypeError, match="`fn` must be callable"):
+        trainop.Hook(3)
+
+
+def test_keras_model_checkpoint_restores_into_a_fresh_model(tmp_path):
+    def build():
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.Adam(0.1)
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            lambda: tf.reduce_mean(model(tf.ones((4, 2))) ** 2),
+            optimizer,
+            step,
+            variables_to_train=model.trainable_variables,
+        )
+        return model, optimizer, step, train_op
+
+    model, optimizer, step, train_op = build()
+    trainop.train(
+        train_op,
+        max_steps=5,
+        logdir=str(tmp_path),
+        checkpoint={"model": model, "optimizer": optimizer},
+        global_step=step,
+        progress=False,
+    )
+    fresh, fresh_optimizer, fresh_step, fresh_op = build()
+    result = trainop.train(
+        fresh_op,
+        max_steps=5,
+        logdir=str(tmp_path),
+        checkpoint={"model": fresh, "optimizer": fresh_optimizer},
+        global_step=fresh_step,
+        progress=False,
+    )
+    assert result.steps_run == 0 and int(fresh_step.numpy()) == 5
+    for a, b in zip(model.weights + optimizer.variables, fresh.weights + fresh_optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
