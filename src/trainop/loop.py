@@ -22,7 +22,7 @@ from typing import Any
 import tensorflow as tf
 
 from trainop import optimizers
-from trainop.train_op import USE_GLOBAL_STEP
+from trainop.train_op import USE_GLOBAL_STEP, integer_variable, is_use_global_step
 
 logger = logging.getLogger("trainop")
 
@@ -344,9 +344,7 @@ def _writer(logdir: str) -> Any:
 
 
 def _resolve_step_variable(global_step: Any, graph: Any) -> tf.Variable:
-    if global_step is USE_GLOBAL_STEP or (
-        isinstance(global_step, int) and not isinstance(global_step, bool) and global_step == 0
-    ):
+    if is_use_global_step(global_step):
         variable = tf.compat.v1.train.get_global_step(graph)
         if variable is None:
             raise ValueError(
@@ -354,13 +352,10 @@ def _resolve_step_variable(global_step: Any, graph: Any) -> tf.Variable:
                 "the train op with its default global_step, or pass the variable it counts in."
             )
         return variable
-    variable = optimizers.as_tf_variable(global_step)
-    if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
-        raise TypeError(
-            "`global_step` must be the integer variable the train op counts steps in, or "
-            f"trainop.USE_GLOBAL_STEP. Received: global_step={global_step!r:.200}"
-        )
-    return variable
+    return integer_variable(
+        global_step,
+        "the integer variable the train op counts steps in, or trainop.USE_GLOBAL_STEP",
+    )
 
 
 def train(

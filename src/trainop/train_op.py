@@ -92,17 +92,22 @@ def _resolve_global_step(global_step: Any) -> tf.Variable | None:
     """Returns the `tf.Variable` to count steps in, or None for no counting."""
     if global_step is None:
         return None
-    if (
-        isinstance(global_step, int)
-        and not isinstance(global_step, bool)
-        and global_step == USE_GLOBAL_STEP
-    ):
+    if is_use_global_step(global_step):
         global_step = _program_global_step()
+    return integer_variable(global_step, "an integer tf.Variable, trainop.USE_GLOBAL_STEP or None")
+
+
+def is_use_global_step(value: Any) -> bool:
+    """Whether `value` is `USE_GLOBAL_STEP` (0, but not False)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == USE_GLOBAL_STEP
+
+
+def integer_variable(global_step: Any, expected: str) -> tf.Variable:
+    """`global_step` as an integer `tf.Variable`; a TypeError saying what was `expected` else."""
     variable = optimizers.as_tf_variable(global_step)
     if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
         raise TypeError(
-            "`global_step` must be an integer tf.Variable, trainop.USE_GLOBAL_STEP or None. "
-            f"Received: global_step={global_step!r:.200}"
+            f"`global_step` must be {expected}. Received: global_step={global_step!r:.200}"
         )
     return variable
 
