@@ -7,6 +7,7 @@ mistyped option answer at once.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 MODEL_NAMES = ("tiny", "mlp", "conv")
@@ -48,12 +49,14 @@ def parse(
     if (
         unknown
         or not args.models
-        or args.blocks_scale <= 0
+        or not (0 < args.blocks_scale < math.inf)
         or min(args.steady_steps, args.build_variables) < 10
+        or args.threads < 1
     ):
         parser.error(
             f"--models must name some of {', '.join(MODEL_NAMES)}; --blocks-scale must be "
-            "positive; --steady-steps and --build-variables at least 10"
+            "positive and finite; --steady-steps and --build-variables at least 10; --threads "
+            "at least 1"
         )
     if args.quick:
         args.blocks_scale, args.steady_steps, args.build_variables = 0.02, 200, 50

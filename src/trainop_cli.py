@@ -26,12 +26,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0: {value}")
     return value
 
 
@@ -63,7 +70,7 @@ def _parser() -> OneLineErrorParser:
         default=None,
         help="global step to train to (default: 1500 for digits, 25000 for cartpole)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--no-progress", action="store_true", help="no progress bar (off anyway without a tty)"
     )

@@ -45,6 +45,8 @@ def test_help_says_what_each_command_does():
         (["demo", "--task", "mnist"], "argument --task: invalid choice: 'mnist'"),
         (["demo", "--steps", "0"], "argument --steps: must be at least 1: 0"),
         (["demo", "--steps", "ten"], "argument --steps: not an integer: 'ten'"),
+        (["demo", "--seed", "-1"], "argument --seed: must be at least 0: -1"),
+        (["bench", "--blocks-scale", "nan"], "--blocks-scale must be positive and finite"),
         (["demo", "--colour"], "unrecognized arguments: --colour"),
         (["train"], "argument {demo,bench}: invalid choice: 'train'"),
         ([], "the following arguments are required: {demo,bench}"),
@@ -86,10 +88,17 @@ def test_demo_reaches_its_stated_accuracy_and_leaves_logs_checkpoint_and_plot(tm
     assert accuracy_line in again.stdout
 
 
-def test_cartpole_demo_trains_a_dqn_and_plots_its_return(tmp_path):
+def test_cartpole_demo_reaches_its_stated_return_and_does_not_train_past_it(tmp_path):
     outdir = tmp_path / "cartpole"
-    result = _trainop("demo", "--task", "cartpole", "--steps", "1000", "--outdir", str(outdir))
-    assert result.returncode in (0, 1), result.stderr[-3000:]
+    result = _trainop("demo", "--task", "cartpole", "--seed", "0", "--outdir", str(outdir))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if "average return" in line)
-    assert "at global step 1000" in line and "at least 195" in line
-    assert (outdir / "training.png").is_file() and (outdir / "ckpt-1000.index").is_file()
+    assert "at least 195: reached" in line
+    average = float(line.split("average return: ")[1].split()[0])
+    assert average >= 195
+    assert (outdir / "training.png").is_file() and list(outdir.glob("ckpt-*.index"))
+
+    again = _trainop("demo", "--task", "cartpole", "--outdir", str(outdir))
+    assert again.returncode == 0
+    assert "already reaches it: not training further" in again.stdout
+    assert line in again.stdout

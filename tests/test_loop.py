@@ -333,3 +333,122 @@ def test_keras_model_checkpoint_restores_into_a_fresh_model(tmp_path):
     assert result.steps_run == 0 and int(fresh_step.numpy()) == 5
     for a, b in zip(model.weights + optimizer.variables, fresh.weights + fresh_optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family", ["v1", "keras", "tf_keras", "tf_keras_legacy"])
+def test_the_nan_check_covers_models_built_late_and_optimizer_slots(tmp_path, family):
+    # No keras.Input: the model's weights appear on its first call. With a huge batch, Adam's
+    # second moment overflows to inf in a slot while the weights stay finite.
+    model = keras.Sequential([keras.layers.Dense(1, name="dense")])
+    optimizer = make_optimizer(family, "adam", 0.001)
+    step = tf.Variable(0, dtype=tf.int64)
+    data = [tf.fill((2, 3), 1.0)] * 3 + [tf.fill((2, 3), 1e30)] * 5
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_mean(model(x) ** 2), optimizer, step, check_numerics=False
+    )
+    with pytest.raises(FloatingPointError, match="global step 4"):
+        trainop.train(
+            train_op,
+            data,
+            logdir=str(tmp_path),
+            checkpoint={"model": model, "optimizer": optimizer},
+            save_every_n_steps=1,
+            global_step=step,
+            progress=False,
+        )
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-3")
+
+
+def test_every_checkpoint_holding_nan_is_an_error_not_a_start(tmp_path):
+    w = tf.Variable([np.nan, 1.0], name="w")
+    step = tf.Variable(20, dtype=tf.int64)
+    tf.train.CheckpointManager(tf.train.Checkpoint(w=w, global_step=step), str(tmp_path), 3).save(
+        20
+    )
+    w.assign([1.0, 1.0])
+    step.assign(0)
+    train_op = trainop.create_train_op(lambda: tf.reduce_sum(w * w), make_optimizer("keras"), step)
+    with pytest.raises(FloatingPointError, match="Every checkpoint in .* holds inf or NaN"):
+        trainop.train(
+            train_op, max_steps=30, logdir=str(tmp_path), checkpoint={"w": w}, global_step=step
+        )
+
+
+@pytest.mark.parametrize("session_kind", ["none", "not_default"])
+def test_graph_mode_saves_without_a_default_session(tmp_path, session_kind):
+    graph = tf.Graph()
+    with graph.as_default():
+        w = tf.compat.v1.get_variable("w", initializer=[3.0, 4.0], use_resource=True)
+        train_op = trainop.create_train_op(
+            tf.reduce_sum(w * w), tf.compat.v1.train.GradientDescentOptimizer(0.1)
+        )
+    session = None if session_kind == "none" else tf.compat.v1.Session(graph=graph)
+    result = trainop.train(
+        train_op,
+        max_steps=5,
+        logdir=str(tmp_path),
+        checkpoint={"w": w},
+        session=session,
+        progress=False,
+    )
+    assert result.global_step == 5 and _checkpointed_step(tmp_path) == 5
+    reader = tf.train.load_checkpoint(str(tmp_path / "ckpt-5"))
+    np.testing.assert_allclose(
+        reader.get_tensor("w/.ATTRIBUTES/VARIABLE_VALUE"), np.array([3.0, 4.0]) * 0.8**5, 1e-5
+    )
+
+
+def test_a_generator_dataset_is_counted_and_a_plain_generator_is_not_replayed(tmp_path):
+    def numbers():
+        yield from (float(i) for i in range(100))
+
+    def run(dataset, max_steps):
+        w = tf.Variable(0.0, name="w")
+        step = tf.Variable(0, dtype=tf.int64)
+        seen = []
+        train_op = trainop.create_train_op(
+            lambda x: (w - x) ** 2, make_optimizer("keras", "sgd", 0.0), step
+        )
+        trainop.train(
+            lambda x: (seen.append(float(x)), train_op(x))[1],
+            dataset,
+            max_steps=max_steps,
+            logdir=str(tmp_path / type(dataset).__name__),
+            checkpoint={"w": w},
+            global_step=step,
+            progress=False,
+        )
+        return seen
+
+    from_generator = lambda: tf.data.Dataset.from_generator(  # noqa: E731
+        numbers, output_signature=tf.TensorSpec((), tf.float32)
+    )
+    assert run(from_generator(), 3) == [0.0, 1.0, 2.0]
+    # Its state cannot be saved: the resumed run skips the 3 batches consumed.
+    assert run(from_generator(), 5) == [3.0, 4.0]
+    assert run(numbers(), 3) == [0.0, 1.0, 2.0]
+    # A generator is taken where it is: a fresh one starts at its start.
+    assert run(numbers(), 5) == [0.0, 1.0]
+
+
+def test_batches_as_dicts_and_losses_as_structures():
+    w = tf.Variable(0.0)
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda x, target: (w * x - target) ** 2, make_optimizer("keras", "sgd", 0.1), step
+    )
+    seen = []
+    result = trainop.train(
+        lambda **batch: {"aux": 123.0, "loss": train_op(**batch)},
+        [{"x": tf.constant(1.0), "target": tf.constant(2.0)}] * 2,
+        hooks=[trainop.Hook(lambda s, loss: seen.append(loss))],
+        global_step=step,
+        progress=False,
+    )
+    assert seen == [4.0, pytest.approx(2.56)]  # the 'loss' entry, not the first key
+    assert result.loss == pytest.approx(2.56)
+
+
+def test_an_eager_tensor_is_not_a_train_op():
+    with pytest.raises(TypeError, match="An eager tensor is a value already computed"):
+        trainop.train(tf.constant(1.0), max_steps=1)

@@ -25,6 +25,8 @@ import trainop
 DIGITS_TARGET_ACCURACY = 0.95
 CARTPOLE_TARGET_RETURN = 195.0
 PLOT_FILE = "training.png"
+# Where `trainop.train` saves the global step in a checkpoint.
+_STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 @dataclasses.dataclass
@@ -297,6 +299,20 @@ def cartpole(
         if average >= CARTPOLE_TARGET_RETURN:
             # DQN's greedy policy swings: stop at a policy that does what was promised.
             raise trainop.StopTraining(f"average return {average:.1f}")
+
+    latest = tf.train.latest_checkpoint(outdir)
+    if latest is not None:
+        # The experience cannot be replayed: a policy that already does what was promised is
+        # not trained further, and another one goes on with fresh experience.
+        tf.train.Checkpoint(q=q).restore(latest).expect_partial()
+        average = evaluate_return()
+        if average >= CARTPOLE_TARGET_RETURN:
+            step = int(tf.train.load_checkpoint(latest).get_tensor(_STEP_KEY))
+            say(f"The checkpoint in {outdir} already reaches it: not training further.")
+            plot = plot_training(outdir, "eval/return", "average return (greedy, 20 episodes)")
+            return DemoResult(
+                "average return", average, CARTPOLE_TARGET_RETURN, step, outdir, plot, None
+            )
 
     result = trainop.train(
         train_op,

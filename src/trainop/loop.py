@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -101,6 +102,12 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 def _first_loss(result: Any) -> Any:
+    """The loss in what a train op returns: itself, its `loss` (TF-Agents' `LossInfo`, a dict's
+    'loss' key), else its first element."""
+    if isinstance(result, Mapping) and "loss" in result:
+        return result["loss"]
+    if not isinstance(result, (tf.Tensor, tf.Variable)) and hasattr(result, "loss"):
+        return result.loss
     flat = tf.nest.flatten(result)
     return flat[0] if flat else None
 
@@ -120,35 +127,39 @@ def _as_float(value: Any) -> float | None:
 class _Batches:
     """The batches to train on, and their position in a checkpoint.
 
-    A `tf.data.Dataset`'s iterator is saved in the checkpoint (its position, shuffle buffers
-    included); any other iterable is counted, and a resumed run skips what was consumed.
+    * A `tf.data.Dataset`: its iterator is saved in the checkpoint (its position, shuffle
+      buffers included). One whose state cannot be saved (`from_generator`, `py_function`) is
+      counted instead, and a resumed run skips what was consumed.
+    * An iterable that can be iterated again (a list, a `Sequence`): counted, and skipped on
+      resume.
+    * An iterator (a generator): counted, but never skipped: it is where its owner left it, and
+      a fresh one cannot be replayed anyway (an environment's experience).
     """
 
     def __init__(self, dataset: Any):
         self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
         self.consumed = 0
+        self._skip_on_resume = False
+        self.trackable: Any = self.position
         if dataset is None:
             self._iterator: Iterator[Any] = itertools.repeat(())
-            self.trackable: Any = None
+            self.trackable = None
         elif isinstance(dataset, tf.data.Dataset):
             self._iterator = iter(dataset)
-            self.trackable = self._iterator
-        elif isinstance(dataset, Iterable):
-            self._dataset = dataset
-            self._iterator = iter(dataset)
-            self.trackable = self.position
+            if _iterator_state_saves(self._iterator):
+                self.trackable = self._iterator
+            else:
+                self._skip_on_resume = True
         else:
-            raise TypeError(
-                "`dataset` must be a tf.data.Dataset, an iterable of batches or None. "
-                f"Received: dataset of type {type(dataset).__name__}"
-            )
+            self._iterator = iter(dataset)
+            self._skip_on_resume = self._iterator is not dataset
 
     def resumed(self) -> None:
-        """Skips, in a plain iterable, the batches consumed before the checkpoint."""
+        """Skips the batches consumed before the checkpoint, where that replays them."""
         if self.trackable is self.position:
-            skip = int(self.position.numpy())
-            self._iterator = itertools.islice(self._iterator, skip, None)
-            self.consumed = skip
+            self.consumed = int(self.position.numpy())
+            if self._skip_on_resume:
+                self._iterator = itertools.islice(self._iterator, self.consumed, None)
 
     def __next__(self) -> Any:
         batch = next(self._iterator)
@@ -157,6 +168,15 @@ class _Batches:
 
     def before_save(self) -> None:
         self.position.assign(self.consumed)
+
+
+def _iterator_state_saves(iterator: Any) -> bool:
+    """Whether a `tf.data` iterator's state can go into a checkpoint."""
+    try:
+        iterator._serialize_to_tensors()  # What a checkpoint write calls.
+    except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
+        return False
+    return True
 
 
 def _call(train_op: Callable[..., Any], batch: Any) -> Any:
@@ -178,8 +198,10 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.signal_name == "SIGINT" and name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.signal_name is not None:
+            if name == "SIGINT":
+                raise KeyboardInterrupt  # Ctrl-C after a first signal: stop now
+            return
         self.signal_name = name
         logger.warning("%s received: stopping after this step and saving a checkpoint.", name)
 
@@ -268,34 +290,40 @@ class _Checkpoints:
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
         self._session = session
         self._batches = batches
-        self._global_step = global_step
-        variables = [
-            optimizers.as_tf_variable(d)
-            for d in tf.train.TrackableView(self.checkpoint).descendants()
-        ]
-        self._float_variables = [
-            v for v in variables if isinstance(v, tf.Variable) and v.dtype.is_floating
-        ]
+        self._finite_ops: dict[tuple[int, ...], Any] = {}
 
-    def _run(self, value: Any) -> Any:
-        return self._session.run(value) if self._session is not None else value
+    def float_variables(self) -> list[tf.Variable]:
+        """Every float variable the checkpoint saves, optimizer slots included.
+
+        Gathered at each call: a model built on its first call and an optimizer's slots appear
+        after training starts.
+        """
+        found: dict[int, tf.Variable] = {}
+        for node in tf.train.TrackableView(self.checkpoint).descendants():
+            candidates = [node]
+            # Slot variables are saved through their optimizer, not as its children.
+            if _is_optimizer(node):
+                slots = node.variables
+                candidates += list(slots() if callable(slots) else slots)
+            for candidate in candidates:
+                variable = optimizers.as_tf_variable(candidate)
+                if isinstance(variable, tf.Variable) and variable.dtype.is_floating:
+                    found.setdefault(id(variable), variable)
+        return list(found.values())
 
     def non_finite_variables(self) -> list[str]:
         """The names of the checkpoint's variables that hold inf or NaN."""
-        if not self._float_variables:
+        variables = self.float_variables()
+        if not variables:
             return []
         if self._session is not None:
-            if not hasattr(self, "_finite_op"):
-                with self._session.graph.as_default():
-                    self._finite_op = [
-                        tf.reduce_all(tf.math.is_finite(v)) for v in self._float_variables
-                    ]
-            finite = self._session.run(self._finite_op)
+            key = tuple(id(v) for v in variables)
+            if key not in self._finite_ops:
+                self._finite_ops[key] = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
+            finite = self._session.run(self._finite_ops[key])
         else:
-            finite = [bool(tf.reduce_all(tf.math.is_finite(v))) for v in self._float_variables]
-        return [
-            optimizers.variable_name(v) for v, ok in zip(self._float_variables, finite) if not ok
-        ]
+            finite = [bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables]
+        return [optimizers.variable_name(v) for v, ok in zip(variables, finite) if not ok]
 
     def save(self, step: int) -> str:
         """Writes a checkpoint numbered `step`.
@@ -316,7 +344,12 @@ class _Checkpoints:
         return self.manager.save(checkpoint_number=step)
 
     def restore_latest_finite(self) -> str | None:
-        """Restores the newest checkpoint whose variables are all finite; returns its path."""
+        """Restores the newest checkpoint whose variables are all finite; returns its path.
+
+        Raises:
+          FloatingPointError: if every checkpoint holds inf or NaN (the variables now hold the
+            oldest one's values: training must not go on from them).
+        """
         for path in reversed(self.manager.checkpoints):
             status = self.checkpoint.restore(path)
             if self._session is not None:
@@ -325,7 +358,20 @@ class _Checkpoints:
             if not bad:
                 return path
             logger.warning("Checkpoint %s holds inf or NaN in %s: trying an older one.", path, bad)
+        if self.manager.checkpoints:
+            raise FloatingPointError(
+                f"Every checkpoint in {self.manager.directory} holds inf or NaN: "
+                f"{self.manager.checkpoints}. Remove them (or pick another logdir) to start over."
+            )
         return None
+
+
+def _is_optimizer(value: Any) -> bool:
+    try:
+        optimizers.optimizer_family(value)
+    except TypeError:
+        return False
+    return True
 
 
 # --- The loop ----------------------------------------------------------------------------------
@@ -338,7 +384,8 @@ _WRITERS: dict[str, Any] = {}
 
 
 def _writer(logdir: str) -> Any:
-    if logdir not in _WRITERS:
+    logdir = os.path.abspath(logdir)
+    if logdir not in _WRITERS or not tf.io.gfile.exists(logdir):
         _WRITERS[logdir] = tf.summary.create_file_writer(logdir)
     return _WRITERS[logdir]
 
@@ -425,11 +472,15 @@ def train(
       >>> result.global_step, round(float(w.numpy()), 3)
       (50, 3.0)
     """
-    in_graph = isinstance(train_op, (tf.Tensor, tf.Operation))
+    graph_parts = [t for t in tf.nest.flatten(train_op) if isinstance(t, (tf.Tensor, tf.Operation))]
+    # (An eager tensor has no graph.)
+    in_graph = bool(graph_parts) and all(hasattr(t, "graph") for t in graph_parts)
     if not in_graph and not callable(train_op):
         raise TypeError(
-            "`train_op` must be a callable train op (eager mode) or a Tensor or Operation of a "
-            f"graph. Received: {train_op!r:.200}"
+            "`train_op` must be a callable train op (eager mode), or a Tensor, Operation or "
+            "structure of tensors of a tf.compat.v1 graph (what create_train_op and "
+            "create_train_step return there). An eager tensor is a value already computed: "
+            f"pass the train op from create_train_op instead. Received: {train_op!r:.200}"
         )
     if max_steps is not None:
         _check_positive("max_steps", max_steps)
@@ -462,6 +513,7 @@ def train(
             raise ValueError("A graph train op needs `max_steps`: it has no end of data.")
         return _train_graph(
             train_op,
+            graph_parts[0].graph,
             max_steps=max_steps,
             logdir=logdir,
             checkpoint=checkpoint,
@@ -504,6 +556,7 @@ def train(
 
 def _train_graph(
     train_op: Any,
+    graph: tf.Graph,
     *,
     max_steps: int,
     logdir: str | None,
@@ -515,7 +568,6 @@ def _train_graph(
     global_step: Any,
     session: Any,
 ) -> TrainResult:
-    graph = train_op.graph
     with graph.as_default():
         step_variable = _resolve_step_variable(global_step, graph)
         read_step_tensor = step_variable.read_value()
@@ -546,23 +598,26 @@ def _train_graph(
             if logdir is not None and summary_op is not None
             else None
         )
+
+    def write_summaries(step: int) -> None:
+        if summary_writer is not None:
+            summary_writer.add_summary(session.run(summary_op), step)
+
     try:
-        resumed_from = saver.restore_latest_finite() if saver is not None else None
-
-        def write_summaries(step: int) -> None:
-            if summary_writer is not None:
-                summary_writer.add_summary(session.run(summary_op), step)
-
-        result = _run(
-            lambda: session.run(train_op),
-            read_step=lambda: int(session.run(read_step_tensor)),
-            saver=saver,
-            resumed_from=resumed_from,
-            max_steps=max_steps,
-            save_every_n_steps=save_every_n_steps,
-            hooks=[*hooks, Hook(lambda step, loss: write_summaries(step), save_every_n_steps)],
-            progress=progress,
-        )
+        # Checkpoint restores and saves add ops to the default graph and run them in the
+        # default session.
+        with graph.as_default(), session.as_default():
+            resumed_from = saver.restore_latest_finite() if saver is not None else None
+            result = _run(
+                lambda: session.run(train_op),
+                read_step=lambda: int(session.run(read_step_tensor)),
+                saver=saver,
+                resumed_from=resumed_from,
+                max_steps=max_steps,
+                save_every_n_steps=save_every_n_steps,
+                hooks=[*hooks, Hook(lambda step, loss: write_summaries(step), save_every_n_steps)],
+                progress=progress,
+            )
     finally:
         if summary_writer is not None:
             summary_writer.close()
