@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from trainop import optimizers
@@ -113,12 +114,14 @@ def _first_loss(result: Any) -> Any:
 
 
 def _as_float(value: Any) -> float | None:
+    """A loss as a Python float: a vector of losses (`steps_per_call`) gives its last."""
     if value is None:
         return None
     try:
-        return float(value)
+        array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         return None
+    return float(array.reshape(-1)[-1]) if array.size else None
 
 
 # --- Data --------------------------------------------------------------------------------------

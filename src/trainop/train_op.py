@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _core, numerics, optimizers
+from trainop import _core, numerics, optimizers, summaries
 
 logger = logging.getLogger("trainop")
 
@@ -235,6 +235,8 @@ def _create_eager_train_op(
     variables_to_train: Any,
     settings: dict[str, Any],
     total_loss_fn: Callable[[Any], Any] | None = None,
+    jit_compile: bool = False,
+    steps_per_call: int = 1,
 ) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
     if variables_to_train is not None and not callable(variables_to_train):
@@ -246,6 +248,12 @@ def _create_eager_train_op(
         return [fn() for fn in update_fns]
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
+        if jit_compile and summaries.writes_v2_summaries():
+            raise ValueError(
+                "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
+                "summary writes. Build and first call the train op without a default writer, "
+                "or with jit_compile=False."
+            )
         # The trainable variables that the loss reads, should none be given.
         with tf.GradientTape() as tape:
             loss = loss_fn(*args, **kwargs)
@@ -281,7 +289,75 @@ def _create_eager_train_op(
         # returned as computed, before the update.
         return loss
 
-    return tf.function(train_step)
+    step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
+    function = tf.function(step_fn, jit_compile=jit_compile or None)
+    return _CompiledTrainOp(function) if jit_compile else function
+
+
+def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[..., Any]:
+    """`train_step` run `steps` times in a `tf.while_loop`, on slices of its arguments.
+
+    Every tensor argument holds `steps` batches along its first axis; the losses of the steps
+    come back stacked.
+    """
+
+    def run_steps(*args: Any, **kwargs: Any) -> tf.Tensor:
+        inputs = tf.nest.map_structure(_as_tensor_if_array, (args, kwargs))
+        for leaf in tf.nest.flatten(inputs):
+            rank = leaf.shape.rank if isinstance(leaf, tf.Tensor) else None
+            if rank is not None and (rank == 0 or leaf.shape[0] not in (None, steps)):
+                raise ValueError(
+                    f"`steps_per_call={steps}`: every tensor argument must hold {steps} "
+                    f"batches along its first axis. Received a tensor of shape {leaf.shape}"
+                )
+
+        def one_step(i: tf.Tensor, losses: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
+            step_args, step_kwargs = tf.nest.map_structure(
+                lambda t: t[i] if isinstance(t, tf.Tensor) else t, inputs
+            )
+            return i + 1, losses.write(i, train_step(*step_args, **step_kwargs))
+
+        _, losses = tf.while_loop(
+            lambda i, _: i < steps,
+            one_step,
+            (tf.constant(0), tf.TensorArray(tf.float32, size=steps, element_shape=[])),
+        )
+        return losses.stack()
+
+    return run_steps
+
+
+def _as_tensor_if_array(value: Any) -> Any:
+    return tf.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
+
+
+class _CompiledTrainOp:
+    """A `jit_compile=True` train op: the `tf.function`, with XLA's refusals made plain.
+
+    XLA reports an op it cannot compile only when the function is first run; this names the
+    argument and the cause instead of a stack of TensorFlow frames. Everything else is the
+    `tf.function`'s (`get_concrete_function`, `experimental_get_tracing_count`, ...).
+    """
+
+    def __init__(self, function: Any):
+        self._function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._function(*args, **kwargs)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+            message = str(error)
+            if "XLA" not in message or "compil" not in message.lower():
+                raise
+            cause = next((line.strip() for line in message.splitlines() if "XLA" in line), message)
+            raise ValueError(
+                "`jit_compile=True`: XLA cannot compile this train step (an op of the loss, "
+                "a transform or an update op has no XLA kernel). Use jit_compile=False, or "
+                f"move that op out of the step. XLA says: {cause[:500]}"
+            ) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)
 
 
 # --- Public API --------------------------------------------------------------------------------
@@ -339,6 +415,8 @@ def create_train_op(
     colocate_gradients_with_ops: bool = False,
     missing_gradients: str = "log",
     summarize_every_n_steps: int | None = None,
+    jit_compile: bool = False,
+    steps_per_call: int = 1,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -395,6 +473,13 @@ def create_train_op(
       summarize_every_n_steps: write the summaries only at global steps that are multiples of
         it (0, n, 2n...), and only when `tf.summary.record_if` allows; None (default): whenever
         `tf.summary.record_if` allows.
+      jit_compile: eager mode: compile the whole step with XLA (`tf.function(jit_compile=
+        True)`). An op without an XLA kernel raises a ValueError on the first call; summaries
+        cannot be compiled.
+      steps_per_call: eager mode: run this many steps per call, in one compiled loop, so that
+        a small model stops paying Python's per-call cost (as Keras's `steps_per_execution`).
+        Every tensor argument then holds that many batches along a new first axis, and the
+        call returns the steps' losses as a vector.
 
     Returns:
       Graph mode: the loss `Tensor` whose evaluation runs the step. Eager mode: the callable step,
@@ -418,6 +503,17 @@ def create_train_op(
       1.2
     """
     del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
+    if not isinstance(jit_compile, (bool, np.bool_)):
+        raise TypeError(f"`jit_compile` must be True or False. Received: {jit_compile!r}")
+    if (
+        isinstance(steps_per_call, bool)
+        or not isinstance(steps_per_call, (int, np.integer))
+        or steps_per_call < 1
+    ):
+        raise ValueError(
+            "`steps_per_call` must be a positive integer. "
+            f"Received: steps_per_call={steps_per_call!r}"
+        )
     adapter, step, settings = _prepare(
         optimizer,
         global_step,
@@ -438,7 +534,19 @@ def create_train_op(
                 f"Received: total_loss of type {type(total_loss).__name__}"
             )
         return _create_eager_train_op(
-            total_loss, adapter, step, update_ops, variables_to_train, settings
+            total_loss,
+            adapter,
+            step,
+            update_ops,
+            variables_to_train,
+            settings,
+            jit_compile=bool(jit_compile),
+            steps_per_call=int(steps_per_call),
+        )
+    if jit_compile or steps_per_call != 1:
+        raise ValueError(
+            "`jit_compile` and `steps_per_call` apply to the eager train op: in a "
+            "tf.compat.v1 graph, the Session runs the graph it is given."
         )
     if _is_loss_callable(total_loss):
         total_loss = total_loss()

@@ -1,0 +1,120 @@
+"""jit_compile and steps_per_call: the same training, compiled or looped."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import trainop
+from conftest import make_optimizer
+
+RNG = np.random.default_rng(0)
+XS = RNG.normal(size=(8, 16, 5)).astype(np.float32)
+YS = RNG.normal(size=(8, 16, 1)).astype(np.float32)
+
+
+def _train(family, steps_per_call=1, **kwargs):
+    """Trains a small MLP on the 8 batches; returns its weights, the losses, the global step."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+    )
+    optimizer = make_optimizer(family, "adam", 0.01)
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda x, y: tf.reduce_mean((model(x) - y) ** 2),
+        optimizer,
+        step,
+        variables_to_train=model.trainable_variables,
+        steps_per_call=steps_per_call,
+        **kwargs,
+    )
+    losses = []
+    for i in range(0, 8, steps_per_call):
+        if steps_per_call == 1:
+            losses.append(float(train_op(XS[i], YS[i])))
+        else:
+            losses += list(train_op(XS[i : i + steps_per_call], YS[i : i + steps_per_call]))
+    weights = np.concatenate([np.ravel(w.numpy()) for w in model.weights])
+    return weights, np.array(losses), int(step.numpy()), train_op
+
+
+@pytest.mark.parametrize("family", ["v1", "keras", "tf_keras", "tf_keras_legacy"])
+def test_steps_per_call_runs_the_same_steps_in_one_call(family):
+    weights, losses, step, _ = _train(family)
+    looped_weights, looped_losses, looped_step, train_op = _train(family, steps_per_call=4)
+    np.testing.assert_array_equal(looped_weights, weights)
+    np.testing.assert_array_equal(looped_losses, losses)
+    assert looped_step == step == 8
+    assert train_op.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("family", ["v1", "keras"])
+@pytest.mark.parametrize("check_numerics", [True, "skip"])
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_jit_compile_trains_as_the_uncompiled_step(family, check_numerics, steps_per_call):
+    weights, losses, _, _ = _train(family)
+    compiled_weights, compiled_losses, step, _ = _train(
+        family, steps_per_call, jit_compile=True, check_numerics=check_numerics
+    )
+    # XLA fuses and reorders floating-point work: close, not bit-identical.
+    np.testing.assert_allclose(compiled_weights, weights, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(compiled_losses, losses, rtol=1e-5, atol=1e-6)
+    assert step == 8
+
+
+def test_compiled_skip_guard_still_skips():
+    w = tf.Variable([1.0, 2.0])
+    guard = trainop.SkipNonFiniteSteps()
+    train_op = trainop.create_train_op(
+        lambda x: x * tf.reduce_sum(w * w),
+        make_optimizer("keras", "sgd", 0.25),
+        global_step=None,
+        check_numerics=guard,
+        jit_compile=True,
+    )
+    train_op(tf.constant(np.nan))
+    np.testing.assert_array_equal(w.numpy(), [1.0, 2.0])
+    train_op(tf.constant(1.0))
+    np.testing.assert_allclose(w.numpy(), [0.5, 1.0])
+    assert int(guard.skipped_steps) == 1
+
+
+def test_an_op_xla_cannot_compile_is_a_plain_error():
+    w = tf.Variable(1.0)
+    train_op = trainop.create_train_op(
+        lambda: tf.py_function(lambda v: v * v, [w], tf.float32) + w * w,
+        make_optimizer("keras"),
+        global_step=None,
+        jit_compile=True,
+    )
+    with pytest.raises(ValueError, match="`jit_compile=True`: XLA cannot compile this train step"):
+        train_op()
+    assert float(w.numpy()) == 1.0
+
+
+def test_jit_compile_refuses_summaries(tmp_path):
+    w = tf.Variable(1.0)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    train_op = trainop.create_train_op(lambda: w * w, make_optimizer("keras"), jit_compile=True)
+    with writer.as_default(), pytest.raises(ValueError, match="XLA does not compile summary"):
+        train_op()
+
+
+def test_bad_scale_arguments():
+    w = tf.Variable(1.0)
+    with pytest.raises(ValueError, match="`steps_per_call` must be a positive integer"):
+        trainop.create_train_op(lambda: w * w, make_optimizer("keras"), steps_per_call=0)
+    with pytest.raises(TypeError, match="`jit_compile` must be True or False"):
+        trainop.create_train_op(lambda: w * w, make_optimizer("keras"), jit_compile="yes")
+    train_op = trainop.create_train_op(
+        lambda x: w * x, make_optimizer("keras"), global_step=None, steps_per_call=4
+    )
+    with pytest.raises(ValueError, match="must hold 4 batches along its first axis"):
+        train_op(tf.ones((3,)))
+    with tf.Graph().as_default():
+        v = tf.compat.v1.get_variable("v", initializer=1.0, use_resource=True)
+        with pytest.raises(ValueError, match="apply to the eager train op"):
+            trainop.create_train_op(v * v, make_optimizer("v1"), jit_compile=True)
