@@ -8,6 +8,7 @@ Two Keras 3 MLPs with Adam (learning rate 1e-3), softmax cross-entropy over 10 c
 Variants, each training its own copy of the model on the same 16 batches:
 
 * ``baseline``: the hand-written `tf.function` step (`GradientTape`, `apply_gradients`);
+* ``baseline_jit``: the same with `jit_compile=True`, what XLA gives a hand-written step;
 * ``trainop``: `create_train_op(loss_fn, optimizer)`;
 * ``jit``: the same with `jit_compile=True`;
 * ``k16``: `steps_per_call=16`: one call runs the 16 steps;
@@ -45,7 +46,7 @@ from benchmarks.bench_core import machine_info, set_threads  # noqa: E402
 
 STEPS_PER_CALL = 16
 MODELS = {"mlp": (64, (256, 256)), "small": (8, (64, 64))}
-VARIANTS = ("baseline", "trainop", "jit", "k16", "k16_jit")
+VARIANTS = ("baseline", "baseline_jit", "trainop", "jit", "k16", "k16_jit")
 
 
 def _model(hidden: Sequence[int]) -> keras.Model:
@@ -67,9 +68,9 @@ def _block_function(
 
     xs, ys = batches
     slices = [(xs[i], ys[i]) for i in range(STEPS_PER_CALL)]
-    if name == "baseline":
+    if name.startswith("baseline"):
 
-        @tf.function
+        @tf.function(jit_compile=name == "baseline_jit")
         def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 loss = loss_fn(x, y)

@@ -79,3 +79,15 @@ def test_benchmark_suite_rejects_bad_options():
     )
     assert result.returncode == 2
     assert "--models must name some of tiny, mlp, conv" in result.stderr
+
+
+def test_bench_scale_smoke_run(tmp_path):
+    stdout, results = _run_json("benchmarks.bench_scale", tmp_path, "--blocks", "2")
+    assert "### small: 784-64-64-10, batch 8" in stdout
+    for model in ("mlp", "small"):
+        variants = results["results"][model]
+        assert set(variants) == {"baseline", "baseline_jit", "trainop", "jit", "k16", "k16_jit"}
+        # Unrolled or looped, the same steps: the same weights as the hand-written step.
+        assert variants["trainop"]["max_weight_diff_vs_baseline"] == 0.0
+        assert variants["k16"]["max_weight_diff_vs_baseline"] == 0.0
+        assert all(v["speedup_vs_baseline"] > 0 for v in variants.values())
