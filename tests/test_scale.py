@@ -118,3 +118,66 @@ def test_bad_scale_arguments():
         v = tf.compat.v1.get_variable("v", initializer=1.0, use_resource=True)
         with pytest.raises(ValueError, match="apply to the eager train op"):
             trainop.create_train_op(v * v, make_optimizer("v1"), jit_compile=True)
+
+
+def _accumulated(runner, family, calls, batch, **kwargs):
+    """Trains a linear model on 32 rows, `batch` rows per call; returns weights and step."""
+    rows = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
+    targets = rows @ np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
+    w = runner.variable(np.zeros((4, 1), np.float32), "w")
+    x = runner.variable(np.zeros((batch, 4), np.float32), "x", trainable=False)
+    y = runner.variable(np.zeros((batch, 1), np.float32), "y", trainable=False)
+    global_step = runner.variable(0, "global_step", trainable=False, dtype=tf.int64)
+    step = runner.train_op(
+        lambda: tf.reduce_mean((tf.matmul(x, w) - y) ** 2),
+        make_optimizer(family, "adam", 0.1),
+        global_step=global_step,
+        **kwargs,
+    )
+    for i in range(calls):
+        runner.assign(x, rows[i * batch : (i + 1) * batch])
+        runner.assign(y, targets[i * batch : (i + 1) * batch])
+        step()
+    return runner.read(w), runner.read(global_step)
+
+
+def test_accumulating_4_calls_is_one_step_on_the_4_times_larger_batch(runner, family):
+    w, step = _accumulated(runner, family, calls=8, batch=4, accumulation_steps=4)
+    big_w, big_step = _accumulated_fresh(runner.mode, family, calls=2, batch=16)
+    assert step == big_step == 2  # the global step counts applied updates
+    np.testing.assert_allclose(w, big_w, rtol=1e-5, atol=1e-6)
+
+
+def _accumulated_fresh(mode, family, **kwargs):
+    from test_numerics import _fresh_runner
+
+    with _fresh_runner(mode) as runner:
+        return _accumulated(runner, family, **kwargs)
+
+
+def test_accumulation_transforms_the_mean_and_skips_bad_calls():
+    w = tf.Variable([0.0, 0.0])
+    x = tf.Variable([1.0, 1.0], trainable=False)
+    guard = trainop.SkipNonFiniteSteps()
+    train_op = trainop.create_train_op(
+        lambda: tf.reduce_sum(w * x),
+        make_optimizer("keras", "sgd", 1.0),
+        global_step=None,
+        accumulation_steps=2,
+        check_numerics=guard,
+        transform_grads_fn=trainop.clip_by_global_norm_fn(1.0),
+    )
+    for value in ([1.0, 0.0], [np.nan, 0.0], [0.0, 3.0]):
+        x.assign(value)
+        train_op()
+    # The NaN call was skipped; the update applied the mean of [1, 0] and [0, 3], clipped to
+    # norm 1. (The mean of the clipped gradients would be [0.5, 0.5].)
+    assert int(guard.skipped_steps) == 1
+    mean = np.array([0.5, 1.5])
+    np.testing.assert_allclose(w.numpy(), -mean / np.linalg.norm(mean), rtol=1e-6)
+
+
+def test_accumulation_steps_must_be_a_count():
+    w = tf.Variable(1.0)
+    with pytest.raises(ValueError, match="`accumulation_steps` must be a positive integer"):
+        trainop.create_train_op(lambda: w * w, make_optimizer("keras"), accumulation_steps=0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import numerics, optimizers, summaries
+from trainop import accumulation, numerics, optimizers, summaries
 
 logger = logging.getLogger("trainop")
 
@@ -156,6 +156,7 @@ def build_step(
     reported_missing: set[str] | None = None,
     missing_gradients: str = "log",
     summarize_every_n_steps: int | None = None,
+    accumulator: accumulation.GradientAccumulator | None = None,
 ) -> tf.Tensor:
     """Adds the training step to the current graph.
 
@@ -176,6 +177,8 @@ def build_step(
         names logged now are added.
       missing_gradients: 'log' or 'raise', for variables without gradient.
       summarize_every_n_steps: write summaries only at steps that are multiples of it.
+      accumulator: if given, this call's gradients are added to it, and the update (transform,
+        summaries, update ops, apply) runs on the mean of every `accumulator.steps` calls.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
@@ -196,10 +199,13 @@ def build_step(
     # caller's loop fetches from the SUMMARIES collection: built beside the step, not in it.
     tf1_summaries = summarize_gradients and not in_function and not summaries.writes_v2_summaries()
 
-    def transform() -> list[tuple[Any, Any]]:
+    def transform(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         if transform_grads_fn is None:
-            return grads_and_vars
-        return _check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+            return pairs
+        return _check_transformed(transform_grads_fn(pairs), pairs)
+
+    def accumulate() -> list[Any]:
+        return [accumulator.add_and_maybe_apply(grads_and_vars, lambda m: update(transform(m)))]
 
     def update(transformed: list[tuple[Any, Any]]) -> list[Any]:
         with in_outer_scope():
@@ -220,29 +226,40 @@ def build_step(
             with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
                 return [adapter.apply(present, global_step, in_function)]
 
+    # This call's transformed gradients, when the update is on them (not on accumulated means).
+    transformed = None
+
+    def transform_and_update() -> list[Any]:
+        nonlocal transformed
+        transformed = transform(grads_and_vars)
+        return update(transformed)
+
     if isinstance(check_numerics, numerics.SkipNonFiniteSteps):
         check_numerics.check_context()
-        # The gradients as they would be applied: a transform's NaN counts, a frozen
-        # variable's gradient does not.
-        transformed = transform()
-        finite = numerics.all_finite(total_loss, [g for g, _ in transformed])
         step_name = "global step" if global_step is not None else "optimizer step"
-        done = [
-            check_numerics.update_if_finite(
-                finite, lambda: update(transformed), step, step_name=step_name
-            )
-        ]
+        if accumulator is not None:
+            # Each call's own gradients: a bad call adds nothing to the sums.
+            finite = numerics.all_finite(total_loss, [g for g, _ in grads_and_vars])
+            run_update = accumulate
+        else:
+            # The gradients as they would be applied: a transform's NaN counts, a frozen
+            # variable's gradient does not.
+            transformed = transform(grads_and_vars)
+            finite = numerics.all_finite(total_loss, [g for g, _ in transformed])
+            run_update = lambda: update(transformed)  # noqa: E731
+        done = [check_numerics.update_if_finite(finite, run_update, step, step_name=step_name)]
     elif check_numerics:
         total_loss = numerics.check_loss_is_finite(total_loss)
         # Everything that changes state waits for the check: a failed check changes nothing.
         with tf.control_dependencies([total_loss]):
-            transformed = transform()
-            done = update(transformed)
+            done = accumulate() if accumulator is not None else transform_and_update()
     else:
-        transformed = transform()
-        done = update(transformed)
+        done = accumulate() if accumulator is not None else transform_and_update()
     if tf1_summaries:
-        summaries.add_gradients_summaries(transformed, step)
+        # Beside the step, for the caller's loop to fetch.
+        summaries.add_gradients_summaries(
+            transformed if transformed is not None else grads_and_vars, step
+        )
 
     with tf.control_dependencies(done):
         return tf.identity(total_loss, name="train_op")

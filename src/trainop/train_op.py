@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _core, numerics, optimizers, summaries
+from trainop import _core, accumulation, numerics, optimizers, summaries
 
 logger = logging.getLogger("trainop")
 
@@ -63,6 +63,11 @@ def _check_choices(
             "`summarize_every_n_steps` must be a positive integer or None. "
             f"Received: summarize_every_n_steps={summarize_every_n_steps!r}"
         )
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
 def _check_callable_or_none(name: str, value: Any) -> None:
@@ -373,9 +378,11 @@ def _prepare(
     check_numerics: Any,
     missing_gradients: Any,
     summarize_every_n_steps: Any,
+    accumulation_steps: Any = 1,
 ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
     adapter = optimizers.OptimizerAdapter(optimizer)
     _check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
+    _check_count("accumulation_steps", accumulation_steps)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
     if missing_gradients not in ("log", "raise"):
         raise ValueError(
@@ -391,6 +398,11 @@ def _prepare(
         missing_gradients=missing_gradients,
         summarize_every_n_steps=(
             None if summarize_every_n_steps is None else int(summarize_every_n_steps)
+        ),
+        accumulator=(
+            accumulation.GradientAccumulator(int(accumulation_steps))
+            if accumulation_steps > 1
+            else None
         ),
     )
     return adapter, _resolve_global_step(global_step), settings
@@ -417,6 +429,7 @@ def create_train_op(
     summarize_every_n_steps: int | None = None,
     jit_compile: bool = False,
     steps_per_call: int = 1,
+    accumulation_steps: int = 1,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -480,6 +493,10 @@ def create_train_op(
         a small model stops paying Python's per-call cost (as Keras's `steps_per_execution`).
         Every tensor argument then holds that many batches along a new first axis, and the
         call returns the steps' losses as a vector.
+      accumulation_steps: sum the gradients of this many calls and apply their mean once
+        (with a loss averaged over its batch: the update of one step on a batch that many times
+        larger). `transform_grads_fn`, the summaries and the update ops see the mean; the global
+        step counts applied updates.
 
     Returns:
       Graph mode: the loss `Tensor` whose evaluation runs the step. Eager mode: the callable step,
@@ -505,15 +522,7 @@ def create_train_op(
     del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
     if not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"`jit_compile` must be True or False. Received: {jit_compile!r}")
-    if (
-        isinstance(steps_per_call, bool)
-        or not isinstance(steps_per_call, (int, np.integer))
-        or steps_per_call < 1
-    ):
-        raise ValueError(
-            "`steps_per_call` must be a positive integer. "
-            f"Received: steps_per_call={steps_per_call!r}"
-        )
+    _check_count("steps_per_call", steps_per_call)
     adapter, step, settings = _prepare(
         optimizer,
         global_step,
@@ -524,6 +533,7 @@ def create_train_op(
         check_numerics,
         missing_gradients,
         summarize_every_n_steps,
+        accumulation_steps,
     )
     if tf.executing_eagerly():
         if not _is_loss_callable(total_loss):

@@ -1,0 +1,92 @@
+"""Gradient accumulation: the mean gradient of N calls, applied once.
+
+With a loss averaged over its batch, the mean of the gradients of N batches is the gradient of
+the batch N times larger, so N calls of the accumulating train op make the update that one step
+on the large batch would (up to float rounding), in the memory of a small one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from trainop import optimizers
+
+
+class GradientAccumulator:
+    """Sums the gradients of `steps` calls and then runs the update on their mean.
+
+    One accumulator per train op; its variables (a sum per trained variable and a call count)
+    are made the first time a variable is seen, outside any function, as the optimizer's slots
+    are. They are not checkpointed: a run resumed mid-accumulation starts its sums again.
+
+    Args:
+      steps: the calls per applied update, at least 2.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self._sums: dict[int, tf.Variable] = {}
+        self._count: tf.Variable | None = None
+
+    def _sum_for(self, variable: Any) -> tf.Variable:
+        key = optimizers.variable_key(variable)
+        if key not in self._sums:
+            tf_variable = optimizers.as_tf_variable(variable)
+            with tf.init_scope():
+                self._sums[key] = tf.Variable(
+                    tf.zeros(tf_variable.shape, tf_variable.dtype),
+                    trainable=False,
+                    name=optimizers.variable_name(variable).replace(":", "_") + "/gradient_sum",
+                )
+        return self._sums[key]
+
+    def _counter(self) -> tf.Variable:
+        if self._count is None:
+            with tf.init_scope():
+                self._count = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="accumulated_calls"
+                )
+        return self._count
+
+    def add_and_maybe_apply(
+        self,
+        grads_and_vars: Sequence[tuple[Any, Any]],
+        apply: Callable[[list[tuple[Any, Any]]], Sequence[Any]],
+    ) -> tf.Tensor:
+        """Adds this call's gradients; on the `steps`-th call, runs `apply` on the means.
+
+        Args:
+          grads_and_vars: this call's (gradient, variable) pairs; None gradients are skipped.
+          apply: adds the update for a list of (mean gradient, variable) pairs; returns the ops
+            to wait for.
+
+        Returns:
+          A boolean tensor, whether this call applied an update.
+        """
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        sums = [self._sum_for(v) for _, v in pairs]
+        count = self._counter()
+        added = []
+        for (grad, _), total in zip(pairs, sums):
+            if isinstance(grad, tf.IndexedSlices):
+                added.append(total.scatter_add(grad))
+            else:
+                added.append(total.assign_add(grad, read_value=False))
+        with tf.control_dependencies(added):
+            calls = count.assign_add(1)
+
+        def apply_means() -> tf.Tensor:
+            means = [(total.read_value() / self.steps, v) for total, (_, v) in zip(sums, pairs)]
+            with tf.control_dependencies(apply(means)):
+                reset = [total.assign(tf.zeros_like(total), read_value=False) for total in sums]
+                reset.append(count.assign(0, read_value=False))
+            with tf.control_dependencies(reset):
+                return tf.constant(True)
+
+        def keep_adding() -> tf.Tensor:
+            return tf.constant(False)
+
+        return tf.cond(calls >= self.steps, apply_means, keep_adding)
