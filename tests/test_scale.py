@@ -181,3 +181,24 @@ def test_accumulation_steps_must_be_a_count():
     w = tf.Variable(1.0)
     with pytest.raises(ValueError, match="`accumulation_steps` must be a positive integer"):
         trainop.create_train_op(lambda: w * w, make_optimizer("keras"), accumulation_steps=0)
+
+
+def test_a_strategy_scope_is_refused_plainly():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    program = pathlib.Path(__file__).parent / "programs" / "replicas_child.py"
+    result = subprocess.run(
+        [sys.executable, str(program)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    refusals = [line for line in result.stdout.splitlines() if line.startswith("refused: ")]
+    assert len(refusals) == 2
+    assert "strategy's scope (MirroredStrategy) is not supported yet" in refusals[0]
+    assert "(OneDeviceStrategy)" in refusals[1]

@@ -65,6 +65,18 @@ def _check_choices(
         )
 
 
+def _refuse_replicas() -> None:
+    """Raises inside a `tf.distribute` strategy's scope (cross-replica), not supported yet."""
+    if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+        # Without strategy.run, optimizers fail deep inside (no replica context) or, worse, the
+        # step would run once on unsplit inputs with the global step and loss scaling wrong.
+        raise ValueError(
+            "create_train_op inside a tf.distribute strategy's scope "
+            f"({type(tf.distribute.get_strategy()).__name__}) is not supported yet: build it "
+            "outside the scope, or call it inside the function you pass to strategy.run."
+        )
+
+
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
@@ -520,6 +532,7 @@ def create_train_op(
       1.2
     """
     del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
+    _refuse_replicas()
     if not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"`jit_compile` must be True or False. Received: {jit_compile!r}")
     _check_count("steps_per_call", steps_per_call)
@@ -663,6 +676,7 @@ def create_train_step(
       >>> float(first), float(second), float(w.numpy())
       (9.0, 6.0, 0.0)
     """
+    _refuse_replicas()
     if total_loss_fn is None:
         total_loss_fn = _identity
     if not callable(total_loss_fn):
