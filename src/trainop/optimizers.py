@@ -230,7 +230,7 @@ class OptimizerAdapter:
         if global_step is None or self._counts_global_step_itself(global_step):
             return update if update is not None else tf.no_op()
         with tf.control_dependencies([update] if update is not None else []):
-            return global_step.assign_add(1, read_value=False)
+            return count_once(global_step)
 
     def _apply_in_function(self, pairs: list[tuple[Any, Any]]) -> tf.Operation:
         # Keras 3 and current tf_keras optimizers chain their updates only through a
@@ -245,3 +245,12 @@ class OptimizerAdapter:
             return tf.constant(True)
 
         return apply_gradients(grads).op
+
+
+def count_once(counter: tf.Variable) -> Any:
+    """`counter += 1`, once per step also when every replica of a strategy runs the step."""
+    context = tf.distribute.get_replica_context()
+    if tf.distribute.has_strategy() and context is not None:
+        # In a replica: the increment happens once, in the cross-replica context.
+        return context.merge_call(lambda _: counter.assign_add(1, read_value=False))
+    return counter.assign_add(1, read_value=False)

@@ -66,14 +66,15 @@ def _check_choices(
 
 
 def _refuse_replicas() -> None:
-    """Raises inside a `tf.distribute` strategy's scope (cross-replica), not supported yet."""
+    """Raises inside a `tf.distribute` strategy's scope (cross-replica) in graph mode."""
     if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
         # Without strategy.run, optimizers fail deep inside (no replica context) or, worse, the
         # step would run once on unsplit inputs with the global step and loss scaling wrong.
         raise ValueError(
-            "create_train_op inside a tf.distribute strategy's scope "
-            f"({type(tf.distribute.get_strategy()).__name__}) is not supported yet: build it "
-            "outside the scope, or call it inside the function you pass to strategy.run."
+            "create_train_op with a loss Tensor inside a tf.distribute strategy's scope "
+            f"({type(tf.distribute.get_strategy()).__name__}) is not supported: pass the loss "
+            "as a callable in eager mode (the train op then runs it with strategy.run), or "
+            "call create_train_op inside the function you pass to strategy.run."
         )
 
 
@@ -256,9 +257,16 @@ def _create_eager_train_op(
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
+    strategy = _replicated_strategy(settings, jit_compile, steps_per_call)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
         adapter.build(variables_to_train)
+    elif strategy is not None:
+        raise ValueError(
+            "`variables_to_train` must be a list of variables under a tf.distribute strategy: "
+            "the optimizer's state is made before the first step, in the strategy's scope. "
+            "Pass model.trainable_variables."
+        )
     reported_missing: set[str] = set()
 
     def run_update_ops() -> list[Any]:
@@ -275,6 +283,11 @@ def _create_eager_train_op(
         with tf.GradientTape() as tape:
             loss = loss_fn(*args, **kwargs)
             total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
+        if strategy is not None and isinstance(total_loss, tf.Tensor):
+            # Each replica's loss is the mean over its share of the batch; the optimizer sums
+            # the replicas' gradients. Divided by the replica count, that sum is the gradient
+            # of the mean over the global batch, and the summed losses are its mean loss.
+            total_loss = total_loss / strategy.num_replicas_in_sync
         if not isinstance(total_loss, tf.Tensor):
             raise TypeError(
                 "`total_loss` must return a scalar loss tensor"
@@ -307,8 +320,53 @@ def _create_eager_train_op(
         return loss
 
     step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
+    if strategy is not None:
+        step_fn = _on_every_replica(step_fn, strategy)
     function = tf.function(step_fn, jit_compile=jit_compile or None)
     return _CompiledTrainOp(function) if jit_compile else function
+
+
+def _replicated_strategy(settings: dict[str, Any], jit_compile: bool, steps_per_call: int) -> Any:
+    """The strategy whose scope the train op is built in, or None outside any.
+
+    Raises:
+      ValueError: for what a strategy does not allow yet: the skip guard and gradient
+        accumulation apply the update inside a `tf.cond`, where replicas cannot synchronize;
+        XLA compiles one device's step, not a step over several; a distributed dataset splits
+        the first axis, which `steps_per_call` uses for the steps.
+    """
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    for name, value in [("jit_compile", jit_compile), ("steps_per_call", steps_per_call > 1)]:
+        if value:
+            raise ValueError(
+                f"`{name}` is not supported under a tf.distribute strategy yet. Build the train "
+                f"op without it, or outside the strategy's scope."
+            )
+    if isinstance(settings["check_numerics"], numerics.SkipNonFiniteSteps):
+        raise ValueError(
+            "`check_numerics='skip'` is not supported under a tf.distribute strategy yet: "
+            "replicas cannot synchronize inside the tf.cond that skips. Use True."
+        )
+    if settings["accumulator"] is not None:
+        raise ValueError(
+            "`accumulation_steps` is not supported under a tf.distribute strategy yet: "
+            "replicas cannot synchronize inside the tf.cond that applies."
+        )
+    return strategy
+
+
+def _on_every_replica(step_fn: Callable[..., Any], strategy: Any) -> Callable[..., Any]:
+    """`step_fn` run by `strategy.run` on each replica's inputs; the losses summed."""
+
+    def distributed_step(*args: Any, **kwargs: Any) -> Any:
+        per_replica = strategy.run(step_fn, args=args, kwargs=kwargs)
+        return tf.nest.map_structure(
+            lambda t: strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), per_replica
+        )
+
+    return distributed_step
 
 
 def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[..., Any]:
@@ -461,6 +519,10 @@ def create_train_op(
     with the same guarantee, and counted. What the forward pass writes itself (Keras
     BatchNormalization's moving statistics, graph update ops) is outside that guarantee.
 
+    In eager mode inside a `tf.distribute` strategy's scope, the train op runs the step on every
+    replica with `strategy.run`, each replica's loss divided by the number of replicas (the
+    optimizer sums their gradients), and returns the loss summed over the replicas.
+
     With a default `tf.summary` writer set when the step is built (traced), the step writes
     `train/loss`, `train/global_gradient_norm` and `train/learning_rate` at the global step
     (read before the update), on the steps that `tf.summary.record_if` and
@@ -532,7 +594,8 @@ def create_train_op(
       1.2
     """
     del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
-    _refuse_replicas()
+    if not tf.executing_eagerly():
+        _refuse_replicas()
     if not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"`jit_compile` must be True or False. Received: {jit_compile!r}")
     _check_count("steps_per_call", steps_per_call)

@@ -1,0 +1,103 @@
+"""MirroredStrategy over two logical CPUs against one device on the whole batch.
+
+Run as its own process (the logical devices must be set before TensorFlow starts). Prints, per
+optimizer family, `family <max weight difference> <max loss difference> <global steps>` and
+then one `refused <argument>` line per setting a strategy does not take yet.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+
+import trainop  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+rng = np.random.default_rng(0)
+X = rng.normal(size=(64, 5)).astype(np.float32)
+Y = rng.normal(size=(64, 1)).astype(np.float32)
+OPTIMIZERS = {
+    "keras": lambda: keras.optimizers.Adam(0.05),
+    "v1": lambda: tf.compat.v1.train.AdamOptimizer(0.05),
+    "tf_keras": lambda: tf_keras.optimizers.Adam(0.05),
+    "tf_keras_legacy": lambda: tf_keras.optimizers.legacy.Adam(0.05),
+}
+
+
+def model_and_loss(strategy):
+    with strategy.scope():
+        w1 = tf.Variable(np.linspace(-0.5, 0.5, 20, dtype=np.float32).reshape(5, 4), name="w1")
+        w2 = tf.Variable(np.linspace(-1, 1, 4, dtype=np.float32).reshape(4, 1), name="w2")
+
+    def loss_fn(x, y):
+        return tf.reduce_mean((tf.nn.relu(x @ w1) @ w2 - y) ** 2)
+
+    return [w1, w2], loss_fn
+
+
+def train(strategy, family):
+    variables, loss_fn = model_and_loss(strategy)
+    with strategy.scope():
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            loss_fn, OPTIMIZERS[family](), step, variables_to_train=variables
+        )
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(16)
+    losses = [float(train_op(x, y)) for x, y in strategy.experimental_distribute_dataset(data)]
+    return (
+        np.concatenate([v.numpy().ravel() for v in variables]),
+        np.array(losses),
+        int(step.numpy()),
+    )
+
+
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+one = tf.distribute.OneDeviceStrategy("/cpu:0")
+for family in OPTIMIZERS:
+    weights, losses, steps = train(two, family)
+    one_weights, one_losses, one_steps = train(one, family)
+    print(
+        family,
+        float(np.max(np.abs(weights - one_weights))),
+        float(np.max(np.abs(losses - one_losses))),
+        steps,
+        one_steps,
+        flush=True,
+    )
+
+variables, loss_fn = model_and_loss(two)
+for name, value in [
+    ("check_numerics", "skip"),
+    ("accumulation_steps", 2),
+    ("jit_compile", True),
+    ("steps_per_call", 2),
+    ("variables_to_train", None),
+]:
+    with two.scope():
+        kwargs = {"variables_to_train": variables, name: value}
+        try:
+            trainop.create_train_op(loss_fn, keras.optimizers.SGD(0.1), **kwargs)
+        except ValueError as error:
+            if f"`{name}" in str(error) or (name == "check_numerics" and "'skip'" in str(error)):
+                print("refused", name, flush=True)
+
+
+@tf.function
+def build_with_a_loss_tensor():
+    x, y = tf.constant(X[:4]), tf.constant(Y[:4])
+    return trainop.create_train_op(
+        loss_fn(x, y), keras.optimizers.SGD(0.1), variables_to_train=variables
+    )
+
+
+with two.scope():
+    try:
+        build_with_a_loss_tensor()
+    except ValueError as error:
+        if "with a loss Tensor inside a tf.distribute strategy's scope" in str(error):
+            print("refused graph", flush=True)
