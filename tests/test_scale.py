@@ -216,3 +216,35 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
         ("variables_to_train",),
         ("graph",),
     }
+
+
+def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch():
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            return str(s.getsockname()[1])
+
+    program = pathlib.Path(__file__).parent / "programs" / "multiworker_child.py"
+    ports = [free_port(), free_port()]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(program), str(index), *ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        for index in (0, 1)
+    ]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-2000:]
+    weight_diff, steps, one_device_steps = outputs[0][0].split()
+    assert float(weight_diff) < 1e-6
+    assert steps == one_device_steps == "4"

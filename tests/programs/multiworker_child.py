@@ -1,0 +1,57 @@
+"""One worker of a two-process MultiWorkerMirroredStrategy: `multiworker_child.py INDEX PORT0
+PORT1`. Both train on the same global batches (each gets its half); worker 0 then trains a copy
+on one device on the whole batches and prints `<max weight difference> <global steps>`.
+"""
+
+import json
+import os
+import sys
+
+index, ports = int(sys.argv[1]), sys.argv[2:4]
+os.environ["TF_CONFIG"] = json.dumps(
+    {
+        "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+        "task": {"type": "worker", "index": index},
+    }
+)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import trainop  # noqa: E402
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(64, 5)).astype(np.float32)
+Y = rng.normal(size=(64, 1)).astype(np.float32)
+
+
+def train(strategy, distribute):
+    with strategy.scope():
+        w1 = tf.Variable(np.linspace(-0.5, 0.5, 20, dtype=np.float32).reshape(5, 4))
+        w2 = tf.Variable(np.linspace(-1, 1, 4, dtype=np.float32).reshape(4, 1))
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            lambda x, y: tf.reduce_mean((tf.nn.relu(x @ w1) @ w2 - y) ** 2),
+            keras.optimizers.Adam(0.05),
+            step,
+            variables_to_train=[w1, w2],
+        )
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(16)
+    if distribute:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        data = strategy.experimental_distribute_dataset(data.with_options(options))
+    for x, y in data:
+        train_op(x, y)
+    return np.concatenate([w1.numpy().ravel(), w2.numpy().ravel()]), int(step.numpy())
+
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+weights, steps = train(strategy, distribute=True)
+if index == 0:
+    one_weights, one_steps = train(tf.distribute.OneDeviceStrategy("/cpu:0"), distribute=False)
+    print(float(np.max(np.abs(weights - one_weights))), steps, one_steps, flush=True)
