@@ -15,21 +15,31 @@ XS = RNG.normal(size=(8, 16, 5)).astype(np.float32)
 YS = RNG.normal(size=(8, 16, 1)).astype(np.float32)
 
 
-def _train(family, steps_per_call=1, **kwargs):
-    """Trains a small MLP on the 8 batches; returns its weights, the losses, the global step."""
+def _mlp_train_op(optimizer, **kwargs):
+    """A seeded 5-8-1 MLP (float32 out) and its train op; returns (model, step, train_op)."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, dtype="float32"),
+        ]
     )
-    optimizer = make_optimizer(family, "adam", 0.01)
     step = tf.Variable(0, dtype=tf.int64)
     train_op = trainop.create_train_op(
         lambda x, y: tf.reduce_mean((model(x) - y) ** 2),
         optimizer,
         step,
         variables_to_train=model.trainable_variables,
-        steps_per_call=steps_per_call,
         **kwargs,
+    )
+    return model, step, train_op
+
+
+def _train(family, steps_per_call=1, **kwargs):
+    """Trains a small MLP on the 8 batches; returns its weights, the losses, the global step."""
+    model, step, train_op = _mlp_train_op(
+        make_optimizer(family, "adam", 0.01), steps_per_call=steps_per_call, **kwargs
     )
     losses = []
     for i in range(0, 8, steps_per_call):
@@ -248,3 +258,53 @@ def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch()
     weight_diff, steps, one_device_steps = outputs[0][0].split()
     assert float(weight_diff) < 1e-6
     assert steps == one_device_steps == "4"
+
+
+def _mixed(loss_scale=None, policy="float32", calls=8, **kwargs):
+    """Trains a small MLP, with a LossScaleOptimizer of that initial scale if one is given."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        optimizer = keras.optimizers.SGD(0.05)
+        if loss_scale is not None:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=loss_scale)
+        model, step, train_op = _mlp_train_op(optimizer, **kwargs)
+        for i in range(calls):
+            train_op(XS[i], YS[i])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    weights = np.concatenate([np.ravel(np.asarray(w.numpy(), np.float32)) for w in model.weights])
+    return weights, int(step.numpy()), optimizer
+
+
+def test_a_loss_scale_optimizer_trains_as_its_inner_optimizer_and_clips_true_gradients():
+    clip = {"transform_grads_fn": trainop.clip_by_global_norm_fn(0.05)}
+    plain, plain_steps, _ = _mixed(**clip)
+    scaled, steps, optimizer = _mixed(loss_scale=2.0**12, **clip)
+    # The transform saw the unscaled gradients: had it clipped the scaled ones, the optimizer
+    # would have divided the clipped gradient by 4096.
+    np.testing.assert_allclose(scaled, plain, rtol=1e-6, atol=1e-7)
+    assert steps == plain_steps == 8
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0**12
+
+
+@pytest.mark.parametrize("check_numerics", [True, "skip"])
+def test_an_overflowing_step_is_skipped_and_not_a_numerics_error(check_numerics):
+    guard = trainop.SkipNonFiniteSteps() if check_numerics == "skip" else True
+    initial, _, _ = _mixed(calls=0)
+    # The scaled loss overflows float32 on the first call: the optimizer skips it and halves
+    # its scale; the numerics check (of the unscaled loss) lets it through.
+    weights, steps, optimizer = _mixed(loss_scale=3e38, calls=1, check_numerics=guard)
+    np.testing.assert_array_equal(weights, initial)
+    assert steps == 0
+    assert float(optimizer.dynamic_scale.numpy()) == pytest.approx(1.5e38)
+    if check_numerics == "skip":
+        assert int(guard.skipped_steps) == 0
+    weights, steps, _ = _mixed(loss_scale=3e38, calls=8, check_numerics=guard)
+    assert steps == 7 and np.isfinite(weights).all()
+
+
+def test_mixed_float16_trains_close_to_float32():
+    full, _, _ = _mixed()
+    mixed, steps, _ = _mixed(loss_scale=2.0**15, policy="mixed_float16")
+    assert steps == 8
+    np.testing.assert_allclose(mixed, full, rtol=1e-2, atol=1e-3)

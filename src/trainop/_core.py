@@ -187,7 +187,22 @@ def build_step(
     # Decided before any tf.cond: a cond branch is a function graph even in a v1 graph.
     in_function = tf.inside_function()
     adapter.build(variables)
-    grads_and_vars = compute_gradients(total_loss, variables, gate_gradients, aggregation_method)
+    loss_scale = adapter.loss_scale()
+    if loss_scale is None:
+        grads_and_vars = compute_gradients(
+            total_loss, variables, gate_gradients, aggregation_method
+        )
+    else:
+        # Mixed precision: the gradients of the scaled loss, unscaled, so that the numerics
+        # guard, transforms and summaries see true values; scaled again for the optimizer,
+        # which skips (and counts down its scale for) the steps that overflowed.
+        scaled_loss = total_loss * tf.cast(loss_scale, total_loss.dtype)
+        grads_and_vars = [
+            (_scale(g, 1.0 / loss_scale), v)
+            for g, v in compute_gradients(
+                scaled_loss, variables, gate_gradients, aggregation_method
+            )
+        ]
     _report_missing_gradients(
         grads_and_vars,
         reported_missing if reported_missing is not None else set(),
@@ -222,9 +237,13 @@ def build_step(
                 )
             update_ops = list(before_update()) if before_update is not None else []
             present = _present_gradients(transformed)
+            applied = None
+            if loss_scale is not None:
+                applied = numerics.all_finite(tf.constant(0.0), [g for g, _ in present])
+                present = [(_scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
-                return [adapter.apply(present, global_step, in_function)]
+                return [adapter.apply(present, global_step, in_function, applied)]
 
     # This call's transformed gradients, when the update is on them (not on accumulated means).
     transformed = None
@@ -237,7 +256,12 @@ def build_step(
     if isinstance(check_numerics, numerics.SkipNonFiniteSteps):
         check_numerics.check_context()
         step_name = "global step" if global_step is not None else "optimizer step"
-        if accumulator is not None:
+        if loss_scale is not None:
+            # An overflow of the scaled gradients is the loss-scale optimizer's to skip; the
+            # guard looks at the loss.
+            finite = tf.math.is_finite(total_loss)
+            run_update = accumulate if accumulator is not None else transform_and_update
+        elif accumulator is not None:
             # Each call's own gradients: a bad call adds nothing to the sums.
             finite = numerics.all_finite(total_loss, [g for g, _ in grads_and_vars])
             run_update = accumulate
@@ -263,6 +287,17 @@ def build_step(
 
     with tf.control_dependencies(done):
         return tf.identity(total_loss, name="train_op")
+
+
+def _scale(grad: Any, factor: tf.Tensor) -> Any:
+    """`grad * factor`, for a dense or `IndexedSlices` gradient (or None)."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            grad.values * tf.cast(factor, grad.values.dtype), grad.indices, grad.dense_shape
+        )
+    return grad * tf.cast(factor, grad.dtype)
 
 
 def _as_ops(values: Sequence[Any]) -> list[Any]:

@@ -79,16 +79,17 @@ def _optimizer_families() -> list[tuple[type, str]]:
     return families
 
 
-def _loss_scale_optimizer_types() -> tuple[type, ...]:
-    types = []
+def _keras_loss_scale_optimizer_type() -> type | None:
     keras = sys.modules.get("keras")
     keras_lso = getattr(getattr(keras, "optimizers", None), "LossScaleOptimizer", None)
-    if isinstance(keras_lso, type):
-        types.append(keras_lso)
+    return keras_lso if isinstance(keras_lso, type) else None
+
+
+def _unsupported_loss_scale_optimizer_types() -> tuple[type, ...]:
     tf_keras = sys.modules.get("tf_keras")
-    if tf_keras is not None:
-        types.append(tf_keras.mixed_precision.LossScaleOptimizer)
-    return tuple(types)
+    if tf_keras is None:
+        return ()
+    return (tf_keras.mixed_precision.LossScaleOptimizer,)
 
 
 def optimizer_family(optimizer: Any) -> str:
@@ -97,13 +98,13 @@ def optimizer_family(optimizer: Any) -> str:
     Raises:
       TypeError: if `optimizer` belongs to no known family, or scales the loss.
     """
-    if isinstance(optimizer, _loss_scale_optimizer_types()):
+    if isinstance(optimizer, _unsupported_loss_scale_optimizer_types()):
         # Its apply_gradients divides the gradients by the loss scale: applied to the gradients
         # of an unscaled loss, it would shrink every update without a word.
         raise TypeError(
-            "`optimizer` is a LossScaleOptimizer, which create_train_op does not support yet: "
-            "pass its inner optimizer and a float32 loss. "
-            f"Received: optimizer={optimizer!r}"
+            "`optimizer` is a tf_keras LossScaleOptimizer, which create_train_op does not "
+            "support: use Keras 3's keras.optimizers.LossScaleOptimizer, or pass the inner "
+            f"optimizer and a float32 loss. Received: optimizer={optimizer!r}"
         )
     if getattr(optimizer, "gradient_accumulation_steps", None):
         # Keras then applies one update every N calls: the global step would count calls.
@@ -136,6 +137,16 @@ class OptimizerAdapter:
     def __init__(self, optimizer: Any):
         self.optimizer = optimizer
         self.family = optimizer_family(optimizer)
+
+    def loss_scale(self) -> tf.Tensor | None:
+        """The loss scale of a Keras 3 `LossScaleOptimizer` (float32), or None for the others."""
+        lso = _keras_loss_scale_optimizer_type()
+        if lso is None or not isinstance(self.optimizer, lso):
+            return None
+        scale = self.optimizer.dynamic_scale if self.optimizer.built else None
+        if scale is None:
+            return tf.constant(self.optimizer.initial_scale, tf.float32)
+        return tf.cast(as_tf_variable(scale), tf.float32)
 
     @property
     def iterations(self) -> tf.Variable | None:
@@ -195,7 +206,11 @@ class OptimizerAdapter:
 
     @tf.autograph.experimental.do_not_convert
     def apply(
-        self, grads_and_vars: list[tuple[Any, Any]], global_step: Any, in_function: bool
+        self,
+        grads_and_vars: list[tuple[Any, Any]],
+        global_step: Any,
+        in_function: bool,
+        applied: tf.Tensor | None = None,
     ) -> tf.Operation:
         """Adds, to the current graph, the ops that apply `grads_and_vars` and count the step.
 
@@ -205,6 +220,9 @@ class OptimizerAdapter:
           in_function: whether the step is built in a `tf.function`, whose automatic control
             dependencies order stateful ops. (A `tf.cond` branch inside a `tf.compat.v1` graph
             is a function graph without them.)
+          applied: a boolean tensor, whether the optimizer applies this update (a loss-scale
+            optimizer skips overflowing ones itself); the global step counts only those. None:
+            always.
 
         Returns:
           An op that, once run, has applied the update and incremented the global step.
@@ -230,6 +248,8 @@ class OptimizerAdapter:
         if global_step is None or self._counts_global_step_itself(global_step):
             return update if update is not None else tf.no_op()
         with tf.control_dependencies([update] if update is not None else []):
+            if applied is not None:
+                return global_step.assign_add(tf.cast(applied, global_step.dtype))
             return count_once(global_step)
 
     def _apply_in_function(self, pairs: list[tuple[Any, Any]]) -> tf.Operation:

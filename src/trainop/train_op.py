@@ -531,7 +531,9 @@ def create_train_op(
     Args:
       total_loss: a scalar floating-point `Tensor` (graph mode), or a callable returning one
         (eager mode).
-      optimizer: a `tf.compat.v1.train.Optimizer`, a Keras 3 optimizer or a `tf_keras` one.
+      optimizer: a `tf.compat.v1.train.Optimizer`, a Keras 3 optimizer (a
+        `LossScaleOptimizer` too: the loss is scaled, and the gradients unscaled before the
+        numerics guard and `transform_grads_fn`) or a `tf_keras` one.
       global_step: an integer variable incremented once per applied update; `USE_GLOBAL_STEP`
         means `tf.compat.v1.train.get_or_create_global_step()`, None means no step is counted.
         The optimizer's own `iterations` may be passed: it is then not counted twice.
