@@ -198,7 +198,7 @@ def build_step(
         # which skips (and counts down its scale for) the steps that overflowed.
         scaled_loss = total_loss * tf.cast(loss_scale, total_loss.dtype)
         grads_and_vars = [
-            (_scale(g, 1.0 / loss_scale), v)
+            (_scale(g, loss_scale, divide=True), v)
             for g, v in compute_gradients(
                 scaled_loss, variables, gate_gradients, aggregation_method
             )
@@ -239,7 +239,10 @@ def build_step(
             present = _present_gradients(transformed)
             applied = None
             if loss_scale is not None:
-                applied = numerics.all_finite(tf.constant(0.0), [g for g, _ in present])
+                # As the loss-scale optimizer decides: every element finite.
+                applied = tf.reduce_all(
+                    [tf.reduce_all(tf.math.is_finite(_values(g))) for g, _ in present]
+                )
                 present = [(_scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
@@ -256,7 +259,7 @@ def build_step(
     if isinstance(check_numerics, numerics.SkipNonFiniteSteps):
         check_numerics.check_context()
         step_name = "global step" if global_step is not None else "optimizer step"
-        if loss_scale is not None:
+        if loss_scale is not None or not check_numerics.checks_gradients:
             # An overflow of the scaled gradients is the loss-scale optimizer's to skip; the
             # guard looks at the loss.
             finite = tf.math.is_finite(total_loss)
@@ -289,15 +292,22 @@ def build_step(
         return tf.identity(total_loss, name="train_op")
 
 
-def _scale(grad: Any, factor: tf.Tensor) -> Any:
-    """`grad * factor`, for a dense or `IndexedSlices` gradient (or None)."""
+def _scale(grad: Any, factor: tf.Tensor, divide: bool = False) -> Any:
+    """`grad * factor` (or `grad / factor`), for a dense or `IndexedSlices` gradient or None."""
     if grad is None:
         return None
+
+    def scaled(values: tf.Tensor) -> tf.Tensor:
+        factor_ = tf.cast(factor, values.dtype)
+        return values / factor_ if divide else values * factor_
+
     if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            grad.values * tf.cast(factor, grad.values.dtype), grad.indices, grad.dense_shape
-        )
-    return grad * tf.cast(factor, grad.dtype)
+        return tf.IndexedSlices(scaled(grad.values), grad.indices, grad.dense_shape)
+    return scaled(grad)
+
+
+def _values(grad: Any) -> tf.Tensor:
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 
 def _as_ops(values: Sequence[Any]) -> list[Any]:

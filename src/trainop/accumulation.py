@@ -20,7 +20,9 @@ class GradientAccumulator:
 
     One accumulator per train op; its variables (a sum per trained variable and a call count)
     are made the first time a variable is seen, outside any function, as the optimizer's slots
-    are. They are not checkpointed: a run resumed mid-accumulation starts its sums again.
+    are. They are not checkpointed: a run resumed mid-accumulation starts its sums again. An
+    `IndexedSlices` gradient is summed into a dense variable the size of its table, and its
+    mean applied as a dense gradient.
 
     Args:
       steps: the calls per applied update, at least 2.
@@ -35,9 +37,11 @@ class GradientAccumulator:
         key = optimizers.variable_key(variable)
         if key not in self._sums:
             tf_variable = optimizers.as_tf_variable(variable)
+            # float16 and bfloat16 sums overflow early: they are kept in float32.
+            dtype = tf.float32 if tf_variable.dtype.size < 4 else tf_variable.dtype
             with tf.init_scope():
                 self._sums[key] = tf.Variable(
-                    tf.zeros(tf_variable.shape, tf_variable.dtype),
+                    tf.zeros(tf_variable.shape, dtype),
                     trainable=False,
                     name=optimizers.variable_name(variable).replace(":", "_") + "/gradient_sum",
                 )
@@ -72,14 +76,20 @@ class GradientAccumulator:
         added = []
         for (grad, _), total in zip(pairs, sums):
             if isinstance(grad, tf.IndexedSlices):
-                added.append(total.scatter_add(grad))
+                values = tf.cast(grad.values, total.dtype)
+                added.append(
+                    total.scatter_add(tf.IndexedSlices(values, grad.indices, grad.dense_shape))
+                )
             else:
-                added.append(total.assign_add(grad, read_value=False))
+                added.append(total.assign_add(tf.cast(grad, total.dtype), read_value=False))
         with tf.control_dependencies(added):
             calls = count.assign_add(1)
 
         def apply_means() -> tf.Tensor:
-            means = [(total.read_value() / self.steps, v) for total, (_, v) in zip(sums, pairs)]
+            means = [
+                (tf.cast(total.read_value() / self.steps, grad.dtype), v)
+                for total, (grad, v) in zip(sums, pairs)
+            ]
             with tf.control_dependencies(apply(means)):
                 reset = [total.assign(tf.zeros_like(total), read_value=False) for total in sums]
                 reset.append(count.assign(0, read_value=False))

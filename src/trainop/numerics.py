@@ -111,6 +111,9 @@ class SkipNonFiniteSteps(tf.Module):
                 0, dtype=tf.int64, trainable=False, name="consecutive_skipped_steps"
             )
 
+    # Whether the gradients are checked, besides the loss.
+    checks_gradients = True
+
     def __repr__(self) -> str:
         return f"SkipNonFiniteSteps(max_consecutive={self.max_consecutive})"
 
@@ -174,6 +177,17 @@ class SkipNonFiniteSteps(tf.Module):
                 return tf.constant(False)
 
         return tf.cond(finite, apply, skip)
+
+
+class LossCheckUnderXLA(SkipNonFiniteSteps):
+    """`check_numerics=True` under `jit_compile=True`, where XLA compiles `CheckNumerics` and
+    `Assert` away: the update of a step whose loss is not finite is skipped on the device, and
+    the compiled train op raises after the call (see `train_op._CompiledTrainOp`)."""
+
+    checks_gradients = False
+
+    def __init__(self):
+        super().__init__(max_consecutive=None, name="loss_check")
 
 
 # The guard that `check_numerics="skip"` stands for, one per optimizer and program (graph or

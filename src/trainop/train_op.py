@@ -257,7 +257,7 @@ def _create_eager_train_op(
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
-    strategy = _replicated_strategy(settings, jit_compile, steps_per_call)
+    strategy = _replicated_strategy(settings, jit_compile, steps_per_call, adapter, global_step)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
         adapter.build(variables_to_train)
@@ -273,6 +273,11 @@ def _create_eager_train_op(
         return [fn() for fn in update_fns]
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
+        if strategy is not None and summaries.writes_v2_summaries():
+            raise ValueError(
+                "Summaries are not supported under a tf.distribute strategy yet (each replica "
+                "would write its own share): trace the train op without a default writer."
+            )
         if jit_compile and summaries.writes_v2_summaries():
             raise ValueError(
                 "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
@@ -323,10 +328,19 @@ def _create_eager_train_op(
     if strategy is not None:
         step_fn = _on_every_replica(step_fn, strategy)
     function = tf.function(step_fn, jit_compile=jit_compile or None)
-    return _CompiledTrainOp(function) if jit_compile else function
+    if not jit_compile:
+        return function
+    guard = settings["check_numerics"]
+    return _CompiledTrainOp(function, guard if guard is not False else None)
 
 
-def _replicated_strategy(settings: dict[str, Any], jit_compile: bool, steps_per_call: int) -> Any:
+def _replicated_strategy(
+    settings: dict[str, Any],
+    jit_compile: bool,
+    steps_per_call: int,
+    adapter: optimizers.OptimizerAdapter,
+    global_step: tf.Variable | None,
+) -> Any:
     """The strategy whose scope the train op is built in, or None outside any.
 
     Raises:
@@ -338,6 +352,26 @@ def _replicated_strategy(settings: dict[str, Any], jit_compile: bool, steps_per_
     if not tf.distribute.has_strategy():
         return None
     strategy = tf.distribute.get_strategy()
+    if settings["transform_grads_fn"] is not None:
+        raise ValueError(
+            "`transform_grads_fn` is not supported under a tf.distribute strategy yet: it would "
+            "see each replica's own gradients, before the optimizer sums them."
+        )
+    if adapter.loss_scale() is not None:
+        raise ValueError(
+            "`optimizer` is a LossScaleOptimizer, which create_train_op does not support under "
+            "a tf.distribute strategy yet: each replica would decide on its own gradients."
+        )
+    if (
+        global_step is not None
+        and strategy.num_replicas_in_sync > 1
+        and not isinstance(global_step, tf.distribute.DistributedValues)
+    ):
+        raise ValueError(
+            "`global_step` must be created inside the strategy's scope (a tf.Variable, or "
+            "tf.compat.v1.train.get_or_create_global_step() called first there): the replicas "
+            f"count in it once per step. Received: {global_step!r:.200}"
+        )
     for name, value in [("jit_compile", jit_compile), ("steps_per_call", steps_per_call > 1)]:
         if value:
             raise ValueError(
@@ -373,7 +407,7 @@ def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[...
     """`train_step` run `steps` times in a `tf.while_loop`, on slices of its arguments.
 
     Every tensor argument holds `steps` batches along its first axis; the losses of the steps
-    come back stacked.
+    come back stacked, as float32.
     """
 
     def run_steps(*args: Any, **kwargs: Any) -> tf.Tensor:
@@ -386,11 +420,16 @@ def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[...
                     f"batches along its first axis. Received a tensor of shape {leaf.shape}"
                 )
 
+        # The loop body opens a name scope ("while/") that would prefix summary tags.
+        in_outer_scope = summaries.reentrant_name_scope()
+
         def one_step(i: tf.Tensor, losses: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
             step_args, step_kwargs = tf.nest.map_structure(
                 lambda t: t[i] if isinstance(t, tf.Tensor) else t, inputs
             )
-            return i + 1, losses.write(i, train_step(*step_args, **step_kwargs))
+            with in_outer_scope():
+                loss = train_step(*step_args, **step_kwargs)
+            return i + 1, losses.write(i, tf.cast(loss, tf.float32))
 
         _, losses = tf.while_loop(
             lambda i, _: i < steps,
@@ -407,17 +446,42 @@ def _as_tensor_if_array(value: Any) -> Any:
 
 
 class _CompiledTrainOp:
-    """A `jit_compile=True` train op: the `tf.function`, with XLA's refusals made plain.
+    """A `jit_compile=True` train op: the `tf.function`, its numerics errors raised by Python.
 
-    XLA reports an op it cannot compile only when the function is first run; this names the
-    argument and the cause instead of a stack of TensorFlow frames. Everything else is the
-    `tf.function`'s (`get_concrete_function`, `experimental_get_tracing_count`, ...).
+    XLA compiles `CheckNumerics` and `Assert` away, so under it the numerics guard skips a bad
+    step on the device (a guard made from `check_numerics=True` checks the loss only) and this
+    reads the guard's counters after each call, raising what the uncompiled step would: the
+    state is unchanged, as there. It also names XLA's refusal of an op it cannot compile, which
+    comes only when the function first runs. Everything else is the `tf.function`'s
+    (`get_concrete_function`, `experimental_get_tracing_count`, ...).
     """
 
-    def __init__(self, function: Any):
+    def __init__(self, function: Any, guard: Any):
         self._function = function
+        self._guard = guard
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        guard = self._guard
+        checks_loss = isinstance(guard, numerics.LossCheckUnderXLA)
+        skipped_before = int(guard.skipped_steps.numpy()) if checks_loss else 0
+        result = self._call(*args, **kwargs)
+        if checks_loss:
+            if int(guard.skipped_steps.numpy()) > skipped_before:
+                raise tf.errors.InvalidArgumentError(
+                    None, None, f"{numerics.LOSS_NOT_FINITE_MESSAGE} (a compiled step skipped)"
+                )
+        elif guard is not None and guard.max_consecutive is not None:
+            consecutive = int(guard.consecutive_skipped_steps.numpy())
+            if consecutive > guard.max_consecutive:
+                raise tf.errors.InvalidArgumentError(
+                    None,
+                    None,
+                    f"{numerics.NOT_FINITE_MESSAGE}: {consecutive} steps in a row skipped "
+                    f"(SkipNonFiniteSteps(max_consecutive={guard.max_consecutive})): stopping",
+                )
+        return result
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return self._function(*args, **kwargs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
@@ -614,6 +678,8 @@ def create_train_op(
         accumulation_steps,
     )
     if tf.executing_eagerly():
+        if jit_compile and settings["check_numerics"] is True:
+            settings["check_numerics"] = numerics.LossCheckUnderXLA()
         if not _is_loss_callable(total_loss):
             raise TypeError(
                 "`total_loss` must be a callable that returns the loss in eager mode (a Tensor "
@@ -741,7 +807,11 @@ def create_train_step(
       >>> float(first), float(second), float(w.numpy())
       (9.0, 6.0, 0.0)
     """
-    _refuse_replicas()
+    if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+        raise ValueError(
+            "create_train_step is not supported inside a tf.distribute strategy's scope yet: "
+            "use create_train_op with a callable loss, which runs it on every replica."
+        )
     if total_loss_fn is None:
         total_loss_fn = _identity
     if not callable(total_loss_fn):

@@ -71,20 +71,43 @@ for family in OPTIMIZERS:
     )
 
 variables, loss_fn = model_and_loss(two)
+outside_step = tf.Variable(0, dtype=tf.int64)
 for name, value in [
     ("check_numerics", "skip"),
     ("accumulation_steps", 2),
     ("jit_compile", True),
     ("steps_per_call", 2),
     ("variables_to_train", None),
+    ("transform_grads_fn", trainop.clip_by_global_norm_fn(1.0)),
+    ("global_step", outside_step),
+    ("optimizer", keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))),
 ]:
     with two.scope():
         kwargs = {"variables_to_train": variables, name: value}
+        kwargs.setdefault("optimizer", keras.optimizers.SGD(0.1))
         try:
-            trainop.create_train_op(loss_fn, keras.optimizers.SGD(0.1), **kwargs)
+            trainop.create_train_op(loss_fn, **kwargs)
         except ValueError as error:
             if f"`{name}" in str(error) or (name == "check_numerics" and "'skip'" in str(error)):
                 print("refused", name, flush=True)
+
+with two.scope():
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        loss_fn, keras.optimizers.SGD(0.1), step, variables_to_train=variables
+    )
+    try:
+        trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
+    except ValueError as error:
+        if "create_train_step is not supported inside" in str(error):
+            print("refused create_train_step", flush=True)
+writer = tf.summary.create_file_writer(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mirrored"))
+with writer.as_default():
+    try:
+        train_op(tf.constant(X[:16]), tf.constant(Y[:16]))
+    except ValueError as error:
+        if "Summaries are not supported under a tf.distribute strategy" in str(error):
+            print("refused summaries", flush=True)
 
 
 @tf.function
