@@ -10,7 +10,9 @@ Variants, each training its own copy of the model on the same 16 batches:
 * ``baseline``: the hand-written `tf.function` step (`GradientTape`, `apply_gradients`);
 * ``baseline_jit``: the same with `jit_compile=True`, what XLA gives a hand-written step;
 * ``trainop``: `create_train_op(loss_fn, optimizer)`;
-* ``jit``: the same with `jit_compile=True`;
+* ``jit``: the same with `jit_compile=True` (the numerics check then gates the update with a
+  `tf.cond`, since XLA drops `CheckNumerics`);
+* ``jit_unchecked``: `jit_compile=True, check_numerics=False`, the hand-written step's work;
 * ``k16``: `steps_per_call=16`: one call runs the 16 steps;
 * ``k16_jit``: both.
 
@@ -46,7 +48,7 @@ from benchmarks.bench_core import machine_info, set_threads  # noqa: E402
 
 STEPS_PER_CALL = 16
 MODELS = {"mlp": (64, (256, 256)), "small": (8, (64, 64))}
-VARIANTS = ("baseline", "baseline_jit", "trainop", "jit", "k16", "k16_jit")
+VARIANTS = ("baseline", "baseline_jit", "trainop", "jit", "jit_unchecked", "k16", "k16_jit")
 
 
 def _model(hidden: Sequence[int]) -> keras.Model:
@@ -84,7 +86,8 @@ def _block_function(
             optimizer,
             global_step=tf.Variable(0, dtype=tf.int64, trainable=False),
             variables_to_train=model.trainable_variables,
-            jit_compile=name.endswith("jit"),
+            jit_compile="jit" in name,
+            check_numerics=name != "jit_unchecked",
             steps_per_call=STEPS_PER_CALL if name.startswith("k16") else 1,
         )
     if name.startswith("k16"):

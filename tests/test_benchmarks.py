@@ -86,7 +86,15 @@ def test_bench_scale_smoke_run(tmp_path):
     assert "### small: 784-64-64-10, batch 8" in stdout
     for model in ("mlp", "small"):
         variants = results["results"][model]
-        assert set(variants) == {"baseline", "baseline_jit", "trainop", "jit", "k16", "k16_jit"}
+        assert set(variants) == {
+            "baseline",
+            "baseline_jit",
+            "trainop",
+            "jit",
+            "jit_unchecked",
+            "k16",
+            "k16_jit",
+        }
         # Unrolled or looped, the same steps: the same weights as the hand-written step.
         assert variants["trainop"]["max_weight_diff_vs_baseline"] == 0.0
         assert variants["k16"]["max_weight_diff_vs_baseline"] == 0.0
