@@ -327,11 +327,23 @@ def _create_eager_train_op(
     step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
     if strategy is not None:
         step_fn = _on_every_replica(step_fn, strategy)
-    function = tf.function(step_fn, jit_compile=jit_compile or None)
-    if not jit_compile:
-        return function
     guard = settings["check_numerics"]
-    return _CompiledTrainOp(function, guard if guard is not False else None)
+    if not jit_compile:
+        return tf.function(step_fn)
+    if guard is False:
+        return _CompiledTrainOp(tf.function(step_fn, jit_compile=True), None)
+
+    def step_and_counts(*args: Any, **kwargs: Any) -> Any:
+        result = step_fn(*args, **kwargs)
+        # Read after the step's updates (automatic control dependencies keep the order), and
+        # returned: Python reads them from the outputs, not with more ops.
+        return (
+            result,
+            guard.skipped_steps.read_value(),
+            guard.consecutive_skipped_steps.read_value(),
+        )
+
+    return _CompiledTrainOp(tf.function(step_and_counts, jit_compile=True), guard)
 
 
 def _replicated_strategy(
@@ -459,19 +471,23 @@ class _CompiledTrainOp:
     def __init__(self, function: Any, guard: Any):
         self._function = function
         self._guard = guard
+        self._skipped: int | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         guard = self._guard
-        checks_loss = isinstance(guard, numerics.LossCheckUnderXLA)
-        skipped_before = int(guard.skipped_steps.numpy()) if checks_loss else 0
-        result = self._call(*args, **kwargs)
-        if checks_loss:
-            if int(guard.skipped_steps.numpy()) > skipped_before:
+        if guard is None:
+            return self._call(*args, **kwargs)
+        if self._skipped is None:
+            self._skipped = int(guard.skipped_steps.numpy())
+        result, skipped, consecutive = self._call(*args, **kwargs)
+        skipped_before, self._skipped = self._skipped, int(skipped)
+        if isinstance(guard, numerics.LossCheckUnderXLA):
+            if self._skipped > skipped_before:
                 raise tf.errors.InvalidArgumentError(
                     None, None, f"{numerics.LOSS_NOT_FINITE_MESSAGE} (a compiled step skipped)"
                 )
-        elif guard is not None and guard.max_consecutive is not None:
-            consecutive = int(guard.consecutive_skipped_steps.numpy())
+        elif guard.max_consecutive is not None:
+            consecutive = int(consecutive)
             if consecutive > guard.max_consecutive:
                 raise tf.errors.InvalidArgumentError(
                     None,
