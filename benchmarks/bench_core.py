@@ -116,10 +116,10 @@ def make_batches(seed: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
     return batches
 
 
-def make_model() -> keras.Model:
-    """The 784-256-256-10 MLP, with ReLU hidden layers and logits out."""
+def make_model(hidden_units: Sequence[int] = HIDDEN_UNITS) -> keras.Model:
+    """The 784-256-256-10 MLP (or other hidden layers), with ReLU hidden layers, logits out."""
     layers: list[Any] = [keras.Input((INPUT_DIM,))]
-    layers += [keras.layers.Dense(units, activation="relu") for units in HIDDEN_UNITS]
+    layers += [keras.layers.Dense(units, activation="relu") for units in hidden_units]
     layers.append(keras.layers.Dense(NUM_CLASSES))
     return keras.Sequential(layers)
 
@@ -142,12 +142,12 @@ def make_loss_fn(model: keras.Model) -> Callable[[tf.Tensor, tf.Tensor], tf.Tens
 
 
 def make_baseline_step(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, jit_compile: bool = False
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """The hand-written training step that the train op is compared with."""
     loss_fn = make_loss_fn(model)
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile or None)
     def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             loss = loss_fn(x, y)
@@ -276,6 +276,25 @@ def compare(
     return ratios
 
 
+def prepare(
+    blocks: int, steps_per_block: int, threads: int, warmup_steps: int, seed: int
+) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """Checks a run's settings, pins the threads, seeds Keras; returns the batches.
+
+    Raises:
+      ValueError: if `blocks`, `steps_per_block` or `threads` is below 1.
+      RuntimeError: if TensorFlow already runs with another thread count.
+    """
+    if min(blocks, steps_per_block, threads) < 1 or warmup_steps < 0:
+        raise ValueError(
+            "blocks, steps_per_block and threads must be at least 1 and warmup_steps at least "
+            f"0. Received: {blocks=}, {steps_per_block=}, {threads=}, {warmup_steps=}"
+        )
+    set_threads(threads)
+    keras.utils.set_random_seed(seed)
+    return make_batches(seed)
+
+
 def run(
     blocks: int = DEFAULT_BLOCKS,
     steps_per_block: int = DEFAULT_STEPS_PER_BLOCK,
@@ -303,14 +322,7 @@ def run(
       ValueError: if `blocks`, `steps_per_block` or `threads` is below 1.
       RuntimeError: if TensorFlow already runs with another thread count.
     """
-    if min(blocks, steps_per_block, threads) < 1 or warmup_steps < 0:
-        raise ValueError(
-            "blocks, steps_per_block and threads must be at least 1 and warmup_steps at least "
-            f"0. Received: {blocks=}, {steps_per_block=}, {threads=}, {warmup_steps=}"
-        )
-    set_threads(threads)
-    keras.utils.set_random_seed(seed)
-    batches = make_batches(seed)
+    batches = prepare(blocks, steps_per_block, threads, warmup_steps, seed)
     variants = make_variants()
     times = time_interleaved(variants, batches, blocks, steps_per_block, warmup_steps)
     summaries = {name: {**summarize(t), "block_s_per_step": t} for name, t in times.items()}
@@ -364,6 +376,13 @@ def machine_info() -> dict[str, Any]:
         "keras": keras.__version__,
         "trainop": getattr(trainop, "__version__", None),
     }
+
+
+def write_json(path: str, results: dict[str, Any], info: dict[str, Any]) -> None:
+    """Writes `results` and the machine's description `info` to `path`, as JSON."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump({**results, "machine": info}, file, indent=2)
+        file.write("\n")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -427,9 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({**results, "machine": info}, file, indent=2)
-            file.write("\n")
+        write_json(args.json, results, info)
 
 
 if __name__ == "__main__":

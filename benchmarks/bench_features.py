@@ -28,7 +28,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -47,13 +46,13 @@ from benchmarks.bench_core import (  # noqa: E402
     compare,
     copy_model,
     machine_info,
-    make_batches,
     make_loss_fn,
     make_model,
     max_weight_difference,
-    set_threads,
+    prepare,
     summarize,
     time_interleaved,
+    write_json,
 )
 
 SUMMARY_EVERY_N_STEPS = 100
@@ -105,14 +104,7 @@ def run(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Runs the benchmark; returns per variant its timings, and its ratios to `trainop`."""
-    if min(blocks, steps_per_block, threads) < 1 or warmup_steps < 0:
-        raise ValueError(
-            "blocks, steps_per_block and threads must be at least 1 and warmup_steps at least "
-            f"0. Received: {blocks=}, {steps_per_block=}, {threads=}, {warmup_steps=}"
-        )
-    set_threads(threads)
-    keras.utils.set_random_seed(seed)
-    batches = make_batches(seed)
+    batches = prepare(blocks, steps_per_block, threads, warmup_steps, seed)
     with tempfile.TemporaryDirectory(prefix="trainop-bench-") as logdir:
         # Kept alive by this scope: a traced train op holds the writer's resource, not the
         # writer, which deletes the resource when it goes.
@@ -177,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(format_table(results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({**results, "machine": info}, file, indent=2)
-            file.write("\n")
+        write_json(args.json, results, info)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -44,42 +43,32 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import trainop  # noqa: E402
-from benchmarks.bench_core import machine_info, set_threads  # noqa: E402
+from benchmarks.bench_core import (  # noqa: E402
+    LEARNING_RATE,
+    machine_info,
+    make_baseline_step,
+    make_loss_fn,
+    make_model,
+    set_threads,
+    write_json,
+)
 
 STEPS_PER_CALL = 16
 MODELS = {"mlp": (64, (256, 256)), "small": (8, (64, 64))}
 VARIANTS = ("baseline", "baseline_jit", "trainop", "jit", "jit_unchecked", "k16", "k16_jit")
 
 
-def _model(hidden: Sequence[int]) -> keras.Model:
-    layers: list[Any] = [keras.Input((784,))]
-    layers += [keras.layers.Dense(units, activation="relu") for units in hidden]
-    layers.append(keras.layers.Dense(10))
-    return keras.Sequential(layers)
-
-
 def _block_function(
     name: str, model: keras.Model, batches: tuple[tf.Tensor, tf.Tensor]
 ) -> Callable[[], Any]:
     """A function running one block (16 steps) of variant `name`; returns its last result."""
-    optimizer = keras.optimizers.Adam(1e-3)
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def loss_fn(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        return cross_entropy(y, model(x, training=True))
+    optimizer = keras.optimizers.Adam(LEARNING_RATE)
+    loss_fn = make_loss_fn(model)
 
     xs, ys = batches
     slices = [(xs[i], ys[i]) for i in range(STEPS_PER_CALL)]
     if name.startswith("baseline"):
-
-        @tf.function(jit_compile=name == "baseline_jit")
-        def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-            with tf.GradientTape() as tape:
-                loss = loss_fn(x, y)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
+        step = make_baseline_step(model, optimizer, jit_compile=name == "baseline_jit")
     else:
         step = trainop.create_train_op(
             loss_fn,
@@ -112,7 +101,7 @@ def run(blocks: int = 150, threads: int = 1, warmup_blocks: int = 5) -> dict[str
         ys = tf.random.stateless_uniform(
             (STEPS_PER_CALL, batch_size), seed=(0, 2), maxval=10, dtype=tf.int32
         )
-        base = _model(hidden)
+        base = make_model(hidden)
         models = {name: keras.models.clone_model(base) for name in VARIANTS}
         for model in models.values():
             model.set_weights(base.get_weights())
@@ -189,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(format_table(results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({"results": results, "machine": info}, file, indent=2)
-            file.write("\n")
+        write_json(args.json, {"results": results}, info)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,7 +36,12 @@ import tensorflow as tf  # noqa: E402
 
 import trainop  # noqa: E402
 from benchmarks import options, peers  # noqa: E402
-from benchmarks.bench_core import machine_info, set_threads, summarize  # noqa: E402
+from benchmarks.bench_core import (  # noqa: E402
+    machine_info,
+    set_threads,
+    summarize,
+    write_json,
+)
 
 LEARNING_RATE = 1e-3
 CLIP_NORM = 1.0
@@ -517,6 +521,4 @@ def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = No
     )
     print(format_report(results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump({**results, "machine": info}, file, indent=2)
-            file.write("\n")
+        write_json(args.json, results, info)
