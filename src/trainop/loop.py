@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainop import optimizers
+from trainop._checks import check_count
 from trainop.train_op import USE_GLOBAL_STEP, integer_variable, is_use_global_step
 
 logger = logging.getLogger("trainop")
@@ -72,7 +73,7 @@ class Hook:
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise TypeError(f"`fn` must be callable. Received: fn={self.fn!r:.200}")
-        _check_positive("every_n_steps", self.every_n_steps)
+        check_count("every_n_steps", self.every_n_steps)
 
 
 @dataclasses.dataclass
@@ -95,11 +96,6 @@ class TrainResult:
     stopped_by: str | None
     resumed_from: str | None
     last_checkpoint: str | None
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
 def _first_loss(result: Any) -> Any:
@@ -486,9 +482,9 @@ def train(
             f"pass the train op from create_train_op instead. Received: {train_op!r:.200}"
         )
     if max_steps is not None:
-        _check_positive("max_steps", max_steps)
-    _check_positive("save_every_n_steps", save_every_n_steps)
-    _check_positive("max_checkpoints_to_keep", max_checkpoints_to_keep)
+        check_count("max_steps", max_steps)
+    check_count("save_every_n_steps", save_every_n_steps)
+    check_count("max_checkpoints_to_keep", max_checkpoints_to_keep)
     hooks = list(hooks)
     for hook in hooks:
         if not isinstance(hook, Hook):

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from trainop._checks import check_count
+
 LOSS_NOT_FINITE_MESSAGE = "LossTensor is inf or nan"
 NOT_FINITE_MESSAGE = "The loss or a gradient is inf or nan"
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
@@ -92,15 +94,7 @@ class SkipNonFiniteSteps(tf.Module):
 
     def __init__(self, max_consecutive: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, name=None):
         super().__init__(name=name)
-        if max_consecutive is not None and (
-            isinstance(max_consecutive, bool)
-            or not isinstance(max_consecutive, (int, np.integer))
-            or max_consecutive < 0
-        ):
-            raise ValueError(
-                "`max_consecutive` must be an integer >= 0 or None. "
-                f"Received: max_consecutive={max_consecutive!r}"
-            )
+        check_count("max_consecutive", max_consecutive, minimum=0, allow_none=True)
         self.max_consecutive = None if max_consecutive is None else int(max_consecutive)
         with tf.init_scope():
             self._graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()

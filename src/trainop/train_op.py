@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainop import _core, accumulation, numerics, optimizers, summaries
+from trainop._checks import check_count
 
 logger = logging.getLogger("trainop")
 
@@ -54,15 +55,7 @@ def _check_choices(
             "EXPERIMENTAL_TREE, EXPERIMENTAL_ACCUMULATE_N). "
             f"Received: aggregation_method={aggregation_method!r}"
         )
-    if summarize_every_n_steps is not None and (
-        isinstance(summarize_every_n_steps, bool)
-        or not isinstance(summarize_every_n_steps, (int, np.integer))
-        or summarize_every_n_steps < 1
-    ):
-        raise ValueError(
-            "`summarize_every_n_steps` must be a positive integer or None. "
-            f"Received: summarize_every_n_steps={summarize_every_n_steps!r}"
-        )
+    check_count("summarize_every_n_steps", summarize_every_n_steps, allow_none=True)
 
 
 def _refuse_replicas() -> None:
@@ -76,11 +69,6 @@ def _refuse_replicas() -> None:
             "as a callable in eager mode (the train op then runs it with strategy.run), or "
             "call create_train_op inside the function you pass to strategy.run."
         )
-
-
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
 def _check_callable_or_none(name: str, value: Any) -> None:
@@ -532,7 +520,7 @@ def _prepare(
 ) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
     adapter = optimizers.OptimizerAdapter(optimizer)
     _check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
-    _check_count("accumulation_steps", accumulation_steps)
+    check_count("accumulation_steps", accumulation_steps)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
     if missing_gradients not in ("log", "raise"):
         raise ValueError(
@@ -680,7 +668,7 @@ def create_train_op(
         _refuse_replicas()
     if not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"`jit_compile` must be True or False. Received: {jit_compile!r}")
-    _check_count("steps_per_call", steps_per_call)
+    check_count("steps_per_call", steps_per_call)
     adapter, step, settings = _prepare(
         optimizer,
         global_step,
