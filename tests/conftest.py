@@ -39,6 +39,16 @@ _OPTIMIZERS = {
 }
 
 
+def read_summaries(logdir: Any) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Every summary in the event files of `logdir`: per tag, its (step, value) in order."""
+    series: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for path in sorted(tf.io.gfile.glob(f"{logdir}/events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                series.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    return series
+
+
 def make_optimizer(family: str, kind: str = "sgd", learning_rate: float = 0.1) -> Any:
     return _OPTIMIZERS[(family, kind)](learning_rate)
 

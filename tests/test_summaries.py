@@ -11,16 +11,12 @@ import tensorflow as tf
 import tf_keras
 
 import trainop
-from conftest import make_optimizer
+from conftest import make_optimizer, read_summaries
 
 
 def _read(logdir):
-    values = {}
-    for path in tf.io.gfile.glob(f"{logdir}/events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                values[value.tag] = (event.step, tf.make_ndarray(value.tensor))
-    return values
+    """The last (step, value) of each tag."""
+    return {tag: points[-1] for tag, points in read_summaries(logdir).items()}
 
 
 def test_gradient_and_variable_summaries_are_written_with_their_values(tmp_path):
@@ -116,15 +112,6 @@ def test_histogram_writes_what_tensorboard_writes(tmp_path, data):
     assert ours[:, 2].sum() == data.size
 
 
-def _read_series(logdir):
-    series = {}
-    for path in tf.io.gfile.glob(f"{logdir}/events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                series.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
-    return series
-
-
 @pytest.mark.parametrize("family", ["v1", "keras", "tf_keras", "tf_keras_legacy"])
 def test_train_summaries_are_written_at_the_cadence_with_their_values(tmp_path, family):
     w = tf.Variable([3.0, 4.0], name="weights")
@@ -142,7 +129,7 @@ def test_train_summaries_are_written_at_the_cadence_with_their_values(tmp_path, 
             norms.append(np.sqrt(np.sum(w.numpy() ** 2) + 1.0))
             losses.append(float(train_op()))
     writer.flush()
-    series = _read_series(tmp_path)
+    series = read_summaries(tmp_path)
     assert set(series) == {"train/loss", "train/global_gradient_norm", "train/learning_rate"}
     for tag, expected in [
         ("train/loss", losses),
@@ -169,7 +156,7 @@ def test_gradient_summaries_follow_the_cadence_and_a_learning_rate_schedule(tmp_
             gradient_norms.append(np.linalg.norm(w.numpy()))
             train_op()
     writer.flush()
-    series = _read_series(tmp_path)
+    series = read_summaries(tmp_path)
     assert [s for s, _ in series["summarize_grads/weights_gradient_norm"]] == [0, 2, 4]
     np.testing.assert_allclose(
         [v for _, v in series["summarize_grads/weights_gradient_norm"]],
@@ -194,7 +181,7 @@ def test_record_if_decides_with_the_cadence(tmp_path):
         for _ in range(9):
             train_op()
     writer.flush()
-    assert [s for s, _ in _read_series(tmp_path)["train/loss"]] == [4, 6, 8]
+    assert [s for s, _ in read_summaries(tmp_path)["train/loss"]] == [4, 6, 8]
 
 
 def test_graph_mode_writes_the_train_summaries_to_a_v2_writer(tmp_path):
@@ -210,7 +197,7 @@ def test_graph_mode_writes_the_train_summaries_to_a_v2_writer(tmp_path):
         session.run([tf.compat.v1.global_variables_initializer(), writer.init()])
         losses = [session.run(train_op) for _ in range(4)]
         session.run(writer.flush())
-    series = _read_series(tmp_path)
+    series = read_summaries(tmp_path)
     assert [s for s, _ in series["train/loss"]] == [0, 2]
     np.testing.assert_allclose([v for _, v in series["train/loss"]], [losses[0], losses[2]])
     np.testing.assert_allclose([v for _, v in series["train/learning_rate"]], [0.5, 0.5])
@@ -317,6 +304,6 @@ def test_the_learning_rate_written_is_the_one_of_that_update(tmp_path, family):
             train_op()
             applied.append(1.0 - w.numpy()[0] / before[0])  # w <- w - rate * w
     writer.flush()
-    written = [v for _, v in _read_series(tmp_path)["train/learning_rate"]]
+    written = [v for _, v in read_summaries(tmp_path)["train/learning_rate"]]
     np.testing.assert_allclose(written, applied, rtol=1e-5)
     np.testing.assert_allclose(written, [0.5, 0.25, 0.125], rtol=1e-6)

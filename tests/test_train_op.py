@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import trainop
-from conftest import make_optimizer
+from conftest import make_optimizer, read_summaries
 
 LR = 0.1
 
@@ -263,17 +263,6 @@ def test_clip_gradient_norms_fn_as_transform(runner):
 # --- summarize_gradients -----------------------------------------------------------------------
 
 
-def _read_scalars(logdir):
-    scalars = {}
-    for path in tf.io.gfile.glob(f"{logdir}/events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append(
-                    (event.step, tf.make_ndarray(value.tensor))
-                )
-    return scalars
-
-
 def test_summarize_gradients_writes_a_norm_and_histogram_per_gradient_eager(tmp_path):
     w = tf.Variable([3.0, 4.0], name="weights")
     writer = tf.summary.create_file_writer(str(tmp_path))
@@ -287,7 +276,7 @@ def test_summarize_gradients_writes_a_norm_and_histogram_per_gradient_eager(tmp_
         train_op()
         train_op()
     writer.flush()
-    scalars = _read_scalars(tmp_path)
+    scalars = read_summaries(tmp_path)
     # The gradient is w: norm 5 at step 7, then w halves: norm 2.5 at step 8.
     norms = scalars["summarize_grads/weights_gradient_norm"]
     assert [s for s, _ in norms] == [7, 8]
@@ -308,7 +297,7 @@ def test_summarize_gradients_in_graph_mode(tmp_path):
         session.run([tf.compat.v1.global_variables_initializer(), writer.init()])
         session.run(train_op)
         session.run(writer.flush())
-    norms = _read_scalars(tmp_path)["summarize_grads/weights_gradient_norm"]
+    norms = read_summaries(tmp_path)["summarize_grads/weights_gradient_norm"]
     assert len(norms) == 1
     assert norms[0][1] == pytest.approx(5.0)
 
