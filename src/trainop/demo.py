@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -56,12 +57,6 @@ class DemoResult:
         return self.value >= self.target
 
 
-def _import_keras() -> Any:
-    import keras
-
-    return keras
-
-
 def digits(
     outdir: str,
     *,
@@ -85,7 +80,6 @@ def digits(
     """
     from sklearn.datasets import load_digits
 
-    keras = _import_keras()
     data = load_digits()
     images = (data.images / 16.0).astype(np.float32)[..., None]
     labels = data.target.astype(np.int32)
@@ -231,7 +225,6 @@ def cartpole(
     """
     import gymnasium as gym
 
-    keras = _import_keras()
     say(
         f"Training a DQN on Gymnasium's CartPole-v1 to global step {steps} (one environment "
         f"step and one update per step), the target network's soft update passed to "
