@@ -209,24 +209,29 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split() for line in result.stdout.splitlines()]
-    compared = {line[0]: line[1:] for line in lines if line[0] != "refused"}
-    assert set(compared) == {"v1", "keras", "tf_keras", "tf_keras_legacy"}
-    for weight_diff, loss_diff, steps, one_replica_steps in compared.values():
+    compared = {(line[0], line[1]): line[2:] for line in lines if line[0] != "refused"}
+    families = ["v1", "keras", "tf_keras", "tf_keras_legacy"]
+    assert set(compared) == {
+        *((case, family) for case in ("plain", "skip") for family in families),
+        ("overflow", "keras"),
+    }
+    for (case, _), (weight_diff, loss_diff, steps, one_replica_steps, *scales) in compared.items():
         # Per-replica losses divided by the replica count, gradients summed by the optimizer:
-        # the same update, up to the order of float additions.
+        # the same update, up to the order of float additions. A NaN in one replica's half of
+        # a batch skips the step on both; an overflow there makes the loss-scale optimizer
+        # skip it on both and halve its scale, as on one device.
         assert float(weight_diff) < 1e-6 and float(loss_diff) < 1e-6
-        # The global step counts each step once, not once per replica.
-        assert steps == one_replica_steps == "4"
+        # The global step counts each step once, not once per replica, and only if applied.
+        assert steps == one_replica_steps == ("4" if case == "plain" else "3")
+        assert scales == (["16384.0", "16384.0"] if case == "overflow" else [])
     refused = {tuple(line[1:]) for line in lines if line[0] == "refused"}
     assert refused == {
-        ("check_numerics",),
         ("accumulation_steps",),
         ("jit_compile",),
         ("steps_per_call",),
         ("variables_to_train",),
         ("transform_grads_fn",),
         ("global_step",),
-        ("optimizer",),
         ("graph",),
         ("create_train_step",),
         ("summaries",),
@@ -260,9 +265,15 @@ def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch()
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-2000:]
-    weight_diff, steps, one_device_steps = outputs[0][0].split()
+    plain, skip = [line.split() for line in outputs[0][0].splitlines()]
+    weight_diff, steps, one_device_steps = plain
     assert float(weight_diff) < 1e-6
     assert steps == one_device_steps == "4"
+    # A NaN in one worker's half of a batch skips the step on both workers.
+    weight_diff, steps, one_device_steps, skipped, one_device_skipped = skip
+    assert float(weight_diff) < 1e-6
+    assert steps == one_device_steps == "3"
+    assert skipped == one_device_skipped == "1"
 
 
 def _mixed(loss_scale=None, policy="float32", calls=8, **kwargs):

@@ -140,52 +140,20 @@ def _present_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any,
     return present
 
 
-@tf.autograph.experimental.do_not_convert
-def build_step(
+def step_gradients(
     total_loss: tf.Tensor,
     adapter: optimizers.OptimizerAdapter,
     variables: Sequence[Any],
-    *,
-    global_step: tf.Variable | None,
-    transform_grads_fn: Callable[[list], list] | None,
-    summarize_gradients: bool,
     gate_gradients: int,
     aggregation_method: int | None,
-    check_numerics: bool | numerics.SkipNonFiniteSteps,
-    before_update: Callable[[], Sequence[Any]] | None = None,
     reported_missing: set[str] | None = None,
     missing_gradients: str = "log",
-    summarize_every_n_steps: int | None = None,
-    accumulator: accumulation.GradientAccumulator | None = None,
-) -> tf.Tensor:
-    """Adds the training step to the current graph.
+) -> list[tuple[Any, Any]]:
+    """The (gradient, variable) pairs of a step, unscaled if the optimizer scales the loss.
 
-    Args:
-      total_loss: the scalar loss, a tensor of the current graph.
-      adapter: applies the gradients with the caller's optimizer.
-      variables: the variables to train (non-empty).
-      global_step: incremented once when the update is applied, or None.
-      transform_grads_fn: maps the (gradient, variable) pairs before they are applied.
-      summarize_gradients: whether to write a histogram and a norm per gradient.
-      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
-      aggregation_method: a `tf.AggregationMethod` value or None.
-      check_numerics: True: an inf or NaN loss raises before anything changes. A
-        `SkipNonFiniteSteps`: a step whose loss or gradients are not finite changes nothing.
-      before_update: called, after the numerics check and before the gradients are applied,
-        to add the caller's update ops; returns them.
-      reported_missing: names of variables without gradient already logged for this train op;
-        names logged now are added.
-      missing_gradients: 'log' or 'raise', for variables without gradient.
-      summarize_every_n_steps: write summaries only at steps that are multiples of it.
-      accumulator: if given, this call's gradients are added to it, and the update (transform,
-        summaries, update ops, apply) runs on the mean of every `accumulator.steps` calls.
-
-    Returns:
-      `total_loss`, which once evaluated has run the whole step.
+    Raises, or logs once, for the variables the loss gives no gradient (see `build_step`).
     """
     check_loss(total_loss)
-    # Decided before any tf.cond: a cond branch is a function graph even in a v1 graph.
-    in_function = tf.inside_function()
     adapter.build(variables)
     loss_scale = adapter.loss_scale()
     if loss_scale is None:
@@ -208,6 +176,71 @@ def build_step(
         reported_missing if reported_missing is not None else set(),
         missing_gradients,
     )
+    return grads_and_vars
+
+
+@tf.autograph.experimental.do_not_convert
+def build_step(
+    total_loss: tf.Tensor,
+    adapter: optimizers.OptimizerAdapter,
+    variables: Sequence[Any],
+    *,
+    global_step: tf.Variable | None,
+    transform_grads_fn: Callable[[list], list] | None,
+    summarize_gradients: bool,
+    gate_gradients: int,
+    aggregation_method: int | None,
+    check_numerics: bool | numerics.SkipNonFiniteSteps,
+    before_update: Callable[[], Sequence[Any]] | None = None,
+    reported_missing: set[str] | None = None,
+    missing_gradients: str = "log",
+    summarize_every_n_steps: int | None = None,
+    accumulator: accumulation.GradientAccumulator | None = None,
+    grads_and_vars: list[tuple[Any, Any]] | None = None,
+    all_replicas_finite: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Adds the training step to the current graph.
+
+    Args:
+      total_loss: the scalar loss, a tensor of the current graph.
+      adapter: applies the gradients with the caller's optimizer.
+      variables: the variables to train (non-empty).
+      global_step: incremented once when the update is applied, or None.
+      transform_grads_fn: maps the (gradient, variable) pairs before they are applied.
+      summarize_gradients: whether to write a histogram and a norm per gradient.
+      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
+      aggregation_method: a `tf.AggregationMethod` value or None.
+      check_numerics: True: an inf or NaN loss raises before anything changes. A
+        `SkipNonFiniteSteps`: a step whose loss or gradients are not finite changes nothing.
+      before_update: called, after the numerics check and before the gradients are applied,
+        to add the caller's update ops; returns them.
+      reported_missing: names of variables without gradient already logged for this train op;
+        names logged now are added.
+      missing_gradients: 'log' or 'raise', for variables without gradient.
+      summarize_every_n_steps: write summaries only at steps that are multiples of it.
+      accumulator: if given, this call's gradients are added to it, and the update (transform,
+        summaries, update ops, apply) runs on the mean of every `accumulator.steps` calls.
+      grads_and_vars: the gradients, from `step_gradients`, if they are computed already.
+      all_replicas_finite: under a `tf.distribute` strategy, whether the gradients of every
+        replica are finite: a loss-scale optimizer, which decides on the first replica's
+        alone, is made to skip the step when they are not.
+
+    Returns:
+      `total_loss`, which once evaluated has run the whole step.
+    """
+    # Decided before any tf.cond: a cond branch is a function graph even in a v1 graph.
+    in_function = tf.inside_function()
+    if grads_and_vars is None:
+        grads_and_vars = step_gradients(
+            total_loss,
+            adapter,
+            variables,
+            gate_gradients,
+            aggregation_method,
+            reported_missing,
+            missing_gradients,
+        )
+    loss_scale = adapter.loss_scale()
     step = _summary_step(global_step, adapter)
     in_outer_scope = summaries.reentrant_name_scope()
     # In a tf.compat.v1 graph without a v2 writer, gradient summaries are TF1 summaries that the
@@ -237,16 +270,17 @@ def build_step(
                 )
             update_ops = list(before_update()) if before_update is not None else []
             present = _present_gradients(transformed)
-            applied = None
             if loss_scale is not None:
-                # As the loss-scale optimizer decides: every element finite.
-                applied = tf.reduce_all(
-                    [tf.reduce_all(tf.math.is_finite(_values(g))) for g, _ in present]
-                )
+                if all_replicas_finite is not None:
+                    present = _not_finite_unless(all_replicas_finite, present)
                 present = [(_scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
-                return [adapter.apply(present, global_step, in_function, applied)]
+                return [
+                    adapter.apply(
+                        present, global_step, in_function, may_skip=loss_scale is not None
+                    )
+                ]
 
     # This call's transformed gradients, when the update is on them (not on accumulated means).
     transformed = None
@@ -304,6 +338,20 @@ def _scale(grad: Any, factor: tf.Tensor, divide: bool = False) -> Any:
     if isinstance(grad, tf.IndexedSlices):
         return tf.IndexedSlices(scaled(grad.values), grad.indices, grad.dense_shape)
     return scaled(grad)
+
+
+def _not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
+    """`grads_and_vars`, with the smallest gradient made NaN where `finite` is False."""
+    sizes = [_values(g).shape.num_elements() for g, _ in grads_and_vars]
+    index = min(range(len(sizes)), key=lambda i: sizes[i] if sizes[i] is not None else 2**62)
+    grad, var = grads_and_vars[index]
+    values = _values(grad)
+    values = tf.where(finite, values, tf.constant(float("nan"), values.dtype))
+    if isinstance(grad, tf.IndexedSlices):
+        values = tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    result = list(grads_and_vars)
+    result[index] = (values, var)
+    return result
 
 
 def _values(grad: Any) -> tf.Tensor:

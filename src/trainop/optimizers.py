@@ -210,7 +210,7 @@ class OptimizerAdapter:
         grads_and_vars: list[tuple[Any, Any]],
         global_step: Any,
         in_function: bool,
-        applied: tf.Tensor | None = None,
+        may_skip: bool = False,
     ) -> tf.Operation:
         """Adds, to the current graph, the ops that apply `grads_and_vars` and count the step.
 
@@ -220,9 +220,9 @@ class OptimizerAdapter:
           in_function: whether the step is built in a `tf.function`, whose automatic control
             dependencies order stateful ops. (A `tf.cond` branch inside a `tf.compat.v1` graph
             is a function graph without them.)
-          applied: a boolean tensor, whether the optimizer applies this update (a loss-scale
-            optimizer skips overflowing ones itself); the global step counts only those. None:
-            always.
+          may_skip: whether the optimizer may skip the update itself (a loss-scale optimizer
+            skips the overflowing ones): the global step then counts the update only if the
+            optimizer's own counter moved.
 
         Returns:
           An op that, once run, has applied the update and incremented the global step.
@@ -235,21 +235,26 @@ class OptimizerAdapter:
         if self.family == FAMILY_V1:
             return self.optimizer.apply_gradients(pairs, global_step=global_step)
 
-        if in_function:
-            # A tf.function's automatic control dependencies run the update before the
-            # global step increment and before the function returns.
-            self.optimizer.apply_gradients(pairs)
-            update = None
-        elif self.family == FAMILY_TF_KERAS_LEGACY:
-            update = self.optimizer.apply_gradients(pairs)
-        else:
-            update = self._apply_in_function(pairs)
+        counted = global_step is not None and not self._counts_global_step_itself(global_step)
+        # Read before the update (in order: automatic control dependencies in a tf.function,
+        # this one in a graph), to tell afterwards whether the optimizer applied it.
+        before = self.iterations.read_value() if counted and may_skip else None
+        with tf.control_dependencies([before] if before is not None and not in_function else []):
+            if in_function:
+                # A tf.function's automatic control dependencies run the update before the
+                # global step increment and before the function returns.
+                self.optimizer.apply_gradients(pairs)
+                update = None
+            elif self.family == FAMILY_TF_KERAS_LEGACY:
+                update = self.optimizer.apply_gradients(pairs)
+            else:
+                update = self._apply_in_function(pairs)
 
-        if global_step is None or self._counts_global_step_itself(global_step):
+        if not counted:
             return update if update is not None else tf.no_op()
         with tf.control_dependencies([update] if update is not None else []):
-            if applied is not None:
-                return global_step.assign_add(tf.cast(applied, global_step.dtype))
+            if before is not None:
+                return count_once(global_step, self.iterations.read_value() > before)
             return count_once(global_step)
 
     def _apply_in_function(self, pairs: list[tuple[Any, Any]]) -> tf.Operation:
@@ -267,10 +272,23 @@ class OptimizerAdapter:
         return apply_gradients(grads).op
 
 
-def count_once(counter: tf.Variable) -> Any:
-    """`counter += 1`, once per step also when every replica of a strategy runs the step."""
+def count_once(counter: tf.Variable, applied: tf.Tensor | None = None) -> Any:
+    """`counter += 1` (if `applied`, a boolean tensor the same on every replica), once per step
+    also when every replica of a strategy runs the step."""
+
+    def increment(applied: tf.Tensor | None) -> Any:
+        if applied is None:
+            return counter.assign_add(1, read_value=False)
+        return counter.assign_add(tf.cast(applied, counter.dtype), read_value=False)
+
     context = tf.distribute.get_replica_context()
     if tf.distribute.has_strategy() and context is not None:
-        # In a replica: the increment happens once, in the cross-replica context.
-        return context.merge_call(lambda _: counter.assign_add(1, read_value=False))
-    return counter.assign_add(1, read_value=False)
+        # In a replica: the increment happens once, in the cross-replica context, with the
+        # first replica's `applied`.
+        if applied is None:
+            return context.merge_call(lambda _: increment(None))
+        return context.merge_call(
+            lambda strategy, applied: increment(strategy.experimental_local_results(applied)[0]),
+            args=(applied,),
+        )
+    return increment(applied)

@@ -245,7 +245,7 @@ def _create_eager_train_op(
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
-    strategy = _replicated_strategy(settings, jit_compile, steps_per_call, adapter, global_step)
+    strategy = _replicated_strategy(settings, jit_compile, steps_per_call, global_step)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
         adapter.build(variables_to_train)
@@ -260,7 +260,8 @@ def _create_eager_train_op(
     def run_update_ops() -> list[Any]:
         return [fn() for fn in update_fns]
 
-    def train_step(*args: Any, **kwargs: Any) -> Any:
+    def loss_and_variables(*args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
+        """The loss structure, the loss to minimize and the variables to train."""
         if strategy is not None and summaries.writes_v2_summaries():
             raise ValueError(
                 "Summaries are not supported under a tf.distribute strategy yet (each replica "
@@ -297,6 +298,10 @@ def _create_eager_train_op(
                     "`variables_to_train` is None and the loss reads no trainable variable: "
                     "there is nothing to train."
                 )
+        return loss, total_loss, variables
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        loss, total_loss, variables = loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,
             adapter,
@@ -312,10 +317,22 @@ def _create_eager_train_op(
         # returned as computed, before the update.
         return loss
 
-    step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
-    if strategy is not None:
-        step_fn = _on_every_replica(step_fn, strategy)
     guard = settings["check_numerics"]
+    step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
+    if strategy is not None and (
+        isinstance(guard, numerics.SkipNonFiniteSteps) or adapter.loss_scale() is not None
+    ):
+        step_fn = _decided_across_replicas(
+            loss_and_variables,
+            strategy,
+            adapter,
+            global_step,
+            settings,
+            before_update=run_update_ops,
+            reported_missing=reported_missing,
+        )
+    elif strategy is not None:
+        step_fn = _on_every_replica(step_fn, strategy)
     if not jit_compile:
         return tf.function(step_fn)
     if guard is False:
@@ -338,16 +355,15 @@ def _replicated_strategy(
     settings: dict[str, Any],
     jit_compile: bool,
     steps_per_call: int,
-    adapter: optimizers.OptimizerAdapter,
     global_step: tf.Variable | None,
 ) -> Any:
     """The strategy whose scope the train op is built in, or None outside any.
 
     Raises:
-      ValueError: for what a strategy does not allow yet: the skip guard and gradient
-        accumulation apply the update inside a `tf.cond`, where replicas cannot synchronize;
-        XLA compiles one device's step, not a step over several; a distributed dataset splits
-        the first axis, which `steps_per_call` uses for the steps.
+      ValueError: for what a strategy does not allow yet: gradient accumulation applies the
+        update inside a `tf.cond` of each replica, where replicas cannot synchronize; XLA
+        compiles one device's step, not a step over several; a distributed dataset splits the
+        first axis, which `steps_per_call` uses for the steps.
     """
     if not tf.distribute.has_strategy():
         return None
@@ -356,11 +372,6 @@ def _replicated_strategy(
         raise ValueError(
             "`transform_grads_fn` is not supported under a tf.distribute strategy yet: it would "
             "see each replica's own gradients, before the optimizer sums them."
-        )
-    if adapter.loss_scale() is not None:
-        raise ValueError(
-            "`optimizer` is a LossScaleOptimizer, which create_train_op does not support under "
-            "a tf.distribute strategy yet: each replica would decide on its own gradients."
         )
     if (
         global_step is not None
@@ -378,11 +389,6 @@ def _replicated_strategy(
                 f"`{name}` is not supported under a tf.distribute strategy yet. Build the train "
                 f"op without it, or outside the strategy's scope."
             )
-    if isinstance(settings["check_numerics"], numerics.SkipNonFiniteSteps):
-        raise ValueError(
-            "`check_numerics='skip'` is not supported under a tf.distribute strategy yet: "
-            "replicas cannot synchronize inside the tf.cond that skips. Use True."
-        )
     if settings["accumulator"] is not None:
         raise ValueError(
             "`accumulation_steps` is not supported under a tf.distribute strategy yet: "
@@ -399,6 +405,97 @@ def _on_every_replica(step_fn: Callable[..., Any], strategy: Any) -> Callable[..
         return tf.nest.map_structure(
             lambda t: strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), per_replica
         )
+
+    return distributed_step
+
+
+def _decided_across_replicas(
+    loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
+    strategy: Any,
+    adapter: optimizers.OptimizerAdapter,
+    global_step: tf.Variable | None,
+    settings: dict[str, Any],
+    **build_kwargs: Any,
+) -> Callable[..., Any]:
+    """A step over every replica whose numerics are decided for all of them at once.
+
+    The skip guard and a loss-scale optimizer must take one decision for every replica: a
+    replica whose gradients overflow spoils the sum of all of them. (Keras's
+    `LossScaleOptimizer` looks at the first replica's gradients alone, and applies an inf
+    coming from another.) So the step runs in two parts: `strategy.run` computes each
+    replica's loss and gradients and whether they are finite; in the cross-replica context,
+    the counts of replicas that are not are summed; then, in the guard's `tf.cond` (which
+    replicas cannot synchronize inside, so it stands outside them), a second `strategy.run`
+    applies the gradients, the optimizer summing them as usual.
+    """
+    guard = settings["check_numerics"]
+    skips = isinstance(guard, numerics.SkipNonFiniteSteps)
+    scaled = adapter.loss_scale() is not None
+    # The variables that have a gradient: the same on every replica, known once traced.
+    trained: list[Any] = []
+
+    def gradients(*args: Any, **kwargs: Any) -> tuple[tf.Tensor, list[Any], tf.Tensor]:
+        _, total_loss, variables = loss_and_variables(*args, **kwargs)
+        if guard is True:
+            total_loss = numerics.check_loss_is_finite(total_loss)
+        grads_and_vars = _core.step_gradients(
+            total_loss,
+            adapter,
+            variables,
+            settings["gate_gradients"],
+            settings["aggregation_method"],
+            build_kwargs["reported_missing"],
+            settings["missing_gradients"],
+        )
+        present = [(g, v) for g, v in grads_and_vars if g is not None]
+        trained[:] = [v for _, v in present]
+        grads = [g for g, _ in present]
+        # Not finite, as counts: [loss, gradients].
+        not_finite = tf.cast(
+            tf.logical_not(
+                tf.stack(
+                    [tf.math.is_finite(total_loss), numerics.all_finite(tf.constant(0.0), grads)]
+                )
+            ),
+            tf.int32,
+        )
+        return total_loss, grads, not_finite
+
+    def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: tf.Tensor) -> tf.Tensor:
+        step_settings = dict(settings, check_numerics=guard if guard is True else False)
+        return _core.build_step(
+            total_loss,
+            adapter,
+            trained,
+            global_step=global_step,
+            grads_and_vars=list(zip(grads, trained)),
+            all_replicas_finite=grads_finite if scaled else None,
+            **step_settings,
+            **build_kwargs,
+        )
+
+    def distributed_step(*args: Any, **kwargs: Any) -> tf.Tensor:
+        losses, grads, not_finite = strategy.run(gradients, args=args, kwargs=kwargs)
+        not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, not_finite, axis=None)
+        loss_finite, grads_finite = not_finite[0] == 0, not_finite[1] == 0
+
+        def apply() -> list[tf.Tensor]:
+            applied = strategy.run(update, args=(losses, grads, grads_finite))
+            return list(strategy.experimental_local_results(applied))
+
+        if skips:
+            # An overflow of the scaled gradients is the loss-scale optimizer's to skip.
+            finite = (
+                loss_finite
+                if scaled or not guard.checks_gradients
+                else (tf.logical_and(loss_finite, grads_finite))
+            )
+            step = global_step if global_step is not None else adapter.iterations
+            done = [guard.update_if_finite(finite, apply, step)]
+        else:
+            done = apply()
+        with tf.control_dependencies(done):
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     return distributed_step
 
@@ -589,7 +686,9 @@ def create_train_op(
 
     In eager mode inside a `tf.distribute` strategy's scope, the train op runs the step on every
     replica with `strategy.run`, each replica's loss divided by the number of replicas (the
-    optimizer sums their gradients), and returns the loss summed over the replicas.
+    optimizer sums their gradients), and returns the loss summed over the replicas. The skip
+    guard and a `LossScaleOptimizer` then skip a step on every replica when any replica's loss or
+    gradients are not finite.
 
     With a default `tf.summary` writer set when the step is built (traced), the step writes
     `train/loss`, `train/global_gradient_norm` and `train/learning_rate` at the global step

@@ -1,6 +1,8 @@
 """One worker of a two-process MultiWorkerMirroredStrategy: `multiworker_child.py INDEX PORT0
 PORT1`. Both train on the same global batches (each gets its half); worker 0 then trains a copy
-on one device on the whole batches and prints `<max weight difference> <global steps>`.
+on one device on the whole batches and prints `<max weight difference> <global steps> <global
+steps on one device>`: once as they are, once with `check_numerics="skip"` and a NaN in one
+worker's half of the second batch (then also `<steps skipped> <steps skipped on one device>`).
 """
 
 import json
@@ -25,9 +27,11 @@ import trainop  # noqa: E402
 rng = np.random.default_rng(0)
 X = rng.normal(size=(64, 5)).astype(np.float32)
 Y = rng.normal(size=(64, 1)).astype(np.float32)
+X_BAD = X.copy()
+X_BAD[27, 2] = np.nan
 
 
-def train(strategy, distribute):
+def train(strategy, distribute, x=X, check_numerics=True):
     with strategy.scope():
         w1 = tf.Variable(np.linspace(-0.5, 0.5, 20, dtype=np.float32).reshape(5, 4))
         w2 = tf.Variable(np.linspace(-1, 1, 4, dtype=np.float32).reshape(4, 1))
@@ -37,21 +41,36 @@ def train(strategy, distribute):
             keras.optimizers.Adam(0.05),
             step,
             variables_to_train=[w1, w2],
+            check_numerics=check_numerics,
         )
-    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(16)
+    data = tf.data.Dataset.from_tensor_slices((x, Y)).batch(16)
     if distribute:
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA
         )
         data = strategy.experimental_distribute_dataset(data.with_options(options))
-    for x, y in data:
-        train_op(x, y)
-    return np.concatenate([w1.numpy().ravel(), w2.numpy().ravel()]), int(step.numpy())
+    for batch_x, batch_y in data:
+        train_op(batch_x, batch_y)
+    weights = np.concatenate([w1.numpy().ravel(), w2.numpy().ravel()])
+    return weights, int(step.numpy())
 
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
+one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
 weights, steps = train(strategy, distribute=True)
+guard = trainop.SkipNonFiniteSteps()
+skip_weights, skip_steps = train(strategy, distribute=True, x=X_BAD, check_numerics=guard)
 if index == 0:
-    one_weights, one_steps = train(tf.distribute.OneDeviceStrategy("/cpu:0"), distribute=False)
+    one_weights, one_steps = train(one_device, distribute=False)
     print(float(np.max(np.abs(weights - one_weights))), steps, one_steps, flush=True)
+    one_guard = trainop.SkipNonFiniteSteps()
+    one_weights, one_steps = train(one_device, False, x=X_BAD, check_numerics=one_guard)
+    print(
+        float(np.max(np.abs(skip_weights - one_weights))),
+        skip_steps,
+        one_steps,
+        int(guard.skipped_steps),
+        int(one_guard.skipped_steps),
+        flush=True,
+    )
