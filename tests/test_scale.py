@@ -210,31 +210,41 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split() for line in result.stdout.splitlines()]
     compared = {(line[0], line[1]): line[2:] for line in lines if line[0] != "refused"}
+    # The global steps of 4 batches: a NaN or an overflow in one replica's half of a batch
+    # skips that step on both replicas; accumulation applies every second batch.
+    expected_steps = {"plain": 4, "skip": 3, "clip": 4, "skip_clip": 3, "accumulate": 2}
     families = ["v1", "keras", "tf_keras", "tf_keras_legacy"]
     assert set(compared) == {
-        *((case, family) for case in ("plain", "skip") for family in families),
+        *((case, family) for case in expected_steps for family in families),
         ("overflow", "keras"),
+        ("overflow_clip", "keras"),
+        ("summaries", "keras"),
     }
-    for (case, _), (weight_diff, loss_diff, steps, one_replica_steps, *scales) in compared.items():
-        # Per-replica losses divided by the replica count, gradients summed by the optimizer:
-        # the same update, up to the order of float additions. A NaN in one replica's half of
-        # a batch skips the step on both; an overflow there makes the loss-scale optimizer
-        # skip it on both and halve its scale, as on one device.
+    expected_steps.update(overflow=3, overflow_clip=3, summaries=4)
+    for (case, _), (weight_diff, loss_diff, steps, one_replica_steps, *extra) in compared.items():
+        # Per-replica losses divided by the replica count, gradients summed: the update of
+        # one device on the whole batch, up to the order of float additions. The clip sees
+        # the gradient of the whole batch, not each replica's.
         assert float(weight_diff) < 1e-6 and float(loss_diff) < 1e-6
         # The global step counts each step once, not once per replica, and only if applied.
-        assert steps == one_replica_steps == ("4" if case == "plain" else "3")
-        assert scales == (["16384.0", "16384.0"] if case == "overflow" else [])
+        assert int(steps) == int(one_replica_steps) == expected_steps[case]
+        if case.startswith("overflow"):
+            # The loss-scale optimizer halved its scale once, as on one device.
+            assert extra == ["16384.0", "16384.0"]
+        elif case == "summaries":
+            # 4 steps of loss, gradient norm, learning rate and a norm per gradient, each
+            # written once (not once per replica) and as one device writes it.
+            assert extra[0] == "20" and float(extra[1]) < 1e-6
+        else:
+            assert extra == []
     refused = {tuple(line[1:]) for line in lines if line[0] == "refused"}
     assert refused == {
-        ("accumulation_steps",),
         ("jit_compile",),
         ("steps_per_call",),
         ("variables_to_train",),
-        ("transform_grads_fn",),
         ("global_step",),
         ("graph",),
         ("create_train_step",),
-        ("summaries",),
     }
 
 

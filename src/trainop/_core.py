@@ -198,6 +198,7 @@ def build_step(
     accumulator: accumulation.GradientAccumulator | None = None,
     grads_and_vars: list[tuple[Any, Any]] | None = None,
     all_replicas_finite: tf.Tensor | None = None,
+    apply_gradients: Callable[[list[tuple[Any, Any]], bool], list[Any]] | None = None,
 ) -> tf.Tensor:
     """Adds the training step to the current graph.
 
@@ -224,6 +225,8 @@ def build_step(
       all_replicas_finite: under a `tf.distribute` strategy, whether the gradients of every
         replica are finite: a loss-scale optimizer, which decides on the first replica's
         alone, is made to skip the step when they are not.
+      apply_gradients: applies the pairs and counts the step, given whether the optimizer may
+        skip the update itself; returns the ops to wait for. By default `adapter.apply`.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
@@ -275,7 +278,9 @@ def build_step(
                     present = _not_finite_unless(all_replicas_finite, present)
                 present = [(_scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
-            with tf.control_dependencies(_as_ops(update_ops + summary_ops)):
+            with tf.control_dependencies(as_ops(update_ops + summary_ops)):
+                if apply_gradients is not None:
+                    return apply_gradients(present, loss_scale is not None)
                 return [
                     adapter.apply(
                         present, global_step, in_function, may_skip=loss_scale is not None
@@ -358,7 +363,7 @@ def _values(grad: Any) -> tf.Tensor:
     return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 
-def _as_ops(values: Sequence[Any]) -> list[Any]:
+def as_ops(values: Sequence[Any]) -> list[Any]:
     # TF1 summaries (strings) are fetched by the caller's loop from the SUMMARIES collection,
     # not computed on every step.
     return [

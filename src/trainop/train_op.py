@@ -245,7 +245,7 @@ def _create_eager_train_op(
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
-    strategy = _replicated_strategy(settings, jit_compile, steps_per_call, global_step)
+    strategy = _replicated_strategy(jit_compile, steps_per_call, global_step)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
         adapter.build(variables_to_train)
@@ -262,11 +262,6 @@ def _create_eager_train_op(
 
     def loss_and_variables(*args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
         """The loss structure, the loss to minimize and the variables to train."""
-        if strategy is not None and summaries.writes_v2_summaries():
-            raise ValueError(
-                "Summaries are not supported under a tf.distribute strategy yet (each replica "
-                "would write its own share): trace the train op without a default writer."
-            )
         if jit_compile and summaries.writes_v2_summaries():
             raise ValueError(
                 "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
@@ -318,21 +313,20 @@ def _create_eager_train_op(
         return loss
 
     guard = settings["check_numerics"]
-    step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
-    if strategy is not None and (
-        isinstance(guard, numerics.SkipNonFiniteSteps) or adapter.loss_scale() is not None
-    ):
-        step_fn = _decided_across_replicas(
+    if strategy is not None:
+        step_fn = _across_replicas(
             loss_and_variables,
             strategy,
             adapter,
             global_step,
             settings,
-            before_update=run_update_ops,
-            reported_missing=reported_missing,
+            run_update_ops,
+            reported_missing,
         )
-    elif strategy is not None:
-        step_fn = _on_every_replica(step_fn, strategy)
+    elif steps_per_call > 1:
+        step_fn = _steps_in_a_loop(train_step, steps_per_call)
+    else:
+        step_fn = train_step
     if not jit_compile:
         return tf.function(step_fn)
     if guard is False:
@@ -352,7 +346,6 @@ def _create_eager_train_op(
 
 
 def _replicated_strategy(
-    settings: dict[str, Any],
     jit_compile: bool,
     steps_per_call: int,
     global_step: tf.Variable | None,
@@ -360,19 +353,14 @@ def _replicated_strategy(
     """The strategy whose scope the train op is built in, or None outside any.
 
     Raises:
-      ValueError: for what a strategy does not allow yet: gradient accumulation applies the
-        update inside a `tf.cond` of each replica, where replicas cannot synchronize; XLA
-        compiles one device's step, not a step over several; a distributed dataset splits the
-        first axis, which `steps_per_call` uses for the steps.
+      ValueError: for a global step made outside the scope, and for what a strategy does not
+        allow yet: XLA compiles one device's step, not a step over several (except on GPUs,
+        untested here); a distributed dataset splits the first axis, which `steps_per_call`
+        uses for the steps.
     """
     if not tf.distribute.has_strategy():
         return None
     strategy = tf.distribute.get_strategy()
-    if settings["transform_grads_fn"] is not None:
-        raise ValueError(
-            "`transform_grads_fn` is not supported under a tf.distribute strategy yet: it would "
-            "see each replica's own gradients, before the optimizer sums them."
-        )
     if (
         global_step is not None
         and strategy.num_replicas_in_sync > 1
@@ -389,44 +377,34 @@ def _replicated_strategy(
                 f"`{name}` is not supported under a tf.distribute strategy yet. Build the train "
                 f"op without it, or outside the strategy's scope."
             )
-    if settings["accumulator"] is not None:
-        raise ValueError(
-            "`accumulation_steps` is not supported under a tf.distribute strategy yet: "
-            "replicas cannot synchronize inside the tf.cond that applies."
-        )
     return strategy
 
 
-def _on_every_replica(step_fn: Callable[..., Any], strategy: Any) -> Callable[..., Any]:
-    """`step_fn` run by `strategy.run` on each replica's inputs; the losses summed."""
-
-    def distributed_step(*args: Any, **kwargs: Any) -> Any:
-        per_replica = strategy.run(step_fn, args=args, kwargs=kwargs)
-        return tf.nest.map_structure(
-            lambda t: strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), per_replica
-        )
-
-    return distributed_step
-
-
-def _decided_across_replicas(
+def _across_replicas(
     loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
     strategy: Any,
     adapter: optimizers.OptimizerAdapter,
     global_step: tf.Variable | None,
     settings: dict[str, Any],
-    **build_kwargs: Any,
+    before_update: Callable[[], list[Any]],
+    reported_missing: set[str],
 ) -> Callable[..., Any]:
-    """A step over every replica whose numerics are decided for all of them at once.
+    """The step on every replica of `strategy`, returning the loss summed over them.
 
-    The skip guard and a loss-scale optimizer must take one decision for every replica: a
-    replica whose gradients overflow spoils the sum of all of them. (Keras's
-    `LossScaleOptimizer` looks at the first replica's gradients alone, and applies an inf
-    coming from another.) So the step runs in two parts: `strategy.run` computes each
-    replica's loss and gradients and whether they are finite; in the cross-replica context,
-    the counts of replicas that are not are summed; then, in the guard's `tf.cond` (which
-    replicas cannot synchronize inside, so it stands outside them), a second `strategy.run`
-    applies the gradients, the optimizer summing them as usual.
+    `strategy.run` first computes each replica's loss and gradients. What follows takes one
+    decision for all replicas, in the cross-replica context, where a `tf.cond` may hold a
+    `strategy.run` (replicas cannot synchronize inside a cond of their own):
+
+    * By default the gradients stay on their replicas, and a second `strategy.run` applies
+      them, the optimizer summing them (its one all-reduce). With the skip guard or a
+      loss-scale optimizer, each replica also says whether its loss and gradients are finite,
+      the verdicts are summed, and the update runs on every replica or on none. (Keras's
+      `LossScaleOptimizer` alone looks at the first replica's gradients, and applies an inf
+      coming from another.)
+    * With `transform_grads_fn`, summaries or accumulation, which must see the gradient of the
+      whole batch, the gradients are summed first and the step goes on, once, on the sum; the
+      first replica then applies it and the others apply zeros, so that the optimizer's own sum
+      gives the update unchanged. That is a second all-reduce of the gradients.
     """
     guard = settings["check_numerics"]
     skips = isinstance(guard, numerics.SkipNonFiniteSteps)
@@ -434,35 +412,27 @@ def _decided_across_replicas(
     # The variables that have a gradient: the same on every replica, known once traced.
     trained: list[Any] = []
 
-    def gradients(*args: Any, **kwargs: Any) -> tuple[tf.Tensor, list[Any], tf.Tensor]:
+    def gradients(verdicts: bool, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         _, total_loss, variables = loss_and_variables(*args, **kwargs)
-        if guard is True:
-            total_loss = numerics.check_loss_is_finite(total_loss)
         grads_and_vars = _core.step_gradients(
             total_loss,
             adapter,
             variables,
             settings["gate_gradients"],
             settings["aggregation_method"],
-            build_kwargs["reported_missing"],
+            reported_missing,
             settings["missing_gradients"],
         )
         present = [(g, v) for g, v in grads_and_vars if g is not None]
         trained[:] = [v for _, v in present]
         grads = [g for g, _ in present]
-        # Not finite, as counts: [loss, gradients].
-        not_finite = tf.cast(
-            tf.logical_not(
-                tf.stack(
-                    [tf.math.is_finite(total_loss), numerics.all_finite(tf.constant(0.0), grads)]
-                )
-            ),
-            tf.int32,
-        )
-        return total_loss, grads, not_finite
+        if not verdicts:
+            return total_loss, grads
+        # Counts of what is not finite: [the loss, the gradients].
+        finite = [tf.math.is_finite(total_loss), numerics.all_finite(tf.constant(0.0), grads)]
+        return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
 
-    def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: tf.Tensor) -> tf.Tensor:
-        step_settings = dict(settings, check_numerics=guard if guard is True else False)
+    def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: Any) -> tf.Tensor:
         return _core.build_step(
             total_loss,
             adapter,
@@ -470,34 +440,99 @@ def _decided_across_replicas(
             global_step=global_step,
             grads_and_vars=list(zip(grads, trained)),
             all_replicas_finite=grads_finite if scaled else None,
-            **step_settings,
-            **build_kwargs,
+            reported_missing=reported_missing,
+            **dict(settings, check_numerics=guard is True),
         )
 
+    def apply_summed(pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
+        variables = [v for _, v in pairs]
+
+        def apply_on_replica(*grads: Any) -> tf.Tensor:
+            replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+            own = [_first_replica_only(g, replica_id) for g in grads]
+            applied = adapter.apply(list(zip(own, variables)), global_step, True, may_skip)
+            with tf.control_dependencies([applied]):
+                return tf.constant(True)
+
+        applied = strategy.run(apply_on_replica, args=tuple(g for g, _ in pairs))
+        return list(strategy.experimental_local_results(applied))
+
     def distributed_step(*args: Any, **kwargs: Any) -> tf.Tensor:
-        losses, grads, not_finite = strategy.run(gradients, args=args, kwargs=kwargs)
-        not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, not_finite, axis=None)
-        loss_finite, grads_finite = not_finite[0] == 0, not_finite[1] == 0
+        summed_first = (
+            settings["transform_grads_fn"] is not None
+            or settings["accumulator"] is not None
+            or summaries.writes_v2_summaries()
+        )
+        verdicts = (skips or scaled) and not summed_first
+        results = strategy.run(
+            lambda *a, **k: gradients(verdicts, *a, **k), args=args, kwargs=kwargs
+        )
+        losses, grads = results[:2]
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+        if summed_first:
+            # To the replicas' own devices: one batched all-reduce.
+            reduced = strategy.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM, [(g, g) for g in grads]
+            )
+            summed = [
+                (strategy.experimental_local_results(g)[0], v) for g, v in zip(reduced, trained)
+            ]
+            # On the first replica's device, which holds a copy of the sums.
+            with tf.device(summed[0][0].device):
+                return _core.build_step(
+                    loss,
+                    adapter,
+                    trained,
+                    global_step=global_step,
+                    grads_and_vars=summed,
+                    apply_gradients=apply_summed,
+                    before_update=before_update,
+                    reported_missing=reported_missing,
+                    **settings,
+                )
+
+        grads_finite = None
+        if verdicts:
+            not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, results[2], axis=None)
+            loss_finite, grads_finite = not_finite[0] == 0, not_finite[1] == 0
 
         def apply() -> list[tf.Tensor]:
-            applied = strategy.run(update, args=(losses, grads, grads_finite))
+            # The update ops run once, here, on the variables of every replica.
+            with tf.control_dependencies(_core.as_ops(before_update())):
+                applied = strategy.run(update, args=(losses, grads, grads_finite))
             return list(strategy.experimental_local_results(applied))
 
         if skips:
             # An overflow of the scaled gradients is the loss-scale optimizer's to skip.
-            finite = (
-                loss_finite
-                if scaled or not guard.checks_gradients
-                else (tf.logical_and(loss_finite, grads_finite))
-            )
+            finite = loss_finite
+            if not scaled and guard.checks_gradients:
+                finite = tf.logical_and(loss_finite, grads_finite)
             step = global_step if global_step is not None else adapter.iterations
             done = [guard.update_if_finite(finite, apply, step)]
         else:
             done = apply()
         with tf.control_dependencies(done):
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+            return tf.identity(loss)
 
-    return distributed_step
+    def in_scope(*args: Any, **kwargs: Any) -> tf.Tensor:
+        with strategy.scope():
+            return distributed_step(*args, **kwargs)
+
+    return in_scope
+
+
+def _first_replica_only(grad: Any, replica_id: Any) -> Any:
+    """`grad` on the first replica, zeros of its shape on the others."""
+    first = tf.get_static_value(replica_id)
+    if isinstance(grad, tf.IndexedSlices):
+        if first == 0:
+            return tf.IndexedSlices(tf.identity(grad.values), grad.indices, grad.dense_shape)
+        # No rows: the sum over the replicas is the first replica's rows.
+        return tf.IndexedSlices(grad.values[:0], grad.indices[:0], grad.dense_shape)
+    if first is None:
+        return tf.where(tf.equal(replica_id, 0), grad, tf.zeros_like(grad))
+    # On the replica's device (`tf.identity`), where the optimizer's all-reduce expects it.
+    return tf.identity(grad) if first == 0 else tf.zeros(grad.shape, grad.dtype)
 
 
 def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[..., Any]:
@@ -688,7 +723,8 @@ def create_train_op(
     replica with `strategy.run`, each replica's loss divided by the number of replicas (the
     optimizer sums their gradients), and returns the loss summed over the replicas. The skip
     guard and a `LossScaleOptimizer` then skip a step on every replica when any replica's loss or
-    gradients are not finite.
+    gradients are not finite; `transform_grads_fn`, the summaries and accumulation see the sum
+    of the replicas' gradients (see the README for what that costs).
 
     With a default `tf.summary` writer set when the step is built (traced), the step writes
     `train/loss`, `train/global_gradient_norm` and `train/learning_rate` at the global step

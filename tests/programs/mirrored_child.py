@@ -3,13 +3,21 @@
 Run as its own process (the logical devices must be set before TensorFlow starts). Prints, per
 case and optimizer family, `<case> <family> <max weight difference> <max relative loss
 difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
-per setting a strategy does not take yet. The cases: `plain`; `skip`, with
-`check_numerics="skip"` and a NaN in the second replica's half of the second batch;
-`overflow`, with a LossScaleOptimizer whose scaled gradients overflow on that half only (its
-line ends with both loss scales).
+per setting a strategy does not take yet. The weights include a target variable that an update
+op moves towards the second layer. The cases:
+
+* `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
+* `skip` and `skip_clip`, with `check_numerics="skip"` and a NaN in the second replica's half
+  of the second batch;
+* `overflow` and `overflow_clip`, with a LossScaleOptimizer whose scaled gradients overflow on
+  that half only (the line ends with both loss scales);
+* `summaries`, written to a default writer (the line ends with the number of scalars written
+  and their largest relative difference).
 """
 
+import glob
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -49,31 +57,60 @@ def model_and_loss(strategy):
     return [w1, w2], loss_fn
 
 
-def train(strategy, make_optimizer, x=X, check_numerics=True):
+def train(strategy, make_optimizer, x=X, logdir=None, **kwargs):
     variables, loss_fn = model_and_loss(strategy)
     with strategy.scope():
         step = tf.Variable(0, dtype=tf.int64)
         optimizer = make_optimizer()
+        # An eager update op: a soft copy of w2, as a target network's.
+        target = tf.Variable(tf.zeros_like(variables[1]))
+        kwargs.setdefault("update_ops", [lambda: target.assign(0.5 * target + 0.5 * variables[1])])
         train_op = trainop.create_train_op(
-            loss_fn,
-            optimizer,
-            step,
-            variables_to_train=variables,
-            check_numerics=check_numerics,
+            loss_fn, optimizer, step, variables_to_train=variables, **kwargs
         )
-    data = tf.data.Dataset.from_tensor_slices((x, Y)).batch(16)
-    losses = [float(train_op(x, y)) for x, y in strategy.experimental_distribute_dataset(data)]
-    weights = np.concatenate([v.numpy().ravel() for v in variables])
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, Y)).batch(16)
+    )
+    writer = tf.summary.create_file_writer(logdir) if logdir else tf.summary.create_noop_writer()
+    with writer.as_default():
+        losses = [float(train_op(x, y)) for x, y in data]
+    writer.close()
+    weights = np.concatenate([v.numpy().ravel() for v in [*variables, target]])
     return weights, np.array(losses), int(step.numpy()), optimizer
 
 
+def scalar_summaries(logdir):
+    """{(tag, step): value} of the scalars written to `logdir`."""
+    values = {}
+    for path in glob.glob(os.path.join(logdir, "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    key = (value.tag, event.step)
+                    assert key not in values, f"{key} written twice"
+                    values[key] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
 def compare(case, family, make_optimizer, **kwargs):
-    weights, losses, steps, optimizer = train(two, make_optimizer, **kwargs)
-    one_weights, one_losses, one_steps, one_optimizer = train(one, make_optimizer, **kwargs)
+    logdirs = [None, None]
+    if case == "summaries":
+        logdirs = [tempfile.mkdtemp(), tempfile.mkdtemp()]
+    weights, losses, steps, optimizer = train(two, make_optimizer, logdir=logdirs[0], **kwargs)
+    one_weights, one_losses, one_steps, one_optimizer = train(
+        one, make_optimizer, logdir=logdirs[1], **kwargs
+    )
     assert np.array_equal(np.isnan(losses), np.isnan(one_losses)), (losses, one_losses)
-    scales = [
-        float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer) if case == "overflow"
-    ]
+    extra = []
+    if case.startswith("overflow"):
+        extra = [float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer)]
+    if case == "summaries":
+        written, one_written = (scalar_summaries(d) for d in logdirs)
+        assert set(written) == set(one_written), (sorted(written), sorted(one_written))
+        extra = [
+            len(written),
+            max(abs(written[k] - one_written[k]) / max(abs(one_written[k]), 1.0) for k in written),
+        ]
     print(
         case,
         family,
@@ -81,31 +118,32 @@ def compare(case, family, make_optimizer, **kwargs):
         float(np.nanmax(np.abs(losses - one_losses) / np.maximum(np.abs(one_losses), 1.0))),
         steps,
         one_steps,
-        *scales,
+        *extra,
         flush=True,
     )
 
 
 two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 one = tf.distribute.OneDeviceStrategy("/cpu:0")
+clip = trainop.clip_by_global_norm_fn(0.05)  # below every step's gradient norm here
 for family, make_optimizer in OPTIMIZERS.items():
     compare("plain", family, make_optimizer)
     compare("skip", family, make_optimizer, x=X_NAN, check_numerics="skip")
-compare(
-    "overflow",
-    "keras",
-    lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05)),
-    x=X_HUGE,
-)
+    compare("clip", family, make_optimizer, transform_grads_fn=clip)
+    compare("skip_clip", family, make_optimizer, x=X_NAN, check_numerics="skip",
+            transform_grads_fn=clip)  # fmt: skip
+    compare("accumulate", family, make_optimizer, accumulation_steps=2)
+make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05))  # noqa: E731
+compare("overflow", "keras", make_scaling, x=X_HUGE)
+compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
+compare("summaries", "keras", OPTIMIZERS["keras"], summarize_gradients=True)
 
 variables, loss_fn = model_and_loss(two)
 outside_step = tf.Variable(0, dtype=tf.int64)
 for name, value in [
-    ("accumulation_steps", 2),
     ("jit_compile", True),
     ("steps_per_call", 2),
     ("variables_to_train", None),
-    ("transform_grads_fn", trainop.clip_by_global_norm_fn(1.0)),
     ("global_step", outside_step),
 ]:
     with two.scope():
@@ -118,22 +156,11 @@ for name, value in [
                 print("refused", name, flush=True)
 
 with two.scope():
-    step = tf.Variable(0, dtype=tf.int64)
-    train_op = trainop.create_train_op(
-        loss_fn, keras.optimizers.SGD(0.1), step, variables_to_train=variables
-    )
     try:
         trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
     except ValueError as error:
         if "create_train_step is not supported inside" in str(error):
             print("refused create_train_step", flush=True)
-writer = tf.summary.create_file_writer(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mirrored"))
-with writer.as_default():
-    try:
-        train_op(tf.constant(X[:16]), tf.constant(Y[:16]))
-    except ValueError as error:
-        if "Summaries are not supported under a tf.distribute strategy" in str(error):
-            print("refused summaries", flush=True)
 
 
 @tf.function
