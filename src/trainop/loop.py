@@ -536,7 +536,7 @@ def train(
     resumed_from = saver.restore_latest_finite() if saver is not None else None
     if resumed_from is not None:
         batches.resumed()
-        logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable))
+        logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable.numpy()))
     writer = _writer(logdir) if logdir is not None else None
     with contextlib.ExitStack() as stack:
         if writer is not None:

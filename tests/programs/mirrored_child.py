@@ -3,7 +3,8 @@
 Run as its own process (the logical devices must be set before TensorFlow starts). Prints, per
 case and optimizer family, `<case> <family> <max weight difference> <max relative loss
 difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
-per setting a strategy does not take yet. The weights include a target variable that an update
+per setting a strategy does not take yet, and a `loop` line for `trainop.train` stopped and
+resumed (see there). The weights include a target variable that an update
 op moves towards the second layer. The cases:
 
 * `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
@@ -137,6 +138,46 @@ make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam
 compare("overflow", "keras", make_scaling, x=X_HUGE)
 compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
 compare("summaries", "keras", OPTIMIZERS["keras"], summarize_gradients=True)
+
+
+def train_with_the_loop(logdir, max_steps):
+    """`trainop.train` on the distributed dataset, with the skip guard, checkpoints, summaries."""
+    variables, loss_fn = model_and_loss(two)
+    with two.scope():
+        step = tf.Variable(0, dtype=tf.int64)
+        optimizer = keras.optimizers.Adam(0.05)
+        train_op = trainop.create_train_op(
+            loss_fn, optimizer, step, variables_to_train=variables, check_numerics="skip"
+        )
+    data = two.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((X_NAN, Y)).batch(16).repeat()
+    )
+    result = trainop.train(
+        train_op,
+        data,
+        max_steps=max_steps,
+        logdir=logdir,
+        checkpoint={"variables": variables, "optimizer": optimizer},
+        global_step=step,
+        save_every_n_steps=3,
+    )
+    return np.concatenate([v.numpy().ravel() for v in variables]), result
+
+
+# Stopped after 3 steps and resumed to 6 against 6 at once: the same weights and steps.
+weights, _ = train_with_the_loop(tempfile.mkdtemp(), 6)
+logdir = tempfile.mkdtemp()
+train_with_the_loop(logdir, 3)
+resumed_weights, result = train_with_the_loop(logdir, 6)
+print(
+    "loop",
+    float(np.max(np.abs(weights - resumed_weights))),
+    result.global_step,
+    result.resumed_from is not None,
+    # Global steps 0 to 5, each written once across the two runs.
+    ",".join(str(step) for tag, step in sorted(scalar_summaries(logdir)) if tag == "train/loss"),
+    flush=True,
+)
 
 variables, loss_fn = model_and_loss(two)
 outside_step = tf.Variable(0, dtype=tf.int64)
