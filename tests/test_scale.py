@@ -282,7 +282,7 @@ def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch()
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-2000:]
-    plain, skip = [line.split() for line in outputs[0][0].splitlines()]
+    plain, skip, clip = [line.split() for line in outputs[0][0].splitlines()]
     weight_diff, steps, one_device_steps = plain
     assert float(weight_diff) < 1e-6
     assert steps == one_device_steps == "4"
@@ -291,6 +291,10 @@ def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch()
     assert float(weight_diff) < 1e-6
     assert steps == one_device_steps == "3"
     assert skipped == one_device_skipped == "1"
+    # A clip of the global norm sees the gradient of the whole batch, summed across workers.
+    weight_diff, steps, one_device_steps = clip
+    assert float(weight_diff) < 1e-6
+    assert steps == one_device_steps == "4"
 
 
 def _mixed(loss_scale=None, policy="float32", calls=8, **kwargs):

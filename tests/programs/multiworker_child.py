@@ -2,7 +2,8 @@
 PORT1`. Both train on the same global batches (each gets its half); worker 0 then trains a copy
 on one device on the whole batches and prints `<max weight difference> <global steps> <global
 steps on one device>`: once as they are, once with `check_numerics="skip"` and a NaN in one
-worker's half of the second batch (then also `<steps skipped> <steps skipped on one device>`).
+worker's half of the second batch (then also `<steps skipped> <steps skipped on one device>`),
+once with a transform clipping the global norm of the gradients.
 """
 
 import json
@@ -31,7 +32,7 @@ X_BAD = X.copy()
 X_BAD[27, 2] = np.nan
 
 
-def train(strategy, distribute, x=X, check_numerics=True):
+def train(strategy, distribute, x=X, **kwargs):
     with strategy.scope():
         w1 = tf.Variable(np.linspace(-0.5, 0.5, 20, dtype=np.float32).reshape(5, 4))
         w2 = tf.Variable(np.linspace(-1, 1, 4, dtype=np.float32).reshape(4, 1))
@@ -41,7 +42,7 @@ def train(strategy, distribute, x=X, check_numerics=True):
             keras.optimizers.Adam(0.05),
             step,
             variables_to_train=[w1, w2],
-            check_numerics=check_numerics,
+            **kwargs,
         )
     data = tf.data.Dataset.from_tensor_slices((x, Y)).batch(16)
     if distribute:
@@ -61,6 +62,8 @@ one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
 weights, steps = train(strategy, distribute=True)
 guard = trainop.SkipNonFiniteSteps()
 skip_weights, skip_steps = train(strategy, distribute=True, x=X_BAD, check_numerics=guard)
+clip = trainop.clip_by_global_norm_fn(0.05)
+clip_weights, clip_steps = train(strategy, distribute=True, transform_grads_fn=clip)
 if index == 0:
     one_weights, one_steps = train(one_device, distribute=False)
     print(float(np.max(np.abs(weights - one_weights))), steps, one_steps, flush=True)
@@ -74,3 +77,5 @@ if index == 0:
         int(one_guard.skipped_steps),
         flush=True,
     )
+    one_weights, one_steps = train(one_device, distribute=False, transform_grads_fn=clip)
+    print(float(np.max(np.abs(clip_weights - one_weights))), clip_steps, one_steps, flush=True)
