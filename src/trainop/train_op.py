@@ -432,24 +432,26 @@ def _across_replicas(
         finite = [tf.math.is_finite(total_loss), numerics.all_finite(tf.constant(0.0), grads)]
         return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
 
-    def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: Any) -> tf.Tensor:
-        return _core.build_step(
-            total_loss,
-            adapter,
-            trained,
-            global_step=global_step,
-            grads_and_vars=list(zip(grads, trained)),
-            all_replicas_finite=grads_finite if scaled else None,
-            reported_missing=reported_missing,
-            **dict(settings, check_numerics=guard is True),
-        )
+    def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: Any) -> Any:
+        # After the check of the summed loss (`checked`), if any: a failed one changes nothing.
+        with tf.control_dependencies([checked] if checked is not None else []):
+            return _core.build_step(
+                total_loss,
+                adapter,
+                trained,
+                global_step=global_step,
+                grads_and_vars=list(zip(grads, trained)),
+                all_replicas_finite=grads_finite if scaled else None,
+                reported_missing=reported_missing,
+                **dict(settings, check_numerics=False),
+            )
 
     def apply_summed(pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
         variables = [v for _, v in pairs]
 
         def apply_on_replica(*grads: Any) -> tf.Tensor:
             replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-            own = [_first_replica_only(g, replica_id) for g in grads]
+            own = [_first_replica_only(g, v, replica_id) for g, v in zip(grads, variables)]
             applied = adapter.apply(list(zip(own, variables)), global_step, True, may_skip)
             with tf.control_dependencies([applied]):
                 return tf.constant(True)
@@ -496,10 +498,17 @@ def _across_replicas(
             not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, results[2], axis=None)
             loss_finite, grads_finite = not_finite[0] == 0, not_finite[1] == 0
 
+        checked = None
+        if guard is True:
+            # The sum is inf or NaN if a replica's loss is.
+            loss = checked = numerics.check_loss_is_finite(loss)
+
         def apply() -> list[tf.Tensor]:
             # The update ops run once, here, on the variables of every replica.
-            with tf.control_dependencies(_core.as_ops(before_update())):
-                applied = strategy.run(update, args=(losses, grads, grads_finite))
+            with tf.control_dependencies([checked] if checked is not None else []):
+                update_ops = _core.as_ops(before_update())
+            with tf.control_dependencies(update_ops):
+                applied = strategy.run(update, args=(losses, grads, grads_finite, checked))
             return list(strategy.experimental_local_results(applied))
 
         if skips:
@@ -521,18 +530,21 @@ def _across_replicas(
     return in_scope
 
 
-def _first_replica_only(grad: Any, replica_id: Any) -> Any:
-    """`grad` on the first replica, zeros of its shape on the others."""
+def _first_replica_only(grad: Any, variable: Any, replica_id: Any) -> Any:
+    """`grad` on the first replica, zeros of its variable's shape on the others.
+
+    Made on the replica's own device, where the optimizer's all-reduce expects them.
+    """
     first = tf.get_static_value(replica_id)
     if isinstance(grad, tf.IndexedSlices):
         if first == 0:
             return tf.IndexedSlices(tf.identity(grad.values), grad.indices, grad.dense_shape)
         # No rows: the sum over the replicas is the first replica's rows.
-        return tf.IndexedSlices(grad.values[:0], grad.indices[:0], grad.dense_shape)
+        values = tf.zeros([0, *variable.shape[1:]], grad.values.dtype)
+        return tf.IndexedSlices(values, tf.zeros([0], grad.indices.dtype), grad.dense_shape)
     if first is None:
-        return tf.where(tf.equal(replica_id, 0), grad, tf.zeros_like(grad))
-    # On the replica's device (`tf.identity`), where the optimizer's all-reduce expects it.
-    return tf.identity(grad) if first == 0 else tf.zeros(grad.shape, grad.dtype)
+        return tf.where(tf.equal(replica_id, 0), grad, tf.zeros(variable.shape, grad.dtype))
+    return tf.identity(grad) if first == 0 else tf.zeros(variable.shape, grad.dtype)
 
 
 def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[..., Any]:

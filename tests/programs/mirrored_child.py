@@ -3,9 +3,9 @@
 Run as its own process (the logical devices must be set before TensorFlow starts). Prints, per
 case and optimizer family, `<case> <family> <max weight difference> <max relative loss
 difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
-per setting a strategy does not take yet, and a `loop` line for `trainop.train` stopped and
-resumed (see there). The weights include a target variable that an update
-op moves towards the second layer. The cases:
+per setting a strategy does not take yet, a `loop` line for `trainop.train` stopped and
+resumed and `raise` lines for the default check (see there). The weights include a target
+variable that an update op moves towards the second layer. The cases:
 
 * `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
 * `skip` and `skip_clip`, with `check_numerics="skip"` and a NaN in the second replica's half
@@ -58,7 +58,7 @@ def model_and_loss(strategy):
     return [w1, w2], loss_fn
 
 
-def train(strategy, make_optimizer, x=X, logdir=None, **kwargs):
+def train(strategy, make_optimizer, x=X, logdir=None, batches=4, **kwargs):
     variables, loss_fn = model_and_loss(strategy)
     with strategy.scope():
         step = tf.Variable(0, dtype=tf.int64)
@@ -70,11 +70,16 @@ def train(strategy, make_optimizer, x=X, logdir=None, **kwargs):
             loss_fn, optimizer, step, variables_to_train=variables, **kwargs
         )
     data = strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensor_slices((x, Y)).batch(16)
+        tf.data.Dataset.from_tensor_slices((x, Y)).batch(16).take(batches)
     )
     writer = tf.summary.create_file_writer(logdir) if logdir else tf.summary.create_noop_writer()
+    losses = []
     with writer.as_default():
-        losses = [float(train_op(x, y)) for x, y in data]
+        try:
+            for batch_x, batch_y in data:
+                losses.append(float(train_op(batch_x, batch_y)))
+        except tf.errors.InvalidArgumentError:
+            losses.append(np.nan)  # stops training, as the default check does
     writer.close()
     weights = np.concatenate([v.numpy().ravel() for v in [*variables, target]])
     return weights, np.array(losses), int(step.numpy()), optimizer
@@ -138,6 +143,13 @@ make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam
 compare("overflow", "keras", make_scaling, x=X_HUGE)
 compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
 compare("summaries", "keras", OPTIMIZERS["keras"], summarize_gradients=True)
+
+# The default check raises on the second batch, whose second half has a NaN, and changes
+# nothing, the update op's target included: the weights after the first batch.
+for family, make_optimizer in OPTIMIZERS.items():
+    weights, losses, steps, _ = train(two, make_optimizer, x=X_NAN)
+    first_weights, *_ = train(two, make_optimizer, batches=1)
+    print("raise", family, float(np.max(np.abs(weights - first_weights))), len(losses), steps)
 
 
 def train_with_the_loop(logdir, max_steps):
