@@ -212,8 +212,14 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     compared = {
         (line[0], line[1]): line[2:]
         for line in lines
-        if line[0] not in ("refused", "loop", "raise")
+        if line[0] not in ("refused", "loop", "raise", "sparse")
     }
+    # IndexedSlices gradients (an embedding lookup), summed by the optimizer or by the train op.
+    sparse = {line[1]: line[2:] for line in lines if line[0] == "sparse"}
+    assert set(sparse) == {"plain", "skip", "clip", "accumulate"}
+    for case, (weight_diff, steps, one_replica_steps) in sparse.items():
+        assert float(weight_diff) < 1e-6
+        assert steps == one_replica_steps == ("2" if case == "accumulate" else "4")
     # The default check raises on a NaN in the second replica's half of the second batch,
     # before anything changes (the update op's target too): the weights after one batch.
     raised = {line[1]: line[2:] for line in lines if line[0] == "raise"}

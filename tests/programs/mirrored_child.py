@@ -4,8 +4,9 @@ Run as its own process (the logical devices must be set before TensorFlow starts
 case and optimizer family, `<case> <family> <max weight difference> <max relative loss
 difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
 per setting a strategy does not take yet, a `loop` line for `trainop.train` stopped and
-resumed and `raise` lines for the default check (see there). The weights include a target
-variable that an update op moves towards the second layer. The cases:
+resumed, `raise` lines for the default check and `sparse` lines for an embedding (see
+there). The weights include a target variable that an update op moves towards the second
+layer. The cases:
 
 * `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
 * `skip` and `skip_clip`, with `check_numerics="skip"` and a NaN in the second replica's half
@@ -143,6 +144,36 @@ make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam
 compare("overflow", "keras", make_scaling, x=X_HUGE)
 compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
 compare("summaries", "keras", OPTIMIZERS["keras"], summarize_gradients=True)
+
+
+def train_embedding(strategy, **kwargs):
+    """An embedding table, whose gradients are IndexedSlices, trained on 4 batches of ids."""
+    ids = np.random.default_rng(1).integers(0, 10, size=(32,)).astype(np.int32)
+    with strategy.scope():
+        table = tf.Variable(np.linspace(0, 1, 30, dtype=np.float32).reshape(10, 3))
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            lambda i: tf.reduce_mean(tf.gather(table, i) ** 2),
+            keras.optimizers.SGD(0.5),
+            step,
+            variables_to_train=[table],
+            **kwargs,
+        )
+    for batch in strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(ids).batch(8)
+    ):
+        train_op(batch)
+    return table.numpy(), int(step.numpy())
+
+
+for case, kwargs in [
+    ("plain", {}),
+    ("skip", {"check_numerics": "skip"}),
+    ("clip", {"transform_grads_fn": trainop.clip_by_global_norm_fn(0.01)}),
+    ("accumulate", {"accumulation_steps": 2}),
+]:
+    (table, steps), (one_table, one_steps) = (train_embedding(s, **kwargs) for s in (two, one))
+    print("sparse", case, float(np.max(np.abs(table - one_table))), steps, one_steps, flush=True)
 
 # The default check raises on the second batch, whose second half has a NaN, and changes
 # nothing, the update op's target included: the weights after the first batch.
