@@ -240,8 +240,11 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
         ("overflow", "keras"),
         ("overflow_clip", "keras"),
         ("summaries", "keras"),
+        ("jit", "keras"),
+        ("jit_skip", "keras"),
+        ("jit_clip", "keras"),
     }
-    expected_steps.update(overflow=3, overflow_clip=3, summaries=4)
+    expected_steps.update(overflow=3, overflow_clip=3, summaries=4, jit=4, jit_skip=3, jit_clip=4)
     for (case, _), (weight_diff, loss_diff, steps, one_replica_steps, *extra) in compared.items():
         # Per-replica losses divided by the replica count, gradients summed: the update of
         # one device on the whole batch, up to the order of float additions. The clip sees
@@ -260,7 +263,7 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
             assert extra == []
     refused = {tuple(line[1:]) for line in lines if line[0] == "refused"}
     assert refused == {
-        ("jit_compile",),
+        ("xla",),
         ("steps_per_call",),
         ("variables_to_train",),
         ("global_step",),

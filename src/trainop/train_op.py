@@ -262,7 +262,7 @@ def _create_eager_train_op(
 
     def loss_and_variables(*args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
         """The loss structure, the loss to minimize and the variables to train."""
-        if jit_compile and summaries.writes_v2_summaries():
+        if jit_compile and strategy is None and summaries.writes_v2_summaries():
             raise ValueError(
                 "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
                 "summary writes. Build and first call the train op without a default writer, "
@@ -322,11 +322,11 @@ def _create_eager_train_op(
             settings,
             run_update_ops,
             reported_missing,
+            jit_compile,
         )
-    elif steps_per_call > 1:
-        step_fn = _steps_in_a_loop(train_step, steps_per_call)
-    else:
-        step_fn = train_step
+        # Only each replica's loss and gradients are compiled: errors need naming, no more.
+        return _CompiledTrainOp(tf.function(step_fn), None) if jit_compile else tf.function(step_fn)
+    step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
     if not jit_compile:
         return tf.function(step_fn)
     if guard is False:
@@ -371,12 +371,11 @@ def _replicated_strategy(
             "tf.compat.v1.train.get_or_create_global_step() called first there): the replicas "
             f"count in it once per step. Received: {global_step!r:.200}"
         )
-    for name, value in [("jit_compile", jit_compile), ("steps_per_call", steps_per_call > 1)]:
-        if value:
-            raise ValueError(
-                f"`{name}` is not supported under a tf.distribute strategy yet. Build the train "
-                f"op without it, or outside the strategy's scope."
-            )
+    if steps_per_call > 1:
+        raise ValueError(
+            "`steps_per_call` is not supported under a tf.distribute strategy yet. Build the "
+            "train op without it, or outside the strategy's scope."
+        )
     return strategy
 
 
@@ -388,6 +387,7 @@ def _across_replicas(
     settings: dict[str, Any],
     before_update: Callable[[], list[Any]],
     reported_missing: set[str],
+    jit_compile: bool,
 ) -> Callable[..., Any]:
     """The step on every replica of `strategy`, returning the loss summed over them.
 
@@ -405,6 +405,10 @@ def _across_replicas(
       whole batch, the gradients are summed first and the step goes on, once, on the sum; the
       first replica then applies it and the others apply zeros, so that the optimizer's own sum
       gives the update unchanged. That is a second all-reduce of the gradients.
+
+    With `jit_compile`, XLA compiles each replica's loss and gradients, the bulk of the work:
+    the rest holds the synchronizations that XLA compiles only on GPUs, and the numerics
+    checks, which it drops.
     """
     guard = settings["check_numerics"]
     skips = isinstance(guard, numerics.SkipNonFiniteSteps)
@@ -431,6 +435,8 @@ def _across_replicas(
         # Counts of what is not finite: [the loss, the gradients].
         finite = [tf.math.is_finite(total_loss), numerics.all_finite(tf.constant(0.0), grads)]
         return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
+
+    replica_gradients = tf.function(gradients, jit_compile=True) if jit_compile else gradients
 
     def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: Any) -> Any:
         # After the check of the summed loss (`checked`), if any: a failed one changes nothing.
@@ -467,7 +473,7 @@ def _across_replicas(
         )
         verdicts = (skips or scaled) and not summed_first
         results = strategy.run(
-            lambda *a, **k: gradients(verdicts, *a, **k), args=args, kwargs=kwargs
+            lambda *a, **k: replica_gradients(verdicts, *a, **k), args=args, kwargs=kwargs
         )
         losses, grads = results[:2]
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
@@ -829,7 +835,7 @@ def create_train_op(
         accumulation_steps,
     )
     if tf.executing_eagerly():
-        if jit_compile and settings["check_numerics"] is True:
+        if jit_compile and settings["check_numerics"] is True and not tf.distribute.has_strategy():
             settings["check_numerics"] = numerics.LossCheckUnderXLA()
         if not _is_loss_callable(total_loss):
             raise TypeError(

@@ -13,6 +13,7 @@ layer. The cases:
   of the second batch;
 * `overflow` and `overflow_clip`, with a LossScaleOptimizer whose scaled gradients overflow on
   that half only (the line ends with both loss scales);
+* `jit`, `jit_skip` and `jit_clip`, with `jit_compile=True`;
 * `summaries`, written to a default writer (the line ends with the number of scalars written
   and their largest relative difference).
 """
@@ -140,6 +141,9 @@ for family, make_optimizer in OPTIMIZERS.items():
     compare("skip_clip", family, make_optimizer, x=X_NAN, check_numerics="skip",
             transform_grads_fn=clip)  # fmt: skip
     compare("accumulate", family, make_optimizer, accumulation_steps=2)
+compare("jit", "keras", OPTIMIZERS["keras"], jit_compile=True)
+compare("jit_skip", "keras", OPTIMIZERS["keras"], x=X_NAN, check_numerics="skip", jit_compile=True)
+compare("jit_clip", "keras", OPTIMIZERS["keras"], transform_grads_fn=clip, jit_compile=True)
 make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05))  # noqa: E731
 compare("overflow", "keras", make_scaling, x=X_HUGE)
 compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
@@ -225,7 +229,6 @@ print(
 variables, loss_fn = model_and_loss(two)
 outside_step = tf.Variable(0, dtype=tf.int64)
 for name, value in [
-    ("jit_compile", True),
     ("steps_per_call", 2),
     ("variables_to_train", None),
     ("global_step", outside_step),
@@ -238,6 +241,20 @@ for name, value in [
         except ValueError as error:
             if f"`{name}" in str(error):
                 print("refused", name, flush=True)
+
+with two.scope():
+    # An op without an XLA kernel in a replica's loss: XLA compiles that part, and says so.
+    train_op = trainop.create_train_op(
+        lambda x: loss_fn(tf.numpy_function(np.copy, [x], tf.float32), Y[:8]),
+        keras.optimizers.SGD(0.1),
+        variables_to_train=variables,
+        jit_compile=True,
+    )
+try:
+    train_op(next(iter(two.experimental_distribute_dataset(tf.data.Dataset.from_tensors(X[:16])))))
+except ValueError as error:
+    if "XLA cannot compile this train step" in str(error):
+        print("refused xla", flush=True)
 
 with two.scope():
     try:
