@@ -212,8 +212,14 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     compared = {
         (line[0], line[1]): line[2:]
         for line in lines
-        if line[0] not in ("refused", "loop", "raise", "sparse")
+        if line[0] not in ("refused", "loop", "raise", "sparse", "steps_per_call")
     }
+    # steps_per_call=2, each replica given its share of both batches of a call.
+    in_calls = {line[1]: line[2:] for line in lines if line[0] == "steps_per_call"}
+    assert set(in_calls) == {"plain", "skip", "clip", "jit"}
+    for case, (weight_diff, loss_diff, steps, one_replica_steps) in in_calls.items():
+        assert float(weight_diff) < 1e-6 and float(loss_diff) < 1e-6
+        assert steps == one_replica_steps == ("3" if case == "skip" else "4")
     # IndexedSlices gradients (an embedding lookup), summed by the optimizer or by the train op.
     sparse = {line[1]: line[2:] for line in lines if line[0] == "sparse"}
     assert set(sparse) == {"plain", "skip", "clip", "accumulate"}
@@ -239,12 +245,15 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
         *((case, family) for case in expected_steps for family in families),
         ("overflow", "keras"),
         ("overflow_clip", "keras"),
+        ("large", "keras"),
         ("summaries", "keras"),
         ("jit", "keras"),
         ("jit_skip", "keras"),
         ("jit_clip", "keras"),
     }
-    expected_steps.update(overflow=3, overflow_clip=3, summaries=4, jit=4, jit_skip=3, jit_clip=4)
+    expected_steps.update(
+        overflow=3, overflow_clip=3, large=4, summaries=4, jit=4, jit_skip=3, jit_clip=4
+    )
     for (case, _), (weight_diff, loss_diff, steps, one_replica_steps, *extra) in compared.items():
         # Per-replica losses divided by the replica count, gradients summed: the update of
         # one device on the whole batch, up to the order of float additions. The clip sees
@@ -255,6 +264,9 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
         if case.startswith("overflow"):
             # The loss-scale optimizer halved its scale once, as on one device.
             assert extra == ["16384.0", "16384.0"]
+        elif case == "large":
+            # Large finite gradients are applied, as without a strategy: the scale stays.
+            assert extra == ["32768.0", "32768.0"]
         elif case == "summaries":
             # 4 steps of loss, gradient norm, learning rate and a norm per gradient, each
             # written once (not once per replica) and as one device writes it.
@@ -264,7 +276,6 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     refused = {tuple(line[1:]) for line in lines if line[0] == "refused"}
     assert refused == {
         ("xla",),
-        ("steps_per_call",),
         ("variables_to_train",),
         ("global_step",),
         ("graph",),

@@ -347,10 +347,10 @@ def _scale(grad: Any, factor: tf.Tensor, divide: bool = False) -> Any:
 
 def _not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
     """`grads_and_vars`, with the smallest gradient made NaN where `finite` is False."""
-    sizes = [_values(g).shape.num_elements() for g, _ in grads_and_vars]
+    sizes = [gradient_values(g).shape.num_elements() for g, _ in grads_and_vars]
     index = min(range(len(sizes)), key=lambda i: sizes[i] if sizes[i] is not None else 2**62)
     grad, var = grads_and_vars[index]
-    values = _values(grad)
+    values = gradient_values(grad)
     values = tf.where(finite, values, tf.constant(float("nan"), values.dtype))
     if isinstance(grad, tf.IndexedSlices):
         values = tf.IndexedSlices(values, grad.indices, grad.dense_shape)
@@ -359,7 +359,7 @@ def _not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]])
     return result
 
 
-def _values(grad: Any) -> tf.Tensor:
+def gradient_values(grad: Any) -> tf.Tensor:
     return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 

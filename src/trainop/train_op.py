@@ -245,7 +245,7 @@ def _create_eager_train_op(
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
     update_fns = _check_eager_update_ops(update_ops)
-    strategy = _replicated_strategy(jit_compile, steps_per_call, global_step)
+    strategy = _replicated_strategy(global_step)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _check_variables_to_train(variables_to_train, in_graph=False)
         adapter.build(variables_to_train)
@@ -323,10 +323,18 @@ def _create_eager_train_op(
             run_update_ops,
             reported_missing,
             jit_compile,
+            steps_per_call,
         )
         # Only each replica's loss and gradients are compiled: errors need naming, no more.
         return _CompiledTrainOp(tf.function(step_fn), None) if jit_compile else tf.function(step_fn)
-    step_fn = train_step if steps_per_call == 1 else _steps_in_a_loop(train_step, steps_per_call)
+    step_fn = train_step
+    if steps_per_call > 1:
+
+        def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+            step_args, step_kwargs = _batch_at(i, steps_per_call, args, kwargs)
+            return train_step(*step_args, **step_kwargs)
+
+        step_fn = _steps_in_a_loop(step_at, steps_per_call)
     if not jit_compile:
         return tf.function(step_fn)
     if guard is False:
@@ -345,18 +353,12 @@ def _create_eager_train_op(
     return _CompiledTrainOp(tf.function(step_and_counts, jit_compile=True), guard)
 
 
-def _replicated_strategy(
-    jit_compile: bool,
-    steps_per_call: int,
-    global_step: tf.Variable | None,
-) -> Any:
+def _replicated_strategy(global_step: tf.Variable | None) -> Any:
     """The strategy whose scope the train op is built in, or None outside any.
 
     Raises:
-      ValueError: for a global step made outside the scope, and for what a strategy does not
-        allow yet: XLA compiles one device's step, not a step over several (except on GPUs,
-        untested here); a distributed dataset splits the first axis, which `steps_per_call`
-        uses for the steps.
+      ValueError: for a global step made outside the scope, which the replicas could not
+        count in.
     """
     if not tf.distribute.has_strategy():
         return None
@@ -371,11 +373,6 @@ def _replicated_strategy(
             "tf.compat.v1.train.get_or_create_global_step() called first there): the replicas "
             f"count in it once per step. Received: {global_step!r:.200}"
         )
-    if steps_per_call > 1:
-        raise ValueError(
-            "`steps_per_call` is not supported under a tf.distribute strategy yet. Build the "
-            "train op without it, or outside the strategy's scope."
-        )
     return strategy
 
 
@@ -388,6 +385,7 @@ def _across_replicas(
     before_update: Callable[[], list[Any]],
     reported_missing: set[str],
     jit_compile: bool,
+    steps_per_call: int,
 ) -> Callable[..., Any]:
     """The step on every replica of `strategy`, returning the loss summed over them.
 
@@ -432,8 +430,15 @@ def _across_replicas(
         grads = [g for g, _ in present]
         if not verdicts:
             return total_loss, grads
+        if scaled:
+            # As the loss-scale optimizer decides: every element finite.
+            grads_finite = tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(_core.gradient_values(g))) for g in grads]
+            )
+        else:
+            grads_finite = numerics.all_finite(tf.constant(0.0), grads)
         # Counts of what is not finite: [the loss, the gradients].
-        finite = [tf.math.is_finite(total_loss), numerics.all_finite(tf.constant(0.0), grads)]
+        finite = [tf.math.is_finite(total_loss), grads_finite]
         return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
 
     replica_gradients = tf.function(gradients, jit_compile=True) if jit_compile else gradients
@@ -465,16 +470,20 @@ def _across_replicas(
         applied = strategy.run(apply_on_replica, args=tuple(g for g, _ in pairs))
         return list(strategy.experimental_local_results(applied))
 
-    def distributed_step(*args: Any, **kwargs: Any) -> tf.Tensor:
+    def distributed_step(select: Callable[..., tuple], args: tuple, kwargs: dict) -> tf.Tensor:
+        """The step on the batches that `select(args, kwargs)` picks on each replica."""
         summed_first = (
             settings["transform_grads_fn"] is not None
             or settings["accumulator"] is not None
             or summaries.writes_v2_summaries()
         )
         verdicts = (skips or scaled) and not summed_first
-        results = strategy.run(
-            lambda *a, **k: replica_gradients(verdicts, *a, **k), args=args, kwargs=kwargs
-        )
+
+        def replica_part(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+            step_args, step_kwargs = select(args, kwargs)
+            return replica_gradients(verdicts, *step_args, **step_kwargs)
+
+        results = strategy.run(replica_part, args=args, kwargs=kwargs)
         losses, grads = results[:2]
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
         if summed_first:
@@ -522,16 +531,31 @@ def _across_replicas(
             finite = loss_finite
             if not scaled and guard.checks_gradients:
                 finite = tf.logical_and(loss_finite, grads_finite)
-            step = global_step if global_step is not None else adapter.iterations
-            done = [guard.update_if_finite(finite, apply, step)]
+            if global_step is not None:
+                done = [guard.update_if_finite(finite, apply, global_step)]
+            else:
+                done = [
+                    guard.update_if_finite(
+                        finite, apply, adapter.iterations, step_name="optimizer step"
+                    )
+                ]
         else:
             done = apply()
         with tf.control_dependencies(done):
             return tf.identity(loss)
 
+    def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+        return distributed_step(
+            lambda args, kwargs: _batch_at(i, steps_per_call, args, kwargs), args, kwargs
+        )
+
+    steps = _steps_in_a_loop(step_at, steps_per_call) if steps_per_call > 1 else None
+
     def in_scope(*args: Any, **kwargs: Any) -> tf.Tensor:
         with strategy.scope():
-            return distributed_step(*args, **kwargs)
+            if steps is not None:
+                return steps(*args, **kwargs)
+            return distributed_step(lambda args, kwargs: (args, kwargs), args, kwargs)
 
     return in_scope
 
@@ -543,6 +567,9 @@ def _first_replica_only(grad: Any, variable: Any, replica_id: Any) -> Any:
     """
     first = tf.get_static_value(replica_id)
     if isinstance(grad, tf.IndexedSlices):
+        if first is None:
+            values = tf.where(tf.equal(replica_id, 0), grad.values, tf.zeros_like(grad.values))
+            return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
         if first == 0:
             return tf.IndexedSlices(tf.identity(grad.values), grad.indices, grad.dense_shape)
         # No rows: the sum over the replicas is the first replica's rows.
@@ -553,32 +580,23 @@ def _first_replica_only(grad: Any, variable: Any, replica_id: Any) -> Any:
     return tf.identity(grad) if first == 0 else tf.zeros(variable.shape, grad.dtype)
 
 
-def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[..., Any]:
-    """`train_step` run `steps` times in a `tf.while_loop`, on slices of its arguments.
+def _steps_in_a_loop(
+    step_at: Callable[[tf.Tensor, tuple, dict], tf.Tensor], steps: int
+) -> Callable[..., Any]:
+    """`step_at(i, args, kwargs)` for i in range(`steps`), in a `tf.while_loop`.
 
-    Every tensor argument holds `steps` batches along its first axis; the losses of the steps
-    come back stacked, as float32.
+    `step_at` runs the step on the i-th batch of the arguments (see `_batch_at`); the losses of
+    the steps come back stacked, as float32.
     """
 
     def run_steps(*args: Any, **kwargs: Any) -> tf.Tensor:
-        inputs = tf.nest.map_structure(_as_tensor_if_array, (args, kwargs))
-        for leaf in tf.nest.flatten(inputs):
-            rank = leaf.shape.rank if isinstance(leaf, tf.Tensor) else None
-            if rank is not None and (rank == 0 or leaf.shape[0] not in (None, steps)):
-                raise ValueError(
-                    f"`steps_per_call={steps}`: every tensor argument must hold {steps} "
-                    f"batches along its first axis. Received a tensor of shape {leaf.shape}"
-                )
-
+        args, kwargs = tf.nest.map_structure(_as_tensor_if_array, (args, kwargs))
         # The loop body opens a name scope ("while/") that would prefix summary tags.
         in_outer_scope = summaries.reentrant_name_scope()
 
         def one_step(i: tf.Tensor, losses: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
-            step_args, step_kwargs = tf.nest.map_structure(
-                lambda t: t[i] if isinstance(t, tf.Tensor) else t, inputs
-            )
             with in_outer_scope():
-                loss = train_step(*step_args, **step_kwargs)
+                loss = step_at(i, args, kwargs)
             return i + 1, losses.write(i, tf.cast(loss, tf.float32))
 
         _, losses = tf.while_loop(
@@ -589,6 +607,19 @@ def _steps_in_a_loop(train_step: Callable[..., Any], steps: int) -> Callable[...
         return losses.stack()
 
     return run_steps
+
+
+def _batch_at(i: tf.Tensor, steps: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The i-th batch of each tensor argument, which holds `steps` along its first axis."""
+    for leaf in tf.nest.flatten((args, kwargs)):
+        rank = leaf.shape.rank if isinstance(leaf, tf.Tensor) else None
+        if rank is not None and (rank == 0 or leaf.shape[0] not in (None, steps)):
+            raise ValueError(
+                f"`steps_per_call={steps}`: every tensor argument must hold {steps} "
+                f"batches along its first axis (under a tf.distribute strategy, each "
+                f"replica's share). Received a tensor of shape {leaf.shape}"
+            )
+    return tf.nest.map_structure(lambda t: t[i] if isinstance(t, tf.Tensor) else t, (args, kwargs))
 
 
 def _as_tensor_if_array(value: Any) -> Any:
@@ -788,8 +819,9 @@ def create_train_op(
         cannot be compiled.
       steps_per_call: eager mode: run this many steps per call, in one compiled loop, so that
         a small model stops paying Python's per-call cost (as Keras's `steps_per_execution`).
-        Every tensor argument then holds that many batches along a new first axis, and the
-        call returns the steps' losses as a vector.
+        Every tensor argument then holds that many batches along a new first axis (under a
+        `tf.distribute` strategy, each replica's share does), and the call returns the steps'
+        losses as a vector.
       accumulation_steps: sum the gradients of this many calls and apply their mean once
         (with a loss averaged over its batch: the update of one step on a batch that many times
         larger). `transform_grads_fn`, the summaries and the update ops see the mean; the global

@@ -4,15 +4,16 @@ Run as its own process (the logical devices must be set before TensorFlow starts
 case and optimizer family, `<case> <family> <max weight difference> <max relative loss
 difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
 per setting a strategy does not take yet, a `loop` line for `trainop.train` stopped and
-resumed, `raise` lines for the default check and `sparse` lines for an embedding (see
-there). The weights include a target variable that an update op moves towards the second
-layer. The cases:
+resumed, `raise` lines for the default check, `sparse` lines for an embedding and
+`steps_per_call` lines for 2 steps a call (see there). The weights include a target
+variable that an update op moves towards the second layer. The cases:
 
 * `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
 * `skip` and `skip_clip`, with `check_numerics="skip"` and a NaN in the second replica's half
   of the second batch;
 * `overflow` and `overflow_clip`, with a LossScaleOptimizer whose scaled gradients overflow on
-  that half only (the line ends with both loss scales);
+  that half only (the line ends with both loss scales); `large`, where they are large but
+  finite;
 * `jit`, `jit_skip` and `jit_clip`, with `jit_compile=True`;
 * `summaries`, written to a default writer (the line ends with the number of scalars written
   and their largest relative difference).
@@ -40,7 +41,9 @@ Y = rng.normal(size=(64, 1)).astype(np.float32)
 X_NAN = X.copy()
 X_NAN[27, 2] = np.nan
 X_HUGE = X.copy()
-X_HUGE[27] = 1e12  # a finite loss whose gradients, scaled by 2**15, overflow float32
+X_HUGE[27] = 1e18  # a finite loss (near 1e35) whose scaled gradients overflow float32
+X_LARGE = X.copy()
+X_LARGE[27] = 3e10  # gradients near 1e20, finite scaled, though their squares are not
 OPTIMIZERS = {
     "keras": lambda: keras.optimizers.Adam(0.05),
     "v1": lambda: tf.compat.v1.train.AdamOptimizer(0.05),
@@ -110,7 +113,7 @@ def compare(case, family, make_optimizer, **kwargs):
     )
     assert np.array_equal(np.isnan(losses), np.isnan(one_losses)), (losses, one_losses)
     extra = []
-    if case.startswith("overflow"):
+    if case.startswith(("overflow", "large")):
         extra = [float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer)]
     if case == "summaries":
         written, one_written = (scalar_summaries(d) for d in logdirs)
@@ -147,7 +150,59 @@ compare("jit_clip", "keras", OPTIMIZERS["keras"], transform_grads_fn=clip, jit_c
 make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05))  # noqa: E731
 compare("overflow", "keras", make_scaling, x=X_HUGE)
 compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
+compare(
+    "large",
+    "keras",
+    lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1e-22)),
+    x=X_LARGE,
+)
 compare("summaries", "keras", OPTIMIZERS["keras"], summarize_gradients=True)
+
+
+def train_in_calls_of_2(strategy, x=X, **kwargs):
+    """The 4 batches in 2 calls of `steps_per_call=2`, each replica given its share of both."""
+    variables, loss_fn = model_and_loss(strategy)
+    with strategy.scope():
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            loss_fn,
+            keras.optimizers.Adam(0.05),
+            step,
+            variables_to_train=variables,
+            steps_per_call=2,
+            **kwargs,
+        )
+    size = 16 // strategy.num_replicas_in_sync
+
+    def shares(data, call):
+        def share(context):
+            rows = [16 * (2 * call + k) + size * context.replica_id_in_sync_group for k in (0, 1)]
+            return tf.constant(np.stack([data[row : row + size] for row in rows]))
+
+        return strategy.experimental_distribute_values_from_function(share)
+
+    losses = np.concatenate([train_op(shares(x, call), shares(Y, call)) for call in (0, 1)])
+    return np.concatenate([v.numpy().ravel() for v in variables]), losses, int(step.numpy())
+
+
+for case, kwargs in [
+    ("plain", {}),
+    ("skip", {"x": X_NAN, "check_numerics": "skip"}),
+    ("clip", {"transform_grads_fn": clip}),
+    ("jit", {"jit_compile": True}),
+]:
+    (weights, losses, steps), (one_weights, one_losses, one_steps) = (
+        train_in_calls_of_2(s, **kwargs) for s in (two, one)
+    )
+    print(
+        "steps_per_call",
+        case,
+        float(np.max(np.abs(weights - one_weights))),
+        float(np.nanmax(np.abs(losses - one_losses))),
+        steps,
+        one_steps,
+        flush=True,
+    )
 
 
 def train_embedding(strategy, **kwargs):
@@ -229,7 +284,6 @@ print(
 variables, loss_fn = model_and_loss(two)
 outside_step = tf.Variable(0, dtype=tf.int64)
 for name, value in [
-    ("steps_per_call", 2),
     ("variables_to_train", None),
     ("global_step", outside_step),
 ]:
