@@ -212,8 +212,15 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     compared = {
         (line[0], line[1]): line[2:]
         for line in lines
-        if line[0] not in ("refused", "loop", "raise", "sparse", "steps_per_call")
+        if line[0] not in ("refused", "loop", "raise", "sparse", "steps_per_call", "inside_run")
     }
+    # create_train_step inside the user's strategy.run (TF-Agents' agents): the global step
+    # counted once; a LossScaleOptimizer skips when the second replica alone overflows.
+    inside = {line[1]: line[2:] for line in lines if line[0] == "inside_run"}
+    assert inside.keys() == {"plain", "overflow"}
+    assert float(inside["plain"][0]) < 1e-6 and inside["plain"][2:] == ["4", "4"]
+    assert float(inside["overflow"][0]) < 1e-6
+    assert inside["overflow"][2:] == ["3", "3", "16384.0", "16384.0"]
     # steps_per_call=2, each replica given its share of both batches of a call.
     in_calls = {line[1]: line[2:] for line in lines if line[0] == "steps_per_call"}
     assert set(in_calls) == {"plain", "skip", "clip", "jit"}
@@ -275,6 +282,8 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
             assert extra == []
     refused = {tuple(line[1:]) for line in lines if line[0] == "refused"}
     assert refused == {
+        ("inside_run_check_numerics",),
+        ("inside_run_accumulation_steps",),
         ("xla",),
         ("variables_to_train",),
         ("global_step",),

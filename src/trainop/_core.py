@@ -274,8 +274,11 @@ def build_step(
             update_ops = list(before_update()) if before_update is not None else []
             present = _present_gradients(transformed)
             if loss_scale is not None:
-                if all_replicas_finite is not None:
-                    present = _not_finite_unless(all_replicas_finite, present)
+                finite_everywhere = all_replicas_finite
+                if finite_everywhere is None and in_a_replica():
+                    finite_everywhere = _finite_on_every_replica(present)
+                if finite_everywhere is not None:
+                    present = _not_finite_unless(finite_everywhere, present)
                 present = [(_scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
@@ -343,6 +346,25 @@ def _scale(grad: Any, factor: tf.Tensor, divide: bool = False) -> Any:
     if isinstance(grad, tf.IndexedSlices):
         return tf.IndexedSlices(scaled(grad.values), grad.indices, grad.dense_shape)
     return scaled(grad)
+
+
+def in_a_replica() -> bool:
+    """Whether the step is being built inside `strategy.run` of a `tf.distribute` strategy."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
+def elements_finite(grads: Sequence[Any]) -> tf.Tensor:
+    """Whether every element of `grads` is finite, as a loss-scale optimizer tests them."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient_values(g))) for g in grads])
+
+
+def _finite_on_every_replica(grads_and_vars: list[tuple[Any, Any]]) -> tf.Tensor:
+    """Whether every element of every replica's gradients is finite (an all-reduce)."""
+    finite = elements_finite([g for g, _ in grads_and_vars])
+    not_finite = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32)
+    )
+    return tf.equal(not_finite, 0)
 
 
 def _not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:

@@ -71,6 +71,24 @@ def _refuse_replicas() -> None:
         )
 
 
+def _check_in_a_replica(settings: dict[str, Any]) -> None:
+    """Raises for what a train op built inside `strategy.run` cannot do on every replica."""
+    if not _core.in_a_replica():
+        return
+    for name, asked in [
+        ("check_numerics", isinstance(settings["check_numerics"], numerics.SkipNonFiniteSteps)),
+        ("accumulation_steps", settings["accumulator"] is not None),
+    ]:
+        if asked:
+            # Both apply the update in a tf.cond, which replicas cannot synchronize inside.
+            raise ValueError(
+                f"`{name}`: a train op built inside strategy.run cannot skip or delay the "
+                "update on every replica at once. Build it in the strategy's scope with the "
+                "loss as a callable: it then runs strategy.run itself, and decides for all "
+                "replicas."
+            )
+
+
 def _check_callable_or_none(name: str, value: Any) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")
@@ -201,6 +219,7 @@ def _create_graph_train_op(
     variables_to_train: Any,
     settings: dict[str, Any],
 ) -> tf.Tensor:
+    _check_in_a_replica(settings)
     update_ops = _graph_update_ops(update_ops)
     if update_ops:
         # The loss is returned only once the update ops (batch-norm statistics...) have run.
@@ -432,9 +451,7 @@ def _across_replicas(
             return total_loss, grads
         if scaled:
             # As the loss-scale optimizer decides: every element finite.
-            grads_finite = tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(_core.gradient_values(g))) for g in grads]
-            )
+            grads_finite = _core.elements_finite(grads)
         else:
             grads_finite = numerics.all_finite(tf.constant(0.0), grads)
         # Counts of what is not finite: [the loss, the gradients].

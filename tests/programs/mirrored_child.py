@@ -4,8 +4,9 @@ Run as its own process (the logical devices must be set before TensorFlow starts
 case and optimizer family, `<case> <family> <max weight difference> <max relative loss
 difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
 per setting a strategy does not take yet, a `loop` line for `trainop.train` stopped and
-resumed, `raise` lines for the default check, `sparse` lines for an embedding and
-`steps_per_call` lines for 2 steps a call (see there). The weights include a target
+resumed, `raise` lines for the default check, `sparse` lines for an embedding,
+`steps_per_call` lines for 2 steps a call and `inside_run` lines for a train step built inside
+`strategy.run` (see there). The weights include a target
 variable that an update op moves towards the second layer. The cases:
 
 * `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
@@ -203,6 +204,52 @@ for case, kwargs in [
         one_steps,
         flush=True,
     )
+
+
+def train_inside_run(strategy, make_optimizer, x=X, build=trainop.create_train_step, **kwargs):
+    """`create_train_step` inside the user's `strategy.run`, as TF-Agents' agents call it."""
+    variables, loss_fn = model_and_loss(strategy)
+    with strategy.scope():
+        step = tf.Variable(0, dtype=tf.int64)
+        optimizer = make_optimizer()
+
+    @tf.function
+    def train(x, y):
+        def on_replica(x, y):
+            loss = loss_fn(x, y) / strategy.num_replicas_in_sync
+            return build(loss, optimizer, step, variables_to_train=variables, **kwargs)
+
+        return strategy.reduce("SUM", strategy.run(on_replica, (x, y)), axis=None)
+
+    data = tf.data.Dataset.from_tensor_slices((x, Y)).batch(16)
+    losses = [float(train(*batch)) for batch in strategy.experimental_distribute_dataset(data)]
+    weights = np.concatenate([v.numpy().ravel() for v in variables])
+    return weights, np.array(losses), int(step.numpy()), optimizer
+
+
+for case, make_optimizer, x in [
+    ("plain", OPTIMIZERS["keras"], X),
+    ("overflow", make_scaling, X_HUGE),
+]:
+    (weights, losses, steps, optimizer), (one_weights, one_losses, one_steps, one_optimizer) = (
+        train_inside_run(s, make_optimizer, x=x) for s in (two, one)
+    )
+    print(
+        "inside_run",
+        case,
+        float(np.max(np.abs(weights - one_weights))),
+        float(np.nanmax(np.abs(losses - one_losses) / np.maximum(np.abs(one_losses), 1.0))),
+        steps,
+        one_steps,
+        *[float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer) if case != "plain"],
+        flush=True,
+    )
+for name, value in [("check_numerics", "skip"), ("accumulation_steps", 2)]:
+    try:
+        train_inside_run(two, OPTIMIZERS["keras"], build=trainop.create_train_op, **{name: value})
+    except ValueError as error:
+        if f"`{name}`: a train op built inside strategy.run" in str(error):
+            print("refused", f"inside_run_{name}", flush=True)
 
 
 def train_embedding(strategy, **kwargs):
