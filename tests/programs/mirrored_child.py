@@ -123,9 +123,15 @@ def compare(case, family, make_optimizer, **kwargs):
             len(written),
             max(abs(written[k] - one_written[k]) / max(abs(one_written[k]), 1.0) for k in written),
         ]
+    report(case, family, (weights, losses, steps), (one_weights, one_losses, one_steps), *extra)
+
+
+def report(case, name, run, one_device_run, *extra):
+    """Prints a case's line: weight and relative loss differences, both global steps, extras."""
+    (weights, losses, steps), (one_weights, one_losses, one_steps) = run, one_device_run
     print(
         case,
-        family,
+        name,
         float(np.max(np.abs(weights - one_weights))),
         float(np.nanmax(np.abs(losses - one_losses) / np.maximum(np.abs(one_losses), 1.0))),
         steps,
@@ -192,18 +198,7 @@ for case, kwargs in [
     ("clip", {"transform_grads_fn": clip}),
     ("jit", {"jit_compile": True}),
 ]:
-    (weights, losses, steps), (one_weights, one_losses, one_steps) = (
-        train_in_calls_of_2(s, **kwargs) for s in (two, one)
-    )
-    print(
-        "steps_per_call",
-        case,
-        float(np.max(np.abs(weights - one_weights))),
-        float(np.nanmax(np.abs(losses - one_losses))),
-        steps,
-        one_steps,
-        flush=True,
-    )
+    report("steps_per_call", case, *(train_in_calls_of_2(s, **kwargs) for s in (two, one)))
 
 
 def train_inside_run(strategy, make_optimizer, x=X, build=trainop.create_train_step, **kwargs):
@@ -231,19 +226,12 @@ for case, make_optimizer, x in [
     ("plain", OPTIMIZERS["keras"], X),
     ("overflow", make_scaling, X_HUGE),
 ]:
-    (weights, losses, steps, optimizer), (one_weights, one_losses, one_steps, one_optimizer) = (
-        train_inside_run(s, make_optimizer, x=x) for s in (two, one)
-    )
-    print(
-        "inside_run",
-        case,
-        float(np.max(np.abs(weights - one_weights))),
-        float(np.nanmax(np.abs(losses - one_losses) / np.maximum(np.abs(one_losses), 1.0))),
-        steps,
-        one_steps,
-        *[float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer) if case != "plain"],
-        flush=True,
-    )
+    *run, optimizer = train_inside_run(two, make_optimizer, x=x)
+    *one_device_run, one_optimizer = train_inside_run(one, make_optimizer, x=x)
+    scales = []
+    if case == "overflow":
+        scales = [float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer)]
+    report("inside_run", case, run, one_device_run, *scales)
 for name, value in [("check_numerics", "skip"), ("accumulation_steps", 2)]:
     try:
         train_inside_run(two, OPTIMIZERS["keras"], build=trainop.create_train_op, **{name: value})
