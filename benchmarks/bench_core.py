@@ -221,6 +221,24 @@ def max_weight_difference(a: keras.Model, b: keras.Model) -> float:
     return max(float(np.max(np.abs(wa - wb))) for wa, wb in zip(a.get_weights(), b.get_weights()))
 
 
+def interleaved_results(
+    times: dict[str, list[float]],
+    variants: Sequence[Variant],
+    reference: str,
+    candidates: Sequence[str],
+) -> dict[str, Any]:
+    """Per variant its timing summary; per candidate its ratios to `reference` and the largest
+    difference of its weights from the reference's."""
+    models = {v.name: v.model for v in variants}
+    return {
+        "variants": {name: summarize(t) for name, t in times.items()},
+        "ratios": compare(times, reference, candidates),
+        "max_weight_diff": {
+            name: max_weight_difference(models[reference], models[name]) for name in candidates
+        },
+    }
+
+
 def time_interleaved(
     variants: Sequence[Variant],
     batches: Sequence[tuple[tf.Tensor, tf.Tensor]],
@@ -362,6 +380,18 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def parse_blocks_threads_json(description: str, argv: Sequence[str] | None) -> Any:
+    """The `--blocks`, `--threads` and `--json PATH` options of a benchmark's command line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if min(args.blocks, args.threads) < 1:
+        parser.error("--blocks and --threads must be at least 1")
+    return args
 
 
 def machine_info() -> dict[str, Any]:

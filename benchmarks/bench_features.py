@@ -43,14 +43,12 @@ from benchmarks.bench_core import (  # noqa: E402
     DEFAULT_WARMUP_STEPS,
     LEARNING_RATE,
     Variant,
-    compare,
     copy_model,
+    interleaved_results,
     machine_info,
     make_loss_fn,
     make_model,
-    max_weight_difference,
     prepare,
-    summarize,
     time_interleaved,
     write_json,
 )
@@ -112,7 +110,6 @@ def run(
         variants = make_variants(writer, batches[0])
         times = time_interleaved(variants, batches, blocks, steps_per_block, warmup_steps)
     candidates = [name for name in FEATURES if name != REFERENCE]
-    by_name = {v.name: v for v in variants}
     return {
         "config": {
             "blocks": blocks,
@@ -121,13 +118,8 @@ def run(
             "warmup_steps": warmup_steps,
             "summary_every_n_steps": SUMMARY_EVERY_N_STEPS,
         },
-        "variants": {name: summarize(t) for name, t in times.items()},
-        "ratios": compare(times, REFERENCE, candidates),
-        # None of the features may change what is trained on healthy batches.
-        "max_weight_diff": {
-            name: max_weight_difference(by_name[REFERENCE].model, by_name[name].model)
-            for name in candidates
-        },
+        # max_weight_diff: none of the features may change what healthy batches train.
+        **interleaved_results(times, variants, REFERENCE, candidates),
     }
 
 

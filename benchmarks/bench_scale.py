@@ -31,7 +31,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import argparse  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -49,6 +48,7 @@ from benchmarks.bench_core import (  # noqa: E402
     make_baseline_step,
     make_loss_fn,
     make_model,
+    parse_blocks_threads_json,
     set_threads,
     write_json,
 )
@@ -162,13 +162,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parses the command line, runs the benchmark and prints its tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=150)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
-    args = parser.parse_args(argv)
-    if min(args.blocks, args.threads) < 1:
-        parser.error("--blocks and --threads must be at least 1")
+    args = parse_blocks_threads_json(__doc__.splitlines()[0], argv)
     results = run(args.blocks, args.threads)
     info = machine_info()
     print(

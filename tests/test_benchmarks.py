@@ -99,3 +99,14 @@ def test_bench_scale_smoke_run(tmp_path):
         assert variants["trainop"]["max_weight_diff_vs_baseline"] == 0.0
         assert variants["k16"]["max_weight_diff_vs_baseline"] == 0.0
         assert all(v["speedup_vs_baseline"] > 0 for v in variants.values())
+
+
+def test_bench_strategy_smoke_run(tmp_path):
+    stdout, results = _run_json("benchmarks.bench_strategy", tmp_path, "--blocks", "2")
+    assert "MirroredStrategy over 2 logical CPUs" in stdout
+    assert set(results["variants"]) == {"baseline", "trainop", "skip", "clip"}
+    # The same batches and weights: the train op did the hand-written distributed step's work,
+    # with or without the skip guard; the clip changed the updates.
+    assert results["max_weight_diff"]["trainop"] == results["max_weight_diff"]["skip"] == 0.0
+    assert results["max_weight_diff"]["clip"] > 0.0
+    assert all(r["time_ratio"] > 0 for r in results["ratios"].values())
