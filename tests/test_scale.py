@@ -284,6 +284,7 @@ def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
     assert refused == {
         ("inside_run_check_numerics",),
         ("inside_run_accumulation_steps",),
+        ("called_inside_run",),
         ("xla",),
         ("variables_to_train",),
         ("global_step",),

@@ -72,7 +72,8 @@ def _refuse_replicas() -> None:
 
 
 def _check_in_a_replica(settings: dict[str, Any]) -> None:
-    """Raises for what a train op built inside `strategy.run` cannot do on every replica."""
+    """Raises for what a train op built or called inside `strategy.run` cannot do on every
+    replica."""
     if not _core.in_a_replica():
         return
     for name, asked in [
@@ -82,10 +83,10 @@ def _check_in_a_replica(settings: dict[str, Any]) -> None:
         if asked:
             # Both apply the update in a tf.cond, which replicas cannot synchronize inside.
             raise ValueError(
-                f"`{name}`: a train op built inside strategy.run cannot skip or delay the "
-                "update on every replica at once. Build it in the strategy's scope with the "
-                "loss as a callable: it then runs strategy.run itself, and decides for all "
-                "replicas."
+                f"`{name}`: a train op built or called inside strategy.run cannot skip or "
+                "delay the update on every replica at once. Build it in the strategy's scope "
+                "with the loss as a callable, and call it outside strategy.run: it then runs "
+                "strategy.run itself, and decides for all replicas."
             )
 
 
@@ -315,6 +316,8 @@ def _create_eager_train_op(
         return loss, total_loss, variables
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
+        # Built outside a strategy's scope, the train op may still be called in strategy.run.
+        _check_in_a_replica(settings)
         loss, total_loss, variables = loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,

@@ -236,7 +236,7 @@ for name, value in [("check_numerics", "skip"), ("accumulation_steps", 2)]:
     try:
         train_inside_run(two, OPTIMIZERS["keras"], build=trainop.create_train_op, **{name: value})
     except ValueError as error:
-        if f"`{name}`: a train op built inside strategy.run" in str(error):
+        if f"`{name}`: a train op built or called inside strategy.run" in str(error):
             print("refused", f"inside_run_{name}", flush=True)
 
 
@@ -317,6 +317,16 @@ print(
 )
 
 variables, loss_fn = model_and_loss(two)
+# An eager train op built outside the scope, then called in the user's strategy.run.
+skipping = trainop.create_train_op(
+    loss_fn, keras.optimizers.SGD(0.1), None, variables_to_train=variables, check_numerics="skip"
+)
+try:
+    two.run(tf.function(skipping), (tf.constant(X[:8]), tf.constant(Y[:8])))
+except ValueError as error:
+    if "`check_numerics`: a train op built or called inside strategy.run" in str(error):
+        print("refused called_inside_run", flush=True)
+
 outside_step = tf.Variable(0, dtype=tf.int64)
 for name, value in [
     ("variables_to_train", None),
