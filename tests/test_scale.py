@@ -317,10 +317,15 @@ def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch()
         )
         for index in (0, 1)
     ]
-    outputs = [worker.communicate(timeout=300) for worker in workers]
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        # A worker waiting in an all-reduce for one that never comes would never end.
+        for worker in workers:
+            worker.kill()
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-2000:]
-    plain, skip, clip = [line.split() for line in outputs[0][0].splitlines()]
+    plain, skip, clip, scaled = [line.split() for line in outputs[0][0].splitlines()]
     weight_diff, steps, one_device_steps = plain
     assert float(weight_diff) < 1e-6
     assert steps == one_device_steps == "4"
@@ -333,6 +338,10 @@ def test_two_worker_processes_make_the_update_of_one_device_on_the_whole_batch()
     weight_diff, steps, one_device_steps = clip
     assert float(weight_diff) < 1e-6
     assert steps == one_device_steps == "4"
+    # A loss-scale optimizer's overflow on one worker, gradients summed first: both skip.
+    weight_diff, steps, one_device_steps = scaled
+    assert float(weight_diff) < 1e-6
+    assert steps == one_device_steps == "3"
 
 
 def _mixed(loss_scale=None, policy="float32", calls=8, **kwargs):

@@ -278,7 +278,7 @@ def build_step(
                 if finite_everywhere is None and in_a_replica():
                     finite_everywhere = _finite_on_every_replica(present)
                 if finite_everywhere is not None:
-                    present = _not_finite_unless(finite_everywhere, present)
+                    present = not_finite_unless(finite_everywhere, present)
                 present = [(_scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
@@ -367,7 +367,7 @@ def _finite_on_every_replica(grads_and_vars: list[tuple[Any, Any]]) -> tf.Tensor
     return tf.equal(not_finite, 0)
 
 
-def _not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
+def not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
     """`grads_and_vars`, with the smallest gradient made NaN where `finite` is False."""
     sizes = [gradient_values(g).shape.num_elements() for g, _ in grads_and_vars]
     index = min(range(len(sizes)), key=lambda i: sizes[i] if sizes[i] is not None else 2**62)

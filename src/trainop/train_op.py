@@ -74,7 +74,7 @@ def _refuse_replicas() -> None:
 def _check_in_a_replica(settings: dict[str, Any]) -> None:
     """Raises for what a train op built or called inside `strategy.run` cannot do on every
     replica."""
-    if not _core.in_a_replica():
+    if not _core.in_a_replica() or tf.distribute.get_strategy().num_replicas_in_sync == 1:
         return
     for name, asked in [
         ("check_numerics", isinstance(settings["check_numerics"], numerics.SkipNonFiniteSteps)),
@@ -479,15 +479,21 @@ def _across_replicas(
 
     def apply_summed(pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
         variables = [v for _, v in pairs]
+        grads = [g for g, _ in pairs]
+        # A loss-scale optimizer that decides on each replica (where the strategy has no
+        # merge_call) must see the sum's overflow on the replicas given zeros too.
+        finite = _core.elements_finite(grads) if may_skip else None
 
-        def apply_on_replica(*grads: Any) -> tf.Tensor:
+        def apply_on_replica(finite: Any, *grads: Any) -> tf.Tensor:
             replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-            own = [_first_replica_only(g, v, replica_id) for g, v in zip(grads, variables)]
-            applied = adapter.apply(list(zip(own, variables)), global_step, True, may_skip)
+            own = [(_first_replica_only(g, v, replica_id), v) for g, v in zip(grads, variables)]
+            if finite is not None:
+                own = _core.not_finite_unless(finite, own)
+            applied = adapter.apply(own, global_step, True, may_skip)
             with tf.control_dependencies([applied]):
                 return tf.constant(True)
 
-        applied = strategy.run(apply_on_replica, args=tuple(g for g, _ in pairs))
+        applied = strategy.run(apply_on_replica, args=(finite, *grads))
         return list(strategy.experimental_local_results(applied))
 
     def distributed_step(select: Callable[..., tuple], args: tuple, kwargs: dict) -> tf.Tensor:
