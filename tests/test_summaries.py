@@ -33,11 +33,11 @@ def test_gradient_and_variable_summaries_are_written_with_their_values(tmp_path)
     writer.flush()
     assert written == [True] * 8
     values = _read(tmp_path)
-    assert values["summarize_grads/layer/kernel_gradient_norm"][0] == 5
-    assert float(values["summarize_grads/layer/kernel_gradient_norm"][1]) == pytest.approx(1.0)
-    assert float(values["summarize_grads/embedding_gradient_norm"][1]) == pytest.approx(3.0)
-    assert float(values["summarize_vars/layer/kernel_value_norm"][1]) == pytest.approx(5.0)
-    histogram = values["summarize_grads/embedding_gradient"][1]
+    assert values["summarize_grads/layer/kernel_0_gradient_norm"][0] == 5
+    assert float(values["summarize_grads/layer/kernel_0_gradient_norm"][1]) == pytest.approx(1.0)
+    assert float(values["summarize_grads/embedding_0_gradient_norm"][1]) == pytest.approx(3.0)
+    assert float(values["summarize_vars/layer/kernel_0_value_norm"][1]) == pytest.approx(5.0)
+    histogram = values["summarize_grads/embedding_0_gradient"][1]
     # A histogram of the 4 values of the slices (not of the dense 10 x 2 gradient).
     assert histogram[:, 2].sum() == 4
 
@@ -67,8 +67,9 @@ def test_tf_slim_call_without_step_uses_the_global_step_in_graph_mode(tmp_path):
         session.run(ops)
         session.run(writer.flush())
     values = _read(tmp_path)
-    assert values["summarize_grads/w_gradient_norm"][0] == 12
-    np.testing.assert_allclose(values["summarize_grads/w_gradient_norm"][1], 2.0)
+    # A tf.summary writer: TensorFlow 2's summaries, named as TF-Agents names them.
+    assert values["summarize_grads/w_0_gradient_norm"][0] == 12
+    np.testing.assert_allclose(values["summarize_grads/w_0_gradient_norm"][1], 2.0)
 
 
 def test_graph_mode_without_a_writer_adds_tf1_summaries_for_tf_slim_loops():
@@ -96,8 +97,10 @@ def test_graph_mode_without_a_writer_adds_tf1_summaries_for_tf_slim_loops():
         np.full((5,), 2.5),  # one distinct value
         np.zeros((0,)),  # no values
         np.arange(10),  # integers
+        np.linspace(-4.6, 2.7, 31),  # a value on every inner bucket edge
+        np.linspace(-1.0, 2.0, 91).astype(np.float32),  # three on each edge, float32
     ],
-    ids=["float64", "float32", "one_value", "empty", "int"],
+    ids=["float64", "float32", "one_value", "empty", "int", "on_edges", "on_edges_float32"],
 )
 def test_histogram_writes_what_tensorboard_writes(tmp_path, data):
     writer = tf.summary.create_file_writer(str(tmp_path))
@@ -157,13 +160,13 @@ def test_gradient_summaries_follow_the_cadence_and_a_learning_rate_schedule(tmp_
             train_op()
     writer.flush()
     series = read_summaries(tmp_path)
-    assert [s for s, _ in series["summarize_grads/weights_gradient_norm"]] == [0, 2, 4]
+    assert [s for s, _ in series["summarize_grads/weights_0_gradient_norm"]] == [0, 2, 4]
     np.testing.assert_allclose(
-        [v for _, v in series["summarize_grads/weights_gradient_norm"]],
+        [v for _, v in series["summarize_grads/weights_0_gradient_norm"]],
         np.take(gradient_norms, [0, 2, 4]),
         rtol=1e-6,
     )
-    assert [v[:, 2].sum() for _, v in series["summarize_grads/weights_gradient"]] == [2, 2, 2]
+    assert [v[:, 2].sum() for _, v in series["summarize_grads/weights_0_gradient"]] == [2, 2, 2]
     # The rate the update of that step used: 0.5 * 0.5 ** step.
     np.testing.assert_allclose(
         [v for _, v in series["train/learning_rate"]], [0.5, 0.125, 0.03125], rtol=1e-6
@@ -247,7 +250,7 @@ def test_a_nan_gradient_does_not_break_a_writing_step(tmp_path):
         )
         train_op()
     writer.flush()
-    assert "summarize_grads/w_gradient" in _read(tmp_path)
+    assert "summarize_grads/w_0_gradient" in _read(tmp_path)
 
 
 def test_gradients_of_mixed_float_dtypes_have_one_global_norm(tmp_path):
@@ -307,3 +310,73 @@ def test_the_learning_rate_written_is_the_one_of_that_update(tmp_path, family):
     written = [v for _, v in read_summaries(tmp_path)["train/learning_rate"]]
     np.testing.assert_allclose(written, applied, rtol=1e-5)
     np.testing.assert_allclose(written, [0.5, 0.25, 0.125], rtol=1e-6)
+
+
+def test_tf1_histograms_of_a_non_finite_gradient_hold_its_finite_values():
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.compat.v1.get_variable("w", initializer=[1.0, 2.0, 3.0], use_resource=True)
+        guard = trainop.SkipNonFiniteSteps()
+
+        # A finite loss whose gradient is [1, inf, 3]: the guard skips the step.
+        @tf.custom_gradient
+        def identity(x):
+            return tf.identity(x), lambda dy: dy * tf.constant([1.0, np.inf, 3.0])
+
+        loss = tf.reduce_sum(identity(w))
+        [grad] = tf.gradients(loss, [w])
+        standalone = trainop.add_gradients_summaries([(grad, w)])
+        train_op = trainop.create_train_op(
+            loss,
+            tf.compat.v1.train.GradientDescentOptimizer(0.5),
+            summarize_gradients=True,
+            check_numerics=guard,
+        )
+        merged = tf.compat.v1.summary.merge_all()
+        session.run(tf.compat.v1.global_variables_initializer())
+        summary, _ = session.run([merged, train_op])
+        np.testing.assert_array_equal(session.run(w), [1.0, 2.0, 3.0])
+        assert session.run(guard.skipped_steps) == 1
+        assert len(standalone) == 2
+    values = {v.tag: v for v in tf.compat.v1.Summary.FromString(summary).value}
+    # TF-Slim's names: the standalone function in the caller's scope, the train op's in
+    # summarize_grads/.
+    for tag in ("w_gradient", "summarize_grads/w_gradient"):
+        assert values[tag].histo.num == 2
+        assert (values[tag].histo.min, values[tag].histo.max) == (1.0, 3.0)
+        assert np.isinf(values[tag + "_norm"].simple_value)
+
+
+def test_tags_are_the_peers_tags(tmp_path):
+    """TensorFlow 2 summaries as TF-Agents' eager_utils names them (`var.name`, ':' made '_');
+    TF1 summaries as TF-Slim names them (`var.op.name`); Keras 3 variables by their path."""
+    kernel = tf.Variable([3.0, 4.0], name="dense/kernel")
+    layer = keras.layers.Dense(1, name="head")
+    layer.build((None, 2))
+    pairs = [(tf.constant([0.0, 1.0]), kernel), (tf.ones((2, 1)), layer.kernel)]
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        trainop.add_gradients_summaries(pairs, step=1)
+        trainop.add_variables_summaries(pairs, step=1)
+    writer.flush()
+    assert set(_read(tmp_path)) == {
+        "summarize_grads/dense/kernel_0_gradient",
+        "summarize_grads/dense/kernel_0_gradient_norm",
+        "summarize_grads/head/kernel_gradient",
+        "summarize_grads/head/kernel_gradient_norm",
+        "summarize_vars/dense/kernel_0_value",
+        "summarize_vars/dense/kernel_0_value_norm",
+        "summarize_vars/head/kernel_value",
+        "summarize_vars/head/kernel_value_norm",
+    }
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        v = tf.compat.v1.get_variable("dense/kernel", initializer=[1.0], use_resource=True)
+        trainop.add_gradients_summaries([(tf.constant([2.0]), v)])
+        trainop.add_variables_summaries([(None, v)])
+        session.run(tf.compat.v1.global_variables_initializer())
+        summary = session.run(tf.compat.v1.summary.merge_all())
+    assert [v.tag for v in tf.compat.v1.Summary.FromString(summary).value] == [
+        "dense/kernel_gradient",
+        "dense/kernel_gradient_norm",
+        "dense/kernel_value",
+        "dense/kernel_value_norm",
+    ]

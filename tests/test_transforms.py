@@ -235,13 +235,83 @@ def test_clip_by_value_on_indexed_slices():
     np.testing.assert_array_equal(clipped.indices.numpy(), [0, 3])
 
 
+NAN, INF = float("nan"), float("inf")
+BAD_SETTINGS = [
+    (lambda: trainop.clip_gradient_norms_fn(-1.0), ValueError, "`max_norm`.*max_norm=-1.0"),
+    (lambda: trainop.clip_gradient_norms_fn(0.0), ValueError, "`max_norm`.*max_norm=0.0"),
+    (lambda: trainop.clip_gradient_norms_fn(NAN), ValueError, "`max_norm`.*max_norm=nan"),
+    (lambda: trainop.clip_gradient_norms([], -INF), ValueError, "`max_norm`.*max_norm=-inf"),
+    (lambda: trainop.clip_by_global_norm_fn(0.0), ValueError, "`max_norm`.*max_norm=0.0"),
+    (lambda: trainop.clip_by_global_norm_fn(NAN), ValueError, "`max_norm`.*max_norm=nan"),
+    (lambda: trainop.clip_by_global_norm([], -2), ValueError, "`max_norm`.*max_norm=-2"),
+    (lambda: trainop.clip_by_global_norm_fn("1"), TypeError, "`max_norm`.*max_norm='1'"),
+    (lambda: trainop.clip_by_global_norm_fn(True), TypeError, "`max_norm`.*max_norm=True"),
+    (lambda: trainop.clip_by_value_fn(1.0, -1.0), ValueError, "`clip_value_min` must not"),
+    (lambda: trainop.clip_by_value_fn(NAN, 1.0), ValueError, "`clip_value_min`.*=nan"),
+    (lambda: trainop.clip_by_value_fn(-1.0, NAN), ValueError, "`clip_value_max`.*=nan"),
+    (lambda: trainop.clip_by_value([], INF, -INF), ValueError, "`clip_value_min` must not"),
+    (lambda: trainop.add_gradient_noise_fn(-1.0), ValueError, "`stddev`.*stddev=-1.0"),
+    (lambda: trainop.add_gradient_noise_fn(NAN), ValueError, "`stddev`.*stddev=nan"),
+    (lambda: trainop.add_gradient_noise_fn(INF), ValueError, "`stddev`.*stddev=inf"),
+    (lambda: trainop.add_gradient_noise([], -0.5), ValueError, "`stddev`.*stddev=-0.5"),
+    (
+        lambda: trainop.add_gradient_noise_fn(1.0, decay_exponent=-0.5),
+        ValueError,
+        "`decay_exponent`.*decay_exponent=-0.5",
+    ),
+    (lambda: trainop.multiply_gradients_fn({"w": NAN}), ValueError, "`gradient_multipliers`.*nan"),
+    (lambda: trainop.multiply_gradients_fn({"w": INF}), ValueError, "`gradient_multipliers`.*inf"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", BAD_SETTINGS)
+def test_transforms_check_their_numbers_when_made(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+EDGE_GRADIENTS = [
+    (tf.constant([3e30, -4e30]), tf.Variable([0.0, 0.0])),
+    (tf.constant([1e-30], tf.float16), tf.Variable([0.0], dtype=tf.float16)),
+    (
+        tf.IndexedSlices(tf.constant([[1e20, 2.0], [1e20, -1.0]]), tf.constant([2, 2]), [4, 2]),
+        tf.Variable(tf.zeros((4, 2))),
+    ),
+    (tf.constant([INF, 1.0]), tf.Variable([0.0, 0.0])),
+]
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        trainop.clip_gradient_norms_fn(INF),
+        trainop.clip_by_global_norm_fn(INF),
+        trainop.clip_by_value_fn(-INF, INF),
+        trainop.add_gradient_noise_fn(0.0),
+        trainop.chain(trainop.clip_by_global_norm_fn(INF), trainop.clip_gradient_norms_fn(INF)),
+    ],
+    ids=["clip_each", "clip_global", "clip_value", "noise_0", "chain"],
+)
+def test_an_infinite_bound_clips_nothing(transform):
+    for (grad, var), (out, out_var) in zip(EDGE_GRADIENTS, transform(EDGE_GRADIENTS)):
+        assert out_var is var
+        dense = tf.convert_to_tensor(grad).numpy()
+        np.testing.assert_array_equal(tf.convert_to_tensor(out).numpy(), dense)
+
+
+@pytest.mark.parametrize("max_norm", [1e-6, 1e6])
+def test_tiny_and_huge_bounds_clip_to_exactly_the_bound(max_norm):
+    grads = [(tf.constant([3.0, 4.0]), None), (tf.constant([[1e3]]), None)]
+    norm = np.sqrt(25.0 + 1e6)
+    each = trainop.clip_gradient_norms(grads, max_norm)
+    together = trainop.clip_by_global_norm(grads, max_norm)
+    np.testing.assert_allclose(each[0][0].numpy(), np.array([3, 4]) * min(1, max_norm / 5))
+    np.testing.assert_allclose(each[1][0].numpy(), [[1e3 * min(1, max_norm / 1e3)]], rtol=1e-6)
+    scale = min(1.0, max_norm / norm)
+    np.testing.assert_allclose(together[0][0].numpy(), np.array([3, 4]) * scale, rtol=1e-6)
+
+
 def test_transform_factories_reject_bad_settings():
-    with pytest.raises(ValueError, match="`max_norm` must be positive"):
-        trainop.clip_by_global_norm_fn(0.0)
-    with pytest.raises(ValueError, match="`clip_value_min` must not exceed"):
-        trainop.clip_by_value_fn(1.0, -1.0)
-    with pytest.raises(ValueError, match="`stddev` and `decay_exponent`"):
-        trainop.add_gradient_noise_fn(-1.0)
     with pytest.raises(TypeError, match="`chain` takes transform_grads_fn callables"):
         trainop.chain(trainop.clip_by_value_fn(-1.0, 1.0), 3.0)
     with pytest.raises(TypeError, match="compiled regular"):

@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import accumulation, numerics, optimizers, summaries
+from trainop import _gradients, accumulation, numerics, optimizers, summaries
 
 logger = logging.getLogger("trainop")
 
@@ -166,7 +166,7 @@ def step_gradients(
         # which skips (and counts down its scale for) the steps that overflowed.
         scaled_loss = total_loss * tf.cast(loss_scale, total_loss.dtype)
         grads_and_vars = [
-            (_scale(g, loss_scale, divide=True), v)
+            (_gradients.scale(g, loss_scale, divide=True), v)
             for g, v in compute_gradients(
                 scaled_loss, variables, gate_gradients, aggregation_method
             )
@@ -279,7 +279,7 @@ def build_step(
                     finite_everywhere = _finite_on_every_replica(present)
                 if finite_everywhere is not None:
                     present = not_finite_unless(finite_everywhere, present)
-                present = [(_scale(g, loss_scale), v) for g, v in present]
+                present = [(_gradients.scale(g, loss_scale), v) for g, v in present]
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
                 if apply_gradients is not None:
@@ -325,27 +325,15 @@ def build_step(
     else:
         done = accumulate() if accumulator is not None else transform_and_update()
     if tf1_summaries:
-        # Beside the step, for the caller's loop to fetch.
-        summaries.add_gradients_summaries(
-            transformed if transformed is not None else grads_and_vars, step
-        )
+        # Beside the step, for the caller's loop to fetch; named as TF-Slim's train op names
+        # them.
+        with tf.name_scope("summarize_grads"):
+            summaries.add_gradients_summaries(
+                transformed if transformed is not None else grads_and_vars, step
+            )
 
     with tf.control_dependencies(done):
         return tf.identity(total_loss, name="train_op")
-
-
-def _scale(grad: Any, factor: tf.Tensor, divide: bool = False) -> Any:
-    """`grad * factor` (or `grad / factor`), for a dense or `IndexedSlices` gradient or None."""
-    if grad is None:
-        return None
-
-    def scaled(values: tf.Tensor) -> tf.Tensor:
-        factor_ = tf.cast(factor, values.dtype)
-        return values / factor_ if divide else values * factor_
-
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(scaled(grad.values), grad.indices, grad.dense_shape)
-    return scaled(grad)
 
 
 def in_a_replica() -> bool:
@@ -355,7 +343,7 @@ def in_a_replica() -> bool:
 
 def elements_finite(grads: Sequence[Any]) -> tf.Tensor:
     """Whether every element of `grads` is finite, as a loss-scale optimizer tests them."""
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient_values(g))) for g in grads])
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(_gradients.values(g))) for g in grads])
 
 
 def _finite_on_every_replica(grads_and_vars: list[tuple[Any, Any]]) -> tf.Tensor:
@@ -369,20 +357,16 @@ def _finite_on_every_replica(grads_and_vars: list[tuple[Any, Any]]) -> tf.Tensor
 
 def not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
     """`grads_and_vars`, with the smallest gradient made NaN where `finite` is False."""
-    sizes = [gradient_values(g).shape.num_elements() for g, _ in grads_and_vars]
+    sizes = [_gradients.values(g).shape.num_elements() for g, _ in grads_and_vars]
     index = min(range(len(sizes)), key=lambda i: sizes[i] if sizes[i] is not None else 2**62)
     grad, var = grads_and_vars[index]
-    values = gradient_values(grad)
+    values = _gradients.values(grad)
     values = tf.where(finite, values, tf.constant(float("nan"), values.dtype))
     if isinstance(grad, tf.IndexedSlices):
         values = tf.IndexedSlices(values, grad.indices, grad.dense_shape)
     result = list(grads_and_vars)
     result[index] = (values, var)
     return result
-
-
-def gradient_values(grad: Any) -> tf.Tensor:
-    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 
 def as_ops(values: Sequence[Any]) -> list[Any]:

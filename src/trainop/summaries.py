@@ -11,19 +11,16 @@ condition, so that the steps that do not write compute none of their norms.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from trainop import optimizers
+from trainop import _gradients, optimizers
 
 logger = logging.getLogger("trainop")
-
-
-def _values(tensor: Any) -> Any:
-    return tensor.values if isinstance(tensor, tf.IndexedSlices) else tensor
 
 
 def _resolve_step(step: Any) -> Any:
@@ -59,7 +56,8 @@ def histogram(name: str, data: Any, step: Any = None) -> Any:
 
     TensorBoard's `tf.summary.histogram` counts through a one-hot float64 matrix with a column
     per bucket: for a 784 x 256 gradient that is 48 MB and about 15 ms a write, where one
-    `tf.histogram_fixed_width` op reads the values once. The summary is the same: 30 rows of
+    segment sum of the bucket indices reads the values once. The summary is the same, bucket by
+    bucket (the indices are computed with TensorBoard's arithmetic): 30 rows of
     (left edge, right edge, count), with the same edge cases (no values: zeros; one distinct
     value: all edges at it, all the count in the last bucket). Inf and NaN values are left out
     of the counts, where TensorBoard's edges would turn NaN.
@@ -91,20 +89,20 @@ def _buckets(data: tf.Tensor) -> tf.Tensor:
     """`HISTOGRAM_BUCKETS` rows of (left edge, right edge, count), float64.
 
     In float64, as TensorBoard counts, so that no float32 range overflows. Inf and NaN values
-    are left out (`histogram_fixed_width` refuses NaN): a histogram of a broken gradient shows
-    its finite part, and a step writing it does not fail.
+    are left out: a histogram of a broken gradient shows its finite part, and a step writing
+    it does not fail.
     """
     data = tf.cast(data, tf.float64)
     data = tf.boolean_mask(data, tf.math.is_finite(data))
     size = tf.size(data)
     low, high = tf.reduce_min(data), tf.reduce_max(data)
     spread = high > low
-    # histogram_fixed_width refuses an empty range: such a range gets a dummy one, and its
-    # counts are replaced below.
-    value_range = tf.where(spread, tf.stack([low, high]), tf.constant([0.0, 1.0], tf.float64))
-    counts = tf.cast(
-        tf.histogram_fixed_width(data, value_range, nbins=HISTOGRAM_BUCKETS), tf.float64
-    )
+    # Bucket i holds floor((x - low) / width) == i, the last one also the maximum: the same
+    # arithmetic as TensorBoard's, so that a value on an inner edge lands in the same bucket.
+    width = (high - low) / HISTOGRAM_BUCKETS
+    index = tf.cast(tf.floor((data - low) / tf.where(spread, width, 1.0)), tf.int32)
+    index = tf.clip_by_value(index, 0, HISTOGRAM_BUCKETS - 1)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(data), index, HISTOGRAM_BUCKETS)
     edges = tf.concat([tf.linspace(low, high, HISTOGRAM_BUCKETS + 1)[:-1], [high]], 0)
     spread_buckets = tf.stack([edges[:-1], edges[1:], counts], axis=1)
     one_value = tf.fill([HISTOGRAM_BUCKETS], high)
@@ -116,17 +114,37 @@ def _buckets(data: tf.Tensor) -> tf.Tensor:
     return tf.where(size > 0, buckets, tf.zeros_like(buckets))
 
 
-def _write(name: str, values: Any, step: Any) -> list[Any]:
+def _write(name: str, values: tf.Tensor, step: Any) -> list[Any]:
     """A histogram of `values` and their norm."""
     histogram, scalar, takes_step = _summary_fns()
-    norm = tf.linalg.global_norm([values])
+    norm = _gradients.global_norm([values])
     if not takes_step:
-        return [histogram(name, values), scalar(name + "_norm", norm)]
+        # TF1's histogram fails the whole run on an inf or NaN ("Nan in summary histogram"):
+        # it gets the finite values, as the v2 one counts them; the step's guard decides.
+        finite = tf.boolean_mask(tf.reshape(values, [-1]), tf.math.is_finite(values))
+        return [histogram(name, finite), scalar(name + "_norm", norm)]
     return [histogram(name, values, step=step), scalar(name + "_norm", norm, step=step)]
 
 
-def _summary_name(variable: Any) -> str:
-    return optimizers.variable_name(variable).replace(":", "_")
+def _summary_name(variable: Any, tf1: bool) -> str:
+    """The name a variable's summaries are tagged with, as the peer a program migrates from.
+
+    TF1 summaries: TF-Slim's `var.op.name` (`dense/kernel`). `tf.summary` (TensorFlow 2):
+    TF-Agents' `var.name` with ':' made '_' (`dense/kernel_0`). A Keras 3 variable, whose
+    `name` is not unique (`kernel`), is named by its `path` (`dense/kernel`) in both.
+    """
+    if not tf1 and isinstance(variable, tf.Variable):
+        return variable.name.replace(":", "_")
+    return optimizers.variable_name(variable)
+
+
+def _scope(name: str, tf1: bool) -> Any:
+    # TF-Agents' functions open a scope of their own; TF-Slim's do not.
+    return contextlib.nullcontext() if tf1 else tf.name_scope(name)
+
+
+def _writes_tf1() -> bool:
+    return not _summary_fns()[2]
 
 
 def add_gradients_summaries(
@@ -134,9 +152,17 @@ def add_gradients_summaries(
 ) -> list[Any]:
     """Writes a histogram and the norm of each gradient.
 
-    The summaries are named `<variable name>_gradient` and `<variable name>_gradient_norm`.
-    `IndexedSlices` gradients are summarized by their values; a variable with no gradient is
-    logged and skipped.
+    Tagged as the peers tag them, so that a migrating program's dashboards keep working: with
+    a default `tf.summary` writer (TensorFlow 2), as TF-Agents' `eager_utils` function,
+    `summarize_grads/<var.name with ':' made '_'>_gradient` and `..._gradient_norm`
+    (`summarize_grads/dense/kernel_0_gradient`); as TF1 summaries in a `tf.compat.v1` graph
+    with no writer, as TF-Slim's, `<var.op.name>_gradient` (`dense/kernel_gradient`), in the
+    caller's name scope. A Keras 3 variable is named by its path.
+
+    An `IndexedSlices` gradient is summarized by its rows, the slices of a repeated row summed
+    (the gradient they add up to; the peers summarize the slices as they come). Inf and NaN
+    values are left out of the histograms (a TF1 histogram would fail the run) and make the
+    norm inf or NaN. A variable with no gradient is logged and skipped.
 
     Args:
       grads_and_vars: a list of (gradient, variable) pairs.
@@ -153,13 +179,15 @@ def add_gradients_summaries(
       [False, False]
     """
     step = _resolve_step(step)
+    tf1 = _writes_tf1()
     results = []
-    with tf.name_scope("summarize_grads"):
+    with _scope("summarize_grads", tf1):
         for grad, var in grads_and_vars:
             if grad is None:
                 logger.info("Variable %s has no gradient", optimizers.variable_name(var))
                 continue
-            results += _write(_summary_name(var) + "_gradient", _values(grad), step)
+            rows = _gradients.values(_gradients.summed_rows(grad))
+            results += _write(_summary_name(var, tf1) + "_gradient", rows, step)
     return [_unwrap_eager(r) for r in results]
 
 
@@ -168,7 +196,9 @@ def add_variables_summaries(
 ) -> list[Any]:
     """Writes a histogram and the norm of each variable's value.
 
-    The summaries are named `<variable name>_value` and `<variable name>_value_norm`.
+    Tagged as TF-Agents' `eager_utils` function tags them with a default `tf.summary` writer,
+    `summarize_vars/<var.name with ':' made '_'>_value` and `..._value_norm`; as TF1 summaries,
+    `<var.op.name>_value` in the caller's name scope, as TF-Slim names its gradients'.
 
     Args:
       grads_and_vars: a list of (gradient, variable) pairs; the gradients are not read.
@@ -185,11 +215,12 @@ def add_variables_summaries(
       [False, False]
     """
     step = _resolve_step(step)
+    tf1 = _writes_tf1()
     results = []
-    with tf.name_scope("summarize_vars"):
+    with _scope("summarize_vars", tf1):
         for _, var in grads_and_vars:
             values = tf.convert_to_tensor(optimizers.as_tf_variable(var))
-            results += _write(_summary_name(var) + "_value", values, step)
+            results += _write(_summary_name(var, tf1) + "_value", values, step)
     return [_unwrap_eager(r) for r in results]
 
 
@@ -197,14 +228,6 @@ def _unwrap_eager(result: Any) -> Any:
     if isinstance(result, bool) or not tf.executing_eagerly():
         return result
     return bool(result)
-
-
-def _global_norm(grads_and_vars: Sequence[tuple[Any, Any]]) -> tf.Tensor:
-    """The global norm, in float32, of gradients of any float dtypes (mixed ones too)."""
-    squares = [
-        tf.nn.l2_loss(tf.cast(_values(g), tf.float32)) for g, _ in grads_and_vars if g is not None
-    ]
-    return tf.sqrt(2.0 * tf.add_n(squares))
 
 
 def reentrant_name_scope() -> Callable[[], Any]:
@@ -280,7 +303,9 @@ def add_train_summaries(
             written = [
                 tf.summary.scalar("loss", total_loss, step=step),
                 tf.summary.scalar(
-                    "global_gradient_norm", _global_norm(raw_grads_and_vars), step=step
+                    "global_gradient_norm",
+                    _gradients.global_norm([g for g, _ in raw_grads_and_vars]),
+                    step=step,
                 ),
             ]
             rate = learning_rate()

@@ -8,13 +8,16 @@ optimizers, execution modes or summaries.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from trainop import optimizers
+from trainop import _gradients, optimizers
 
 GradsAndVars = list[tuple[Any, Any]]
 TransformGradsFn = Callable[[GradsAndVars], GradsAndVars]
@@ -24,30 +27,97 @@ def _map_gradients(
     grads_and_vars: Sequence[tuple[Any, Any]], fn: Callable[[tf.Tensor], tf.Tensor]
 ) -> GradsAndVars:
     """Applies `fn` to every gradient's values; None gradients pass through."""
-    return [(None if g is None else _map_values(g, fn), v) for g, v in grads_and_vars]
+    return [(_gradients.map_values(g, fn), v) for g, v in grads_and_vars]
 
 
-def _map_values(grad: Any, fn: Callable[[tf.Tensor], tf.Tensor]) -> Any:
-    """Applies `fn` to a dense gradient, or to the values of an `IndexedSlices` gradient."""
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
-    return fn(grad)
+def _map_rows(
+    grads_and_vars: Sequence[tuple[Any, Any]], fn: Callable[[tf.Tensor], tf.Tensor]
+) -> GradsAndVars:
+    """Applies `fn` to every gradient's values, the slices of a repeated row summed first.
+
+    For an element-wise `fn` that is not linear (a clip, added noise), the gradient is the sum
+    of its slices per row, so `fn` must see that sum, as it would see the dense gradient.
+    """
+    return _map_gradients([(_gradients.summed_rows(g), v) for g, v in grads_and_vars], fn)
+
+
+def _static_number(value: Any) -> Any:
+    """`value` as a Python or NumPy number if it is known before the step runs, else None."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        value = tf.get_static_value(value) if isinstance(value, tf.Tensor) else None
+        if value is None or np.ndim(value) != 0:
+            return None
+        return value.item()
+    return value
+
+
+def _check_number(name: str, value: Any, *, sign: str = "", finite: bool = False) -> None:
+    """Raises unless `value` is a number, not NaN, of the `sign` asked for.
+
+    Args:
+      name: the argument's name, for the error.
+      value: a number, or a tensor (whose value, unless known before the step runs, passes).
+      sign: "positive" (> 0), "non-negative" (>= 0) or "" (any).
+      finite: whether inf is refused.
+
+    Raises:
+      TypeError: if `value` is not a real number or a tensor.
+      ValueError: if it is NaN, of the wrong sign, or infinite where `finite` is asked.
+    """
+    number = _static_number(value)
+    if number is None and isinstance(value, (tf.Tensor, tf.Variable)):
+        return
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real):
+        raise TypeError(f"`{name}` must be a number. Received: {name}={value!r:.200}")
+    expected = " ".join(word for word in ("a", "finite" if finite else "", sign, "number") if word)
+    wrong_sign = (sign == "positive" and number <= 0) or (sign == "non-negative" and number < 0)
+    if math.isnan(number) or wrong_sign or (finite and math.isinf(number)):
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
+
+
+def _is_inf(value: Any) -> bool:
+    number = _static_number(value)
+    return isinstance(number, numbers.Real) and math.isinf(number) and number > 0
+
+
+def _clip_scale(norm: tf.Tensor, max_norm: Any) -> tf.Tensor:
+    """min(1, max_norm / norm), in `norm`'s type; NaN if `norm` is inf or NaN.
+
+    Exactly 1 when no clipping is needed. A non-finite norm makes the gradients NaN, for the
+    numerics guard to see, rather than silently zero.
+    """
+    max_norm = tf.cast(max_norm, norm.dtype)
+    tiny = tf.constant(1e-30, norm.dtype)
+    return tf.where(
+        tf.math.is_finite(norm),
+        tf.minimum(tf.ones_like(norm), max_norm / tf.maximum(norm, tiny)),
+        tf.fill(tf.shape(norm), tf.constant(float("nan"), norm.dtype)),
+    )
 
 
 def clip_gradient_norms(
     gradients_to_variables: Sequence[tuple[Any, Any]], max_norm: float
 ) -> GradsAndVars:
-    """Clips each gradient to a norm of at most `max_norm` (`tf.clip_by_norm`).
+    """Clips each gradient to a norm of at most `max_norm`.
 
-    Each gradient is clipped on its own; see TF-Slim's and TF-Agents' function of the same name.
-    For an `IndexedSlices` gradient the norm is that of its values.
+    Each gradient is clipped on its own, as TF-Slim's and TF-Agents' function of the same name
+    does, with three differences (see `trainop._gradients`): the norm is taken in float32 at
+    least, so a float16 gradient is measured without overflow, and the clipped gradient keeps
+    its own dtype; an `IndexedSlices` gradient is measured by its rows summed, as the dense
+    gradient it adds up to (the peers measure its slices); `max_norm=inf` returns the gradients
+    unchanged. A gradient holding inf or NaN comes back NaN, for the numerics guard to see.
 
     Args:
       gradients_to_variables: a list of (gradient, variable) pairs.
-      max_norm: the largest norm a gradient may keep.
+      max_norm: the largest norm a gradient may keep: a positive number, inf, or a scalar
+        tensor.
 
     Returns:
       The list of (clipped gradient, variable) pairs.
+
+    Raises:
+      ValueError: if `max_norm` is not positive, or NaN.
+      TypeError: if `max_norm` is not a number.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -56,11 +126,20 @@ def clip_gradient_norms(
       >>> float(g)
       3.0
     """
-    return _map_gradients(gradients_to_variables, lambda t: tf.clip_by_norm(t, max_norm))
+    _check_number("max_norm", max_norm, sign="positive")
+    pairs = list(gradients_to_variables)
+    present = [g for g, _ in pairs if g is not None]
+    if _is_inf(max_norm) or not present:
+        return pairs
+    scales = iter(tf.unstack(_clip_scale(_gradients.norms(present), max_norm)))
+    return [(None if g is None else _gradients.scale(g, next(scales)), v) for g, v in pairs]
 
 
 def clip_gradient_norms_fn(max_norm: float) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `clip_gradient_norms(..., max_norm)`.
+
+    Raises:
+      ValueError, TypeError: as `clip_gradient_norms`, when called.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -69,6 +148,7 @@ def clip_gradient_norms_fn(max_norm: float) -> TransformGradsFn:
       >>> float(g)
       -3.0
     """
+    _check_number("max_norm", max_norm, sign="positive")
 
     def clip_norms(gradients_to_variables: GradsAndVars) -> GradsAndVars:
         return clip_gradient_norms(gradients_to_variables, max_norm)
@@ -96,7 +176,9 @@ def _multiplier_items(gradient_multipliers: Any) -> list[tuple[Any, Any]]:
     if not items:
         raise ValueError("`gradient_multipliers` is empty.")
     items = [(_as_variable_or_name(key), multiplier) for key, multiplier in items]
-    for key, _ in items:
+    for key, multiplier in items:
+        # A multiplier may be negative (gradient ascent), not NaN or infinite.
+        _check_number("gradient_multipliers", multiplier, finite=True)
         if not isinstance(key, (str, re.Pattern)) and not optimizers.is_variable(key):
             raise TypeError(
                 "`gradient_multipliers` keys must be variables, variable references "
@@ -178,7 +260,7 @@ def multiply_gradients(
                 # would still let Adam's or momentum's running averages move it).
                 grad = None
             else:
-                grad = _map_values(grad, lambda t, m=multiplier: t * tf.cast(m, t.dtype))
+                grad = _gradients.scale(grad, multiplier)
         result.append((grad, var))
     return result
 
@@ -201,10 +283,28 @@ def multiply_gradients_fn(gradient_multipliers: Any) -> TransformGradsFn:
     return multiply
 
 
+def _check_value_bounds(clip_value_min: Any, clip_value_max: Any) -> None:
+    _check_number("clip_value_min", clip_value_min)
+    _check_number("clip_value_max", clip_value_max)
+    low, high = _static_number(clip_value_min), _static_number(clip_value_max)
+    if low is not None and high is not None and low > high:
+        raise ValueError(
+            "`clip_value_min` must not exceed `clip_value_max`. Received: "
+            f"clip_value_min={clip_value_min}, clip_value_max={clip_value_max}"
+        )
+
+
 def clip_by_value(
     grads_and_vars: Sequence[tuple[Any, Any]], clip_value_min: float, clip_value_max: float
 ) -> GradsAndVars:
     """Clips every gradient element into [`clip_value_min`, `clip_value_max`].
+
+    An `IndexedSlices` gradient is clipped after the slices of a repeated row are summed, as
+    its dense gradient would be. Infinite bounds clip nothing on their side.
+
+    Raises:
+      ValueError: if a bound is NaN or `clip_value_min > clip_value_max`.
+      TypeError: if a bound is not a number.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -212,19 +312,22 @@ def clip_by_value(
       >>> g.numpy().tolist()
       [-1.0, 0.5, 1.0]
     """
-    if clip_value_min > clip_value_max:
-        raise ValueError(
-            "`clip_value_min` must not exceed `clip_value_max`. Received: "
-            f"clip_value_min={clip_value_min}, clip_value_max={clip_value_max}"
-        )
-    return _map_gradients(
-        grads_and_vars, lambda t: tf.clip_by_value(t, clip_value_min, clip_value_max)
+    _check_value_bounds(clip_value_min, clip_value_max)
+    return _map_rows(
+        grads_and_vars,
+        lambda t: tf.clip_by_value(
+            t, tf.cast(clip_value_min, t.dtype), tf.cast(clip_value_max, t.dtype)
+        ),
     )
 
 
 def clip_by_value_fn(clip_value_min: float, clip_value_max: float) -> TransformGradsFn:
-    """Returns a `transform_grads_fn` that applies `clip_by_value`."""
-    clip_by_value([], clip_value_min, clip_value_max)  # Bad bounds fail here.
+    """Returns a `transform_grads_fn` that applies `clip_by_value`.
+
+    Raises:
+      ValueError, TypeError: as `clip_by_value`, when called.
+    """
+    _check_value_bounds(clip_value_min, clip_value_max)
 
     def clip(grads_and_vars: GradsAndVars) -> GradsAndVars:
         return clip_by_value(grads_and_vars, clip_value_min, clip_value_max)
@@ -233,21 +336,33 @@ def clip_by_value_fn(clip_value_min: float, clip_value_max: float) -> TransformG
 
 
 def global_norm(grads_and_vars: Sequence[tuple[Any, Any]]) -> tf.Tensor:
-    """The norm of all gradients together, as if concatenated (None gradients left out)."""
-    values = [_values(g) for g, _ in grads_and_vars if g is not None]
-    return tf.linalg.global_norm(values) if values else tf.constant(0.0)
+    """The norm of all gradients together, as if concatenated (None gradients left out).
 
+    Taken in float32, or float64 if a gradient is float64, whatever the gradients' own float
+    types (mixed ones too); an `IndexedSlices` gradient is measured by its rows summed. Inf or
+    NaN in a gradient makes the norm inf or NaN.
 
-def _values(grad: Any) -> Any:
-    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> pairs = [(tf.constant([3.0], tf.float16), None), (tf.constant([4.0]), None)]
+      >>> float(trainop.global_norm(pairs))
+      5.0
+    """
+    return _gradients.global_norm([g for g, _ in grads_and_vars])
 
 
 def clip_by_global_norm(grads_and_vars: Sequence[tuple[Any, Any]], max_norm: float) -> GradsAndVars:
     """Scales all gradients together so that their global norm is at most `max_norm`.
 
-    Gradients whose global norm is already within the bound are returned exactly as they were
-    (multiplied by 1.0). An inf or NaN norm makes every gradient NaN, for the numerics guard to
-    see, rather than silently zero.
+    Gradients whose global norm is already within the bound, or `max_norm=inf`, are returned
+    exactly as they were. The norm is `global_norm` (float32 at least; repeated rows summed),
+    and each gradient keeps its own dtype. An inf or NaN norm makes every gradient NaN, for
+    the numerics guard to see, rather than silently zero. As `tf.clip_by_global_norm` and
+    optax's `clip_by_global_norm`.
+
+    Raises:
+      ValueError: if `max_norm` is not positive, or NaN.
+      TypeError: if `max_norm` is not a number.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -255,23 +370,21 @@ def clip_by_global_norm(grads_and_vars: Sequence[tuple[Any, Any]], max_norm: flo
       >>> [float(g[0]) for g, _ in trainop.clip_by_global_norm(pairs, 1.0)]
       [0.6000000238418579, 0.800000011920929]
     """
-    if not max_norm > 0:
-        raise ValueError(f"`max_norm` must be positive. Received: max_norm={max_norm}")
+    _check_number("max_norm", max_norm, sign="positive")
     grads_and_vars = list(grads_and_vars)
-    norm = global_norm(grads_and_vars)
-    # max_norm / norm <= 1 only when clipping is needed; otherwise the scale is exactly 1.
-    scale = tf.where(
-        tf.math.is_finite(norm),
-        tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-30)),
-        tf.constant(float("nan")),
-    )
-    return _map_gradients(grads_and_vars, lambda t: t * tf.cast(scale, t.dtype))
+    if _is_inf(max_norm):
+        return grads_and_vars
+    scale = _clip_scale(global_norm(grads_and_vars), max_norm)
+    return [(_gradients.scale(g, scale), v) for g, v in grads_and_vars]
 
 
 def clip_by_global_norm_fn(max_norm: float) -> TransformGradsFn:
-    """Returns a `transform_grads_fn` that applies `clip_by_global_norm(..., max_norm)`."""
-    if not max_norm > 0:
-        raise ValueError(f"`max_norm` must be positive. Received: max_norm={max_norm}")
+    """Returns a `transform_grads_fn` that applies `clip_by_global_norm(..., max_norm)`.
+
+    Raises:
+      ValueError, TypeError: as `clip_by_global_norm`, when called.
+    """
+    _check_number("max_norm", max_norm, sign="positive")
 
     def clip(grads_and_vars: GradsAndVars) -> GradsAndVars:
         return clip_by_global_norm(grads_and_vars, max_norm)
@@ -282,7 +395,16 @@ def clip_by_global_norm_fn(max_norm: float) -> TransformGradsFn:
 def add_gradient_noise(
     grads_and_vars: Sequence[tuple[Any, Any]], stddev: Any, seed: int | None = None
 ) -> GradsAndVars:
-    """Adds Gaussian noise of standard deviation `stddev` to every gradient element."""
+    """Adds Gaussian noise of standard deviation `stddev` to every gradient element.
+
+    An `IndexedSlices` gradient gets one draw per row, after the slices of a repeated row are
+    summed, as its dense gradient's rows would.
+
+    Raises:
+      ValueError: if `stddev` is negative, infinite or NaN.
+      TypeError: if `stddev` is not a number or a tensor.
+    """
+    _check_number("stddev", stddev, sign="non-negative", finite=True)
 
     def add_noise(t: tf.Tensor) -> tf.Tensor:
         noise = tf.random.normal(
@@ -290,7 +412,7 @@ def add_gradient_noise(
         )
         return t + noise
 
-    return _map_gradients(grads_and_vars, add_noise)
+    return _map_rows(grads_and_vars, add_noise)
 
 
 def add_gradient_noise_fn(
@@ -310,11 +432,8 @@ def add_gradient_noise_fn(
       >>> g.numpy().tolist()
       [1.0]
     """
-    if stddev < 0 or decay_exponent < 0:
-        raise ValueError(
-            "`stddev` and `decay_exponent` must not be negative. Received: "
-            f"stddev={stddev}, decay_exponent={decay_exponent}"
-        )
+    _check_number("stddev", stddev, sign="non-negative", finite=True)
+    _check_number("decay_exponent", decay_exponent, sign="non-negative", finite=True)
 
     def add_noise(grads_and_vars: GradsAndVars) -> GradsAndVars:
         current = step if step is not None else tf.compat.v1.train.get_global_step()

@@ -1,0 +1,143 @@
+"""Arithmetic on gradients that every stage shares: values, rows, norms, scaling.
+
+A gradient is a dense tensor, a `tf.IndexedSlices` or None. Two rules hold everywhere a
+gradient is measured:
+
+* **Norms in a wide float type.** A sum of squares is taken in float32 at least (float64 when a
+  gradient is float64), so that a finite float16 or bfloat16 gradient never gets an inf norm,
+  and gradients of mixed float types can be measured together. Squares of finite float32
+  values that overflow (elements above about 1.8e19) fall back to a sum rescaled by the largest
+  magnitude, so that a finite gradient always has a finite norm when its norm is representable.
+* **Rows summed before they are measured.** An `IndexedSlices` gradient may name a row more than
+  once (an embedding looking up the same id twice); the gradient is the sum of its slices per
+  row, so its norm, its clipped values and its histogram are those of the summed rows, as for
+  the dense gradient they add up to. (TF-Agents and TF-Slim measure the slices as they come.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+
+def values(grad: Any) -> tf.Tensor:
+    """The values of a dense gradient (itself) or of an `IndexedSlices` gradient."""
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
+def map_values(grad: Any, fn: Callable[[tf.Tensor], tf.Tensor]) -> Any:
+    """`fn` applied to a dense gradient, or to the values of an `IndexedSlices` gradient."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+    return fn(grad)
+
+
+def wide_dtype(dtype: tf.DType) -> tf.DType:
+    """The type to do arithmetic on `dtype` in: float32 for float16 and bfloat16."""
+    return tf.float32 if dtype.size < 4 else dtype
+
+
+def norm_dtype(grads: Sequence[Any]) -> tf.DType:
+    """float64 if any of `grads` is float64, else float32."""
+    return tf.float64 if any(g.dtype == tf.float64 for g in grads if g is not None) else tf.float32
+
+
+def _in_xla() -> bool:
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def summed_rows(grad: Any) -> Any:
+    """An `IndexedSlices` gradient with each row once: the slices of a repeated row summed.
+
+    Dense gradients and None come back as they are. The sum is taken in float32 for 16-bit
+    values. Under XLA, which needs static shapes, the rows are summed into the whole table
+    (`tf.math.unsorted_segment_sum` over `dense_shape[0]` rows) and the result is dense.
+    """
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    dtype = grad.values.dtype
+    slices = tf.cast(grad.values, wide_dtype(dtype))
+    if _in_xla():
+        rows = grad.dense_shape[0]
+        return tf.cast(tf.math.unsorted_segment_sum(slices, grad.indices, rows), dtype)
+    unique, positions = tf.unique(grad.indices)
+    summed = tf.math.unsorted_segment_sum(slices, positions, tf.shape(unique)[0])
+    return tf.IndexedSlices(tf.cast(summed, dtype), unique, grad.dense_shape)
+
+
+def norms(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
+    """The L2 norm of each gradient (None gradients left out), a vector of `dtype`.
+
+    `dtype` is by default `norm_dtype(grads)`. `IndexedSlices` are measured by their summed rows.
+    A gradient holding inf or NaN gets an inf or NaN norm.
+    """
+    grads = [g for g in grads if g is not None]
+    if dtype is None:
+        dtype = norm_dtype(grads)
+    if not grads:
+        return tf.zeros([0], dtype)
+    flat = [tf.reshape(tf.cast(values(summed_rows(g)), dtype), [-1]) for g in grads]
+    squares = tf.stack([tf.reduce_sum(tf.square(v)) for v in flat])
+
+    def rescaled() -> tf.Tensor:
+        # Some squares overflowed, or a value is not finite: measure each gradient in units of
+        # its largest magnitude, which is finite unless the gradient is not.
+        largest = tf.stack([tf.reduce_max(tf.abs(v)) for v in flat])
+        unit = tf.stack([tf.reduce_sum(tf.square(v / largest[i])) for i, v in enumerate(flat)])
+        careful = tf.where(tf.math.is_inf(largest), largest, largest * tf.sqrt(unit))
+        return tf.where(tf.math.is_finite(squares), tf.sqrt(squares), careful)
+
+    return tf.cond(tf.reduce_all(tf.math.is_finite(squares)), lambda: tf.sqrt(squares), rescaled)
+
+
+def global_norm(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
+    """The norm of all `grads` together, as if concatenated: a scalar of `dtype`.
+
+    `dtype` is by default `norm_dtype(grads)`. Inf or NaN in any gradient makes it inf or NaN.
+    """
+    each = norms(grads, dtype)
+    total = tf.reduce_sum(tf.square(each))
+    largest = tf.reduce_max(tf.concat([each, tf.zeros([1], each.dtype)], 0))
+    # Norms finite each but too large to square: sum them in units of the largest.
+    rescaled = largest * tf.sqrt(tf.reduce_sum(tf.square(each / largest)))
+    exact = tf.logical_or(
+        tf.math.is_finite(total), tf.logical_not(tf.reduce_all(tf.math.is_finite(each)))
+    )
+    return tf.where(exact, tf.sqrt(total), rescaled)
+
+
+def scale(grad: Any, factor: Any, divide: bool = False) -> Any:
+    """`grad * factor` (or `grad / factor`), computed in float32 at least and cast back.
+
+    For a dense or `IndexedSlices` gradient, or None. A 16-bit gradient is multiplied in
+    float32, so that a factor outside its range (a loss scale of 65536 in float16) or too
+    small for it does not turn the gradient into zeros or infs on its way.
+    """
+
+    def scaled(t: tf.Tensor) -> tf.Tensor:
+        wide = wide_dtype(t.dtype)
+        f = tf.cast(factor, wide)
+        result = tf.cast(t, wide) / f if divide else tf.cast(t, wide) * f
+        return tf.cast(result, t.dtype)
+
+    return map_values(grad, scaled)
+
+
+def all_finite(tensors: Sequence[Any]) -> tf.Tensor:
+    """A boolean scalar: whether every element of `tensors` (None left out) is finite.
+
+    One plain sum per tensor, in float32 at least (float64 for float64 tensors), and one sum
+    of those: inf or NaN anywhere makes it inf or NaN. A sum reads each value once and writes
+    nothing, at about half the cost of an `is_finite` test of every element; unlike a sum of
+    squares, it overflows only when the values add up beyond the type's range (about 3.4e38
+    in float32), so large finite gradients are not taken for inf.
+    """
+    dtype = norm_dtype(tensors)
+    sums = [tf.reduce_sum(tf.cast(values(t), dtype)) for t in tensors if t is not None]
+    return tf.math.is_finite(tf.add_n(sums)) if sums else tf.constant(True)
