@@ -278,10 +278,10 @@ def test_summarize_gradients_writes_a_norm_and_histogram_per_gradient_eager(tmp_
     writer.flush()
     scalars = read_summaries(tmp_path)
     # The gradient is w: norm 5 at step 7, then w halves: norm 2.5 at step 8.
-    norms = scalars["summarize_grads/weights_gradient_norm"]
+    norms = scalars["summarize_grads/weights_0_gradient_norm"]
     assert [s for s, _ in norms] == [7, 8]
     np.testing.assert_allclose([v for _, v in norms], [5.0, 2.5], rtol=1e-6)
-    assert "summarize_grads/weights_gradient" in scalars  # the histogram
+    assert "summarize_grads/weights_0_gradient" in scalars  # the histogram
 
 
 def test_summarize_gradients_in_graph_mode(tmp_path):
@@ -297,7 +297,7 @@ def test_summarize_gradients_in_graph_mode(tmp_path):
         session.run([tf.compat.v1.global_variables_initializer(), writer.init()])
         session.run(train_op)
         session.run(writer.flush())
-    norms = read_summaries(tmp_path)["summarize_grads/weights_gradient_norm"]
+    norms = read_summaries(tmp_path)["summarize_grads/weights_0_gradient_norm"]
     assert len(norms) == 1
     assert norms[0][1] == pytest.approx(5.0)
 
