@@ -3,7 +3,8 @@
 * Graph front-end: `total_loss` is a `Tensor` of a `tf.compat.v1` graph (or of a `tf.function`
   being traced); the step is added to that graph and the loss tensor that runs it is returned.
 * Eager front-end: `total_loss` is a callable; "call the loss, then build the step" is wrapped in
-  one `tf.function`, which is returned.
+  one `tf.function`, which is returned. `create_train_step`, which runs one step per call on what
+  the loss reads then, calls the loss eagerly and compiles only the step after the gradients.
 
 Everything that differs between the two modes lives here; the step itself is `_core.build_step`.
 """
@@ -11,7 +12,6 @@ Everything that differs between the two modes lives here; the step itself is `_c
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -929,36 +929,187 @@ def create_train_op(
     )
 
 
-# Compiled steps of `create_train_step` in eager mode, so that calling it once per step in a
-# loop (as TF-Agents' programs do) traces once. A step holds its optimizer, loss and model, so a
-# weakly keyed cache would never let them go; this one keeps the most recently used few.
+# What `create_train_step` keeps between its calls in eager mode: per optimizer and settings,
+# the prepared step (the numerics guard it counts in, the optimizer state it built) and its
+# compiled updates, one per set of variables. Never the loss: it is called afresh every time.
+# An entry holds its optimizer and variables, so a weakly keyed cache would never let them go;
+# this one keeps the most recently used few.
 _STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
 _STEP_CACHE_SIZE = 8
 
 
-def _identity_key(value: Any) -> Any:
+def _identity_key(value: Any, referents: list[Any]) -> Any:
+    """A hashable key for `value`: scalars by type and value, anything else by identity.
+
+    Each object keyed by identity is appended to `referents`, for the cache entry to keep: an
+    object kept alive cannot lend its id to a newer one, which would find a stale entry.
+    """
     if isinstance(value, (list, tuple)):
-        return tuple(_identity_key(v) for v in value)
+        return (type(value).__name__, *(_identity_key(v, referents) for v in value))
+    if isinstance(value, np.generic):
+        value = value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if inspect.ismethod(value):
-        # `agent.loss` is a new bound-method object at every access.
-        return ("method", id(value.__self__), id(value.__func__))
+        # The type too: True == 1, but they are not the same setting.
+        return (type(value).__name__, value)
+    referents.append(value)
     return ("id", id(value))
 
 
 def _cached_eager_step(
-    key: tuple, referents: tuple, build: Callable[[], Callable[..., Any]]
-) -> Callable[..., Any]:
-    if key in _STEP_CACHE:
-        _STEP_CACHE.move_to_end(key)
-        return _STEP_CACHE[key][0]
-    step = build()
-    # The referents keep the objects whose ids form the key alive as long as the entry.
-    _STEP_CACHE[key] = (step, referents)
-    if len(_STEP_CACHE) > _STEP_CACHE_SIZE:
-        _STEP_CACHE.popitem(last=False)
-    return step
+    cache: collections.OrderedDict,
+    key: Any,
+    referents: list[Any],
+    build: Callable[[], Any],
+    size: int = _STEP_CACHE_SIZE,
+) -> Any:
+    """`cache[key]`, built and kept with `referents` if missing; the least recent goes."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key][0]
+    value = build()
+    cache[key] = (value, tuple(referents))
+    if len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+def _summary_state_key(referents: list[Any]) -> Any:
+    """What a traced step reads of the `tf.summary` state when a default writer is set: the
+    writer, the recording condition and the default step, a Python value among them being
+    traced in as a constant."""
+    if not summaries.writes_v2_summaries():
+        return None
+    # TensorFlow has no public way to read them.
+    from tensorflow.python.ops import summary_ops_v2
+
+    state = summary_ops_v2._summary_state
+    return _identity_key((state.writer, state.is_recording, state.step), referents)
+
+
+class _PreparedStep:
+    """What `create_train_step` keeps for one optimizer and one set of settings."""
+
+    def __init__(
+        self,
+        adapter: optimizers.OptimizerAdapter,
+        global_step: tf.Variable | None,
+        settings: dict[str, Any],
+    ):
+        self.adapter = adapter
+        self.global_step = global_step
+        self.settings = settings
+        self.reported_missing: set[str] = set()
+        # The variables the optimizer's state was built for, by `optimizers.variable_key`.
+        self.built: set[int] = set()
+        self.updates: collections.OrderedDict = collections.OrderedDict()
+
+    def build(self, variables: list[Any]) -> None:
+        keys = {optimizers.variable_key(v) for v in variables}
+        if not keys <= self.built:
+            self.adapter.build(variables)
+            self.built |= keys
+
+    def compiled_update(
+        self,
+        variables: list[Any],
+        transformed_variables: list[Any] | None,
+        update_fns: list[Callable[[], Any]],
+    ) -> Callable[..., Any]:
+        """The rest of the step, compiled: `update(total_loss, grads, transformed_grads)`.
+
+        It runs the numerics guard, the summaries, the update ops and the update on the
+        gradients of `variables` (and, after `transform_grads_fn`, of `transformed_variables`)
+        that it is given, and counts the step. With update ops, which are the caller's code
+        traced into it, it is traced afresh on every call.
+        """
+
+        def update(total_loss: tf.Tensor, grads: list[Any], transformed_grads: Any) -> tf.Tensor:
+            settings = dict(self.settings, transform_grads_fn=None)
+            if transformed_variables is not None:
+                # Transformed already, eagerly, on this call's gradients: the step takes them.
+                settings["transform_grads_fn"] = lambda pairs: list(
+                    zip(transformed_grads, transformed_variables)
+                )
+            return _core.build_step(
+                total_loss,
+                self.adapter,
+                variables,
+                global_step=self.global_step,
+                grads_and_vars=list(zip(grads, variables)),
+                before_update=lambda: [fn() for fn in update_fns],
+                reported_missing=self.reported_missing,
+                **settings,
+            )
+
+        def build() -> Callable[..., Any]:
+            # The gradients of an embedding are IndexedSlices whose row count varies.
+            return tf.function(update, reduce_retracing=True)
+
+        if update_fns:
+            return build()
+        referents: list[Any] = []
+        key = (
+            _identity_key(variables, referents),
+            _identity_key(transformed_variables, referents),
+            _summary_state_key(referents),
+        )
+        return _cached_eager_step(self.updates, key, referents, build)
+
+
+def _eager_loss_and_gradients(
+    loss: Callable[[], Any],
+    total_loss_fn: Callable[[Any], Any],
+    prepared: _PreparedStep,
+    variables_to_train: Any,
+) -> tuple[Any, tf.Tensor, list[tuple[Any, Any]]]:
+    """Calls `loss()` now and takes the gradients, with a `tf.GradientTape`, as TF-Agents does.
+
+    Returns the loss structure, the loss to minimize and the (gradient, variable) pairs, the
+    gradients unscaled if the optimizer scales the loss. Nothing has changed yet.
+    """
+    adapter = prepared.adapter
+    with tf.GradientTape() as tape:
+        loss_value = loss()
+        total_loss = total_loss_fn(loss_value)
+        with tape.stop_recording():
+            if not isinstance(total_loss, tf.Tensor):
+                raise TypeError(
+                    "`total_loss` must return a scalar loss tensor (through `total_loss_fn`). "
+                    f"Received: {type(total_loss).__name__} {total_loss!r:.200}"
+                )
+            _core.check_loss(total_loss)
+            variables = variables_to_train
+            if callable(variables):
+                variables = variables()
+            if variables is None:
+                variables = list(tape.watched_variables())
+                if not variables:
+                    raise ValueError(
+                        "`variables_to_train` is None and the loss reads no trainable "
+                        "variable: there is nothing to train."
+                    )
+            variables = _check_variables_to_train(variables, in_graph=False)
+            prepared.build(variables)
+            loss_scale = adapter.loss_scale()
+        if loss_scale is not None:
+            # Mixed precision: the gradients of the scaled loss, unscaled (as in the core).
+            minimized = total_loss * tf.cast(loss_scale, total_loss.dtype)
+        else:
+            minimized = total_loss
+    grads = tape.gradient(minimized, [optimizers.as_tf_variable(v) for v in variables])
+    if loss_scale is not None:
+        grads = [_divided(g, loss_scale) for g in grads]
+    return loss_value, total_loss, list(zip(grads, variables))
+
+
+def _divided(grad: Any, factor: tf.Tensor) -> Any:
+    """`grad / factor`, for a dense or `IndexedSlices` gradient or None."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        values = grad.values / tf.cast(factor, grad.values.dtype)
+        return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    return grad / tf.cast(factor, grad.dtype)
 
 
 def create_train_step(
@@ -980,11 +1131,28 @@ def create_train_step(
     """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
 
     `total_loss_fn` picks from the loss structure the scalar to minimize; the whole structure is
-    returned. In eager mode this runs one step now, as TF-Agents' code does: it calls `loss()`,
-    applies the gradients and returns the loss structure computed before the update. The compiled
-    step is kept per (loss callable, optimizer, settings), so calling `create_train_step` once per
-    step in a loop traces once. In graph mode it returns the loss structure, to be evaluated
-    after the update has run.
+    returned. In graph mode it returns the loss structure, to be evaluated after the update has
+    run.
+
+    In eager mode this runs one step now, as TF-Agents' code does: it calls `loss()`, applies
+    the gradients and returns the loss structure computed before the update. Every call trains
+    on what the loss reads *now*: `loss()`, `total_loss_fn`, `variables_to_train` (a callable)
+    and `transform_grads_fn` run eagerly on every call, and the gradients come from a
+    `tf.GradientTape`, as in TF-Agents (`gate_gradients` and `aggregation_method`, which order
+    and sum a graph's gradient ops, do not apply there). A compiled loss would be replayed: a
+    trace takes in a NumPy batch, an eager tensor or a Python value that the loss reads (a
+    global or closure variable rebound every step, a `Future`'s arguments, an attribute) as a
+    constant, and trainop cannot tell, from the callable, whether the next call would read the
+    same. What follows the gradients is compiled and reused, since its inputs are the loss and
+    the gradients themselves: the numerics guard, summaries, update and global step, traced
+    once per optimizer, settings, set of variables and `tf.summary` writer, recording condition
+    and step. With `update_ops` (the caller's code, traced into that part) it is traced afresh
+    on every call. The optimizer's hyperparameters are read as the trace read them: assign to a
+    Keras optimizer's `learning_rate` (a variable) to change it.
+
+    For a step compiled whole, loss included, pass the batch as an argument:
+    `train_op = create_train_op(lambda x, y: loss_fn(x, y), optimizer)`, then `train_op(x, y)`
+    per step, traces once for batches of one shape and reads them on every call.
 
     Args:
       loss: a (possibly nested) structure of loss tensors (graph mode), or a zero-argument
@@ -993,7 +1161,8 @@ def create_train_step(
       global_step: as for `create_train_op`.
       total_loss_fn: maps the loss structure to the scalar to minimize; by default the loss
         itself.
-      update_ops: as for `create_train_op`.
+      update_ops: as for `create_train_op` (TF-Agents ignores them in eager mode; trainop runs
+        them, after the numerics check and before the update).
       variables_to_train: as for `create_train_op`.
       transform_grads_fn: as for `create_train_op`.
       summarize_gradients: as for `create_train_op`.
@@ -1065,45 +1234,62 @@ def create_train_step(
             f"Received: loss of type {type(loss).__name__}"
         )
 
-    settings_key = (
-        transform_grads_fn,
-        summarize_gradients,
-        gate_gradients,
-        aggregation_method,
-        check_numerics,
-        missing_gradients,
-        summarize_every_n_steps,
-        global_step,
-        update_ops,
-        variables_to_train,
-        total_loss_fn,
-    )
-    key = _identity_key((loss, optimizer, *settings_key))
-
-    def build() -> Callable[..., Any]:
-        adapter, step, settings = _prepare(
+    # The settings are checked before the loss is called: a wrong one fails before anything
+    # runs, and the loss's forward pass (which may write, as batch normalization does) too.
+    _check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
+    _check_callable_or_none("transform_grads_fn", transform_grads_fn)
+    update_fns = _check_eager_update_ops(update_ops)
+    referents: list[Any] = []
+    key = _identity_key(
+        (
             optimizer,
-            global_step,
-            transform_grads_fn,
+            # The variable: a new program global step is a new step to count in.
+            _resolve_global_step(global_step),
             summarize_gradients,
             gate_gradients,
             aggregation_method,
             check_numerics,
             missing_gradients,
             summarize_every_n_steps,
-        )
-        return _create_eager_train_op(
-            loss,
-            adapter,
-            step,
-            update_ops,
-            variables_to_train,
-            settings,
-            total_loss_fn=total_loss_fn,
+        ),
+        referents,
+    )
+
+    def prepare() -> _PreparedStep:
+        return _PreparedStep(
+            *_prepare(
+                optimizer,
+                global_step,
+                None,
+                summarize_gradients,
+                gate_gradients,
+                aggregation_method,
+                check_numerics,
+                missing_gradients,
+                summarize_every_n_steps,
+            )
         )
 
-    step_fn = _cached_eager_step(key, (loss, optimizer, *settings_key), build)
-    return step_fn()
+    prepared = _cached_eager_step(_STEP_CACHE, key, referents, prepare)
+    _check_in_a_replica(prepared.settings)
+    loss_value, total_loss, grads_and_vars = _eager_loss_and_gradients(
+        loss, total_loss_fn, prepared, variables_to_train
+    )
+    _core._report_missing_gradients(grads_and_vars, prepared.reported_missing, missing_gradients)
+    transformed = None
+    if transform_grads_fn is not None:
+        transformed = _core._check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+    update = prepared.compiled_update(
+        [v for _, v in grads_and_vars],
+        None if transformed is None else [v for _, v in transformed],
+        update_fns,
+    )
+    update(
+        total_loss,
+        [g for g, _ in grads_and_vars],
+        None if transformed is None else [g for g, _ in transformed],
+    )
+    return loss_value
 
 
 def _identity(x: Any) -> Any:
