@@ -170,9 +170,15 @@ class OptimizerAdapter:
         bad first step would leave it uninitialized. Made before the first call, it also spares
         the eager train op the second trace that a `tf.function` creating variables needs.
         Building twice is harmless.
+
+        Raises:
+          ValueError: if the optimizer is a Keras 3 or current `tf_keras` one already built for
+            other variables: it keeps state only for the variables it was first built with.
         """
         optimizer = self.optimizer
         tf_variables = [as_tf_variable(v) for v in variables]
+        # Before anything is made: a refused optimizer is left as it was.
+        self._check_known(variables)
         with tf.init_scope():
             if self.family == FAMILY_KERAS and not optimizer.built:
                 optimizer.build(variables)
@@ -183,6 +189,48 @@ class OptimizerAdapter:
             elif self.family == FAMILY_V1:
                 # What apply_gradients does first; creating a slot twice returns the first.
                 optimizer._create_slots(tf_variables)
+
+    def _check_known(self, variables: list[Any]) -> None:
+        """Raises if a built Keras optimizer keeps no state for some of `variables`.
+
+        Keras 3 and current `tf_keras` optimizers index their slots by the variables they were
+        first built with and build only once; any other variable fails deep inside
+        `apply_gradients` (a `KeyError` telling to call `optimizer.build`, which changes
+        nothing once built, or Keras 3's "Unknown variable"), only when the step first runs.
+        `tf.compat.v1` and `tf_keras.optimizers.legacy` optimizers make slots per variable as
+        it comes, and train any variable.
+        """
+        if self.family == FAMILY_KERAS:
+            # A LossScaleOptimizer applies through its inner optimizer, built on its own.
+            candidates = [self.optimizer, getattr(self.optimizer, "inner_optimizer", None)]
+            built = [
+                (o, o._trainable_variables_indices, variables)
+                for o in candidates
+                if o is not None and getattr(o, "built", False)
+            ]
+        elif self.family == FAMILY_TF_KERAS and getattr(self.optimizer, "_built", False):
+            tf_variables = [as_tf_variable(v) for v in variables]
+            built = [(self.optimizer, self.optimizer._index_dict, tf_variables)]
+        else:
+            return
+        for optimizer, known, keyed in built:
+            unknown = [
+                variable_name(v)
+                for v, k in zip(variables, keyed)
+                if optimizer._var_key(k) not in known
+            ]
+            if unknown:
+                raise ValueError(
+                    "`optimizer` must be a new optimizer, or one built for the variables it "
+                    f"trains: this {type(optimizer).__name__} was built for {len(known)} "
+                    "variable(s), and keeps no state for these: "
+                    f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}. A Keras "
+                    "optimizer is built once, for the variables it first trains. Use one "
+                    "optimizer per set of variables (create a new one for these), or build one "
+                    "optimizer for all of them before its first step "
+                    f"(optimizer.build(model_a_variables + model_b_variables)). "
+                    f"Received: optimizer={self.optimizer!r}"
+                )
 
     def learning_rate(self) -> tf.Tensor | None:
         """The learning rate the next update uses, as a float32 tensor; None if unknown."""
