@@ -61,6 +61,10 @@ def summed_rows(grad: Any) -> Any:
     """
     if not isinstance(grad, tf.IndexedSlices):
         return grad
+    count = grad.indices.shape.num_elements()
+    if (count is not None and count <= 1) or grad.values.shape.rank == 0:
+        # Nothing can repeat (TF-Agents' tests also build slices of a scalar value).
+        return grad
     dtype = grad.values.dtype
     slices = tf.cast(grad.values, wide_dtype(dtype))
     if _in_xla():
