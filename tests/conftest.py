@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
+import hypothesis  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -21,6 +22,17 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 import trainop  # noqa: E402
+
+# Hypothesis profiles. "ci", the default, tests the same examples on every run (derandomized:
+# seeded from each test's own code, no example database), so that a failure is reproducible
+# and a pass does not depend on luck; a failure prints the blob that replays it. "thorough"
+# (HYPOTHESIS_PROFILE=thorough) draws many more random examples, to look for new failures.
+# A test's own @settings(max_examples=...) takes precedence over the profile's.
+hypothesis.settings.register_profile(
+    "ci", derandomize=True, database=None, max_examples=30, deadline=None, print_blob=True
+)
+hypothesis.settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Programs that the tests run in subprocesses, not test modules.
 collect_ignore = ["programs"]

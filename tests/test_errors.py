@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
 import trainop
-from conftest import make_optimizer
+from conftest import make_optimizer, optimizer_state
 
 
 def build(runner, loss_fn, optimizer=None, **kwargs):
@@ -121,14 +122,47 @@ def test_no_gradient_for_any_variable(runner):
         build(runner, lambda: w * w, variables_to_train=[v])
 
 
-def test_nothing_trained_is_lost_when_building_fails(runner):
-    # A failed build leaves the variables as they were.
-    w = runner.variable(2.0, "w")
-    step = runner.train_op(lambda: w * w, make_optimizer("keras"), global_step=None)
+def _adam_steps(w, grads_of, steps, epsilon=1e-7, lr=0.1, beta_1=0.9, beta_2=0.999):
+    """`steps` Adam updates of `w` in float64, the gradient `grads_of(w)`."""
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t in range(1, steps + 1):
+        g = grads_of(w)
+        m = beta_1 * m + (1 - beta_1) * g
+        v = beta_2 * v + (1 - beta_2) * g * g
+        alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        w = w - alpha * m / (np.sqrt(v) + epsilon)
+    return w
+
+
+def test_a_build_that_fails_late_leaves_the_optimizer_and_the_train_op_as_they_were(runner, family):
+    # The build fails in the transform's check, after the gradients exist and the optimizer
+    # has made its state for the variables: the train op built before it, sharing that
+    # optimizer and the global step, must go on as if the failed build had never been tried.
+    w0 = np.array([1.0, -2.0], np.float32)
+    w = runner.variable(w0, "w")
+    optimizer = make_optimizer(family, "adam", 0.1)
+    step = runner.train_op(lambda: tf.reduce_sum(w * w), optimizer)
     step()
-    with pytest.raises(ValueError):
-        build(runner, lambda: w * w, gate_gradients=9)
-    assert runner.read(w) == pytest.approx(1.6)
+    before = [runner.read(w), runner.read(runner.global_step())]
+    before += optimizer_state(optimizer, [w], runner)
+    with pytest.raises(ValueError, match="does not fit its variable w"):
+        build(
+            runner,
+            lambda: tf.reduce_sum(w * w),
+            optimizer,
+            transform_grads_fn=lambda gv: [(tf.reduce_sum(g), v) for g, v in gv],
+        )
+    after = [runner.read(w), runner.read(runner.global_step())]
+    after += optimizer_state(optimizer, [w], runner)
+    assert len(after) == len(before) > 2
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    step()
+    # Two Adam steps on |w|^2 (gradient 2w), as if the failed build had not happened.
+    epsilon = 1e-8 if family == "v1" else 1e-7
+    expected = _adam_steps(w0.astype(np.float64), lambda v: 2.0 * v, 2, epsilon)
+    np.testing.assert_allclose(runner.read(w), expected, rtol=1e-5)
+    assert runner.read(runner.global_step()) == 2
 
 
 def test_tf_keras_loss_scale_optimizer_is_refused_rather_than_misapplied():

@@ -135,10 +135,15 @@ def test_graph_keras_optimizer_state_initializes_without_feeding_the_inputs():
 # --- check_numerics="skip": SkipNonFiniteSteps -------------------------------------------------
 
 
+W0 = np.array([[0.5], [-0.5], [1.0]], np.float32)
+B0 = np.array([0.1], np.float32)
+REGRESSION_LR = 0.05
+
+
 def _regression(runner):
     """A linear regression whose batch (and gradient scale) the test sets before each step."""
-    w = runner.variable(np.array([[0.5], [-0.5], [1.0]], np.float32), "w")
-    b = runner.variable(np.array([0.1], np.float32), "b")
+    w = runner.variable(W0, "w")
+    b = runner.variable(B0, "b")
     x = runner.variable(np.zeros((4, 3), np.float32), "x", trainable=False)
     y = runner.variable(np.zeros((4, 1), np.float32), "y", trainable=False)
     # 1 on healthy steps; NaN makes the gradients NaN while the loss stays finite.
@@ -163,28 +168,57 @@ def _batch(i):
 BAD_STEPS = {7: "nan_input", 30: "inf_input", 31: "nan_input", 64: "nan_gradient"}
 
 
-def _train(runner, family, steps, check_numerics):
-    """Trains on batches 0..99, less those not in `steps`; returns what the test compares."""
+def _regression_reference(family, kind, steps):
+    """The regression trained by plain SGD or Adam in float64 NumPy on the batches `steps`.
+
+    Returns the weights [w, b] and each step's loss (before its update).
+    """
+    params = [W0.astype(np.float64), B0.astype(np.float64)]
+    moments = [np.zeros_like(p) for p in params]
+    squares = [np.zeros_like(p) for p in params]
+    epsilon = 1e-8 if family == "v1" else 1e-7  # tf.compat.v1's Adam, Keras' Adam
+    losses = []
+    for t, i in enumerate(steps, start=1):
+        x, y = (a.astype(np.float64) for a in _batch(i))
+        error = x @ params[0] + params[1] - y
+        losses.append(np.mean(error**2))
+        d_error = 2.0 * error / error.size
+        grads = [x.T @ d_error, d_error.sum(0)]
+        if kind == "sgd":
+            params = [p - REGRESSION_LR * g for p, g in zip(params, grads)]
+            continue
+        moments = [0.9 * m + 0.1 * g for m, g in zip(moments, grads)]
+        squares = [0.999 * v + 0.001 * g * g for v, g in zip(squares, grads)]
+        alpha = REGRESSION_LR * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        params = [
+            p - alpha * m / (np.sqrt(v) + epsilon) for p, m, v in zip(params, moments, squares)
+        ]
+    return params, np.array(losses)
+
+
+def _train(runner, family, kind, steps, check_numerics):
+    """Trains on the batches `steps` (bad ones made bad); returns what the tests compare."""
     variables, (x, y, grad_scale), loss_fn = _regression(runner)
-    optimizer = make_optimizer(family, "adam", 0.05)
+    optimizer = make_optimizer(family, kind, REGRESSION_LR)
     step = runner.train_op(loss_fn, optimizer, check_numerics=check_numerics)
     skipped_at = []
+    losses = {}
     for i in steps:
         inputs, targets = _batch(i)
-        kind = BAD_STEPS.get(i)
-        if kind == "nan_input":
+        kind_of_bad = BAD_STEPS.get(i)
+        if kind_of_bad == "nan_input":
             inputs[1, 2] = np.nan
-        elif kind == "inf_input":
+        elif kind_of_bad == "inf_input":
             inputs[0, 0] = np.inf
         runner.assign(x, inputs)
         runner.assign(y, targets)
-        runner.assign(grad_scale, np.nan if kind == "nan_gradient" else 1.0)
-        before = runner.read(check_numerics.skipped_steps) if kind is not None else None
-        step()
-        if kind is not None:
+        runner.assign(grad_scale, np.nan if kind_of_bad == "nan_gradient" else 1.0)
+        before = runner.read(check_numerics.skipped_steps) if kind_of_bad is not None else None
+        losses[i] = float(step())
+        if kind_of_bad is not None:
             skipped_at += [i] * int(runner.read(check_numerics.skipped_steps) - before)
-    state = [runner.read(v) for v in variables] + optimizer_state(optimizer, variables, runner)
-    return state, runner.read(runner.global_step()), skipped_at
+    weights = [runner.read(v) for v in variables]
+    return weights, losses, runner.read(runner.global_step()), skipped_at
 
 
 @contextlib.contextmanager
@@ -197,26 +231,24 @@ def _fresh_runner(mode):
         tf.compat.v1.get_default_graph().clear_collection(tf.compat.v1.GraphKeys.GLOBAL_STEP)
 
 
-@pytest.mark.parametrize("mode", ["graph", "eager"])
-def test_skip_mode_skips_exactly_the_bad_steps_and_ends_as_if_they_never_were(mode, family):
-    results = {}
-    clean_steps = sorted(set(range(100)) - set(BAD_STEPS))
-    for name, steps in [("skipping", range(100)), ("clean", clean_steps)]:
-        with _fresh_runner(mode) as runner:
-            guard = trainop.SkipNonFiniteSteps(max_consecutive=2)
-            state, global_step, skipped_at = _train(runner, family, steps, guard)
-            counts = runner.read(guard.skipped_steps), runner.read(guard.consecutive_skipped_steps)
-            results[name] = state, global_step, skipped_at, counts
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_skip_mode_skips_exactly_the_bad_steps_and_ends_as_if_they_never_were(runner, family, kind):
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=2)
+    weights, losses, global_step, skipped_at = _train(runner, family, kind, range(100), guard)
+    counts = runner.read(guard.skipped_steps), runner.read(guard.consecutive_skipped_steps)
 
-    state, global_step, skipped_at, counts = results["skipping"]
-    clean_state, clean_global_step, _, clean_counts = results["clean"]
     assert skipped_at == sorted(BAD_STEPS)
-    assert counts == (4, 0) and clean_counts == (0, 0)
-    assert global_step == clean_global_step == 96
-    assert len(state) == len(clean_state) > 3  # weights, and the optimizer's slots and counter
-    for value, clean in zip(state, clean_state):
-        assert np.isfinite(value).all()
-        np.testing.assert_allclose(value, clean, rtol=1e-6, atol=1e-7)
+    assert counts == (4, 0)
+    assert global_step == 96
+    # The weights and losses of plain SGD or Adam on the 96 good batches alone: a skipped
+    # step left no trace, in the weights or in the optimizer's moments and step count.
+    clean_steps = sorted(set(range(100)) - set(BAD_STEPS))
+    expected_weights, expected_losses = _regression_reference(family, kind, clean_steps)
+    # float32 against float64 over 96 steps; Adam's divisions by small moments drift more.
+    rtol = 1e-5 if kind == "sgd" else 1e-4
+    for value, expected in zip(weights, expected_weights):
+        np.testing.assert_allclose(value, expected, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose([losses[i] for i in clean_steps], expected_losses, rtol=rtol)
 
 
 def test_too_many_bad_steps_in_a_row_raise_naming_the_step_and_change_nothing(runner, family):
@@ -337,18 +369,17 @@ def test_healthy_steps_of_the_skip_guard_are_those_of_the_default_check(mode, fa
     results = []
     for skip in (False, True):
         with _fresh_runner(mode) as runner:
-            variables, (x, y, _), loss_fn = _regression(runner)
-            optimizer = make_optimizer(family, "adam", 0.05)
             check_numerics = trainop.SkipNonFiniteSteps() if skip else True
-            step = runner.train_op(loss_fn, optimizer, check_numerics=check_numerics)
-            for i in range(5):
-                inputs, targets = _batch(i)
-                runner.assign(x, inputs)
-                runner.assign(y, targets)
-                step()
-            results.append([runner.read(v) for v in variables])
-    for default, guarded in zip(*results):
-        np.testing.assert_array_equal(guarded, default)
+            results.append(_train(runner, family, "sgd", range(5), check_numerics))
+    (default, default_losses, _, _), (guarded, guarded_losses, steps, _) = results
+    for d, g in zip(default, guarded):
+        np.testing.assert_array_equal(g, d)  # bit-identical
+    assert guarded_losses == default_losses
+    assert steps == 5
+    expected_weights, expected_losses = _regression_reference(family, "sgd", range(5))
+    for value, expected in zip(guarded, expected_weights):
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(list(guarded_losses.values()), expected_losses, rtol=1e-5)
 
 
 def test_a_nan_gradient_of_a_frozen_variable_does_not_skip_the_step(runner):
@@ -365,6 +396,26 @@ def test_a_nan_gradient_of_a_frozen_variable_does_not_skip_the_step(runner):
     step()
     assert runner.read(guard.skipped_steps) == 0
     np.testing.assert_allclose(runner.read(w), [0.5, 1.0])
+
+
+def test_the_skip_guard_applies_a_healthy_float16_step_with_large_gradients(runner, family):
+    # The gradient (3e4, 2e4, 2e4) is finite in float16, but neither its sum (7e4) nor its
+    # squares are: float16 tops out at 65504. The guard must measure it in float32.
+    w = runner.variable(np.full(3, 2.0, np.float16), "w", dtype=tf.float16)
+    coefficients = np.array([3e4, 2e4, 2e4], np.float32)
+    guard = trainop.SkipNonFiniteSteps()
+    step = runner.train_op(
+        lambda: tf.reduce_sum(tf.cast(w, tf.float32) * coefficients),
+        make_optimizer(family, "sgd", 2.0**-14),
+        check_numerics=guard,
+    )
+    loss = step()
+    # Every value here is exact in float16: 2 - 2**-14 * 3e4 = 0.1689453125.
+    expected = np.full(3, 2.0) - 2.0**-14 * coefficients.astype(np.float64)
+    np.testing.assert_array_equal(runner.read(w).astype(np.float64), expected)
+    assert float(loss) == 2.0 * coefficients.sum()
+    assert runner.read(guard.skipped_steps) == 0
+    assert runner.read(runner.global_step()) == 1
 
 
 def test_a_nan_made_by_a_transform_skips_the_step(runner):

@@ -13,18 +13,24 @@ from conftest import make_optimizer, read_summaries
 RNG = np.random.default_rng(0)
 XS = RNG.normal(size=(8, 16, 5)).astype(np.float32)
 YS = RNG.normal(size=(8, 16, 1)).astype(np.float32)
+LR = 0.05
 
 
-def _mlp_train_op(optimizer, **kwargs):
-    """A seeded 5-8-1 MLP (float32 out) and its train op; returns (model, step, train_op)."""
+def _mlp():
+    """The seeded 5-8-1 MLP (float32 out)."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
+    return keras.Sequential(
         [
             keras.Input((5,)),
             keras.layers.Dense(8, activation="relu"),
             keras.layers.Dense(1, dtype="float32"),
         ]
     )
+
+
+def _mlp_train_op(optimizer, **kwargs):
+    """The seeded MLP and its train op; returns (model, step, train_op)."""
+    model = _mlp()
     step = tf.Variable(0, dtype=tf.int64)
     train_op = trainop.create_train_op(
         lambda x, y: tf.reduce_mean((model(x) - y) ** 2),
@@ -36,10 +42,40 @@ def _mlp_train_op(optimizer, **kwargs):
     return model, step, train_op
 
 
+def _initial_mlp_weights():
+    """The seeded MLP's weights before training: kernel 1, bias 1, kernel 2, bias 2."""
+    return [np.asarray(w.numpy(), np.float64) for w in _mlp().weights]
+
+
+def _mlp_reference(batches, lr=LR, max_norm=None):
+    """Plain SGD on the seeded MLP in float64 NumPy, the gradients written out by hand.
+
+    Returns the weights after the batches (flattened and concatenated as `_train` returns
+    them) and each step's loss, taken before its update. With `max_norm`, the gradients are
+    scaled together to a global norm of at most `max_norm` first.
+    """
+    k1, b1, k2, b2 = _initial_mlp_weights()
+    losses = []
+    for x, y in batches:
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        hidden = x @ k1 + b1
+        active = np.maximum(hidden, 0.0)
+        error = active @ k2 + b2 - y
+        losses.append(np.mean(error**2))
+        d_out = 2.0 * error / error.size
+        d_hidden = (d_out @ k2.T) * (hidden > 0)
+        grads = [x.T @ d_hidden, d_hidden.sum(0), active.T @ d_out, d_out.sum(0)]
+        if max_norm is not None:
+            norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+            grads = [g * min(1.0, max_norm / norm) for g in grads]
+        k1, b1, k2, b2 = (w - lr * g for w, g in zip((k1, b1, k2, b2), grads))
+    return np.concatenate([np.ravel(w) for w in (k1, b1, k2, b2)]), np.array(losses)
+
+
 def _train(family, steps_per_call=1, **kwargs):
-    """Trains a small MLP on the 8 batches; returns its weights, the losses, the global step."""
+    """Trains the MLP with SGD on the 8 batches; returns its weights, the losses, the step."""
     model, step, train_op = _mlp_train_op(
-        make_optimizer(family, "adam", 0.01), steps_per_call=steps_per_call, **kwargs
+        make_optimizer(family, "sgd", LR), steps_per_call=steps_per_call, **kwargs
     )
     losses = []
     for i in range(0, 8, steps_per_call):
@@ -51,10 +87,27 @@ def _train(family, steps_per_call=1, **kwargs):
     return weights, np.array(losses), int(step.numpy()), train_op
 
 
-@pytest.mark.parametrize("family", ["v1", "keras", "tf_keras", "tf_keras_legacy"])
+# A current tf_keras optimizer given Keras 3 variables updates nothing (it skips variables
+# without `_unique_id`): `OptimizerAdapter.apply` does not unwrap them for that family.
+TF_KERAS_WITH_KERAS3_VARIABLES = pytest.param(
+    "tf_keras",
+    marks=pytest.mark.xfail(
+        strict=True, reason="source bug: Keras 3 variables not unwrapped for tf_keras optimizers"
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "family", ["v1", "keras", TF_KERAS_WITH_KERAS3_VARIABLES, "tf_keras_legacy"]
+)
 def test_steps_per_call_runs_the_same_steps_in_one_call(family):
+    reference_weights, reference_losses = _mlp_reference(zip(XS, YS))
     weights, losses, step, _ = _train(family)
     looped_weights, looped_losses, looped_step, train_op = _train(family, steps_per_call=4)
+    # Plain SGD, float32 against float64: equal up to float32 rounding.
+    np.testing.assert_allclose(weights, reference_weights, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6)
+    # The loop in one call does the same float32 work as the calls one by one.
     np.testing.assert_array_equal(looped_weights, weights)
     np.testing.assert_array_equal(looped_losses, losses)
     assert looped_step == step == 8
@@ -65,6 +118,7 @@ def test_steps_per_call_runs_the_same_steps_in_one_call(family):
 @pytest.mark.parametrize("check_numerics", [True, "skip"])
 @pytest.mark.parametrize("steps_per_call", [1, 4])
 def test_jit_compile_trains_as_the_uncompiled_step(family, check_numerics, steps_per_call):
+    reference_weights, reference_losses = _mlp_reference(zip(XS, YS))
     weights, losses, _, _ = _train(family)
     compiled_weights, compiled_losses, step, _ = _train(
         family, steps_per_call, jit_compile=True, check_numerics=check_numerics
@@ -72,6 +126,8 @@ def test_jit_compile_trains_as_the_uncompiled_step(family, check_numerics, steps
     # XLA fuses and reorders floating-point work: close, not bit-identical.
     np.testing.assert_allclose(compiled_weights, weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(compiled_losses, losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(compiled_weights, reference_weights, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(compiled_losses, reference_losses, rtol=1e-5, atol=1e-6)
     assert step == 8
 
 
@@ -128,69 +184,6 @@ def test_bad_scale_arguments():
         v = tf.compat.v1.get_variable("v", initializer=1.0, use_resource=True)
         with pytest.raises(ValueError, match="apply to the eager train op"):
             trainop.create_train_op(v * v, make_optimizer("v1"), jit_compile=True)
-
-
-def _accumulated(runner, family, calls, batch, **kwargs):
-    """Trains a linear model on 32 rows, `batch` rows per call; returns weights and step."""
-    rows = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
-    targets = rows @ np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
-    w = runner.variable(np.zeros((4, 1), np.float32), "w")
-    x = runner.variable(np.zeros((batch, 4), np.float32), "x", trainable=False)
-    y = runner.variable(np.zeros((batch, 1), np.float32), "y", trainable=False)
-    global_step = runner.variable(0, "global_step", trainable=False, dtype=tf.int64)
-    step = runner.train_op(
-        lambda: tf.reduce_mean((tf.matmul(x, w) - y) ** 2),
-        make_optimizer(family, "adam", 0.1),
-        global_step=global_step,
-        **kwargs,
-    )
-    for i in range(calls):
-        runner.assign(x, rows[i * batch : (i + 1) * batch])
-        runner.assign(y, targets[i * batch : (i + 1) * batch])
-        step()
-    return runner.read(w), runner.read(global_step)
-
-
-def test_accumulating_4_calls_is_one_step_on_the_4_times_larger_batch(runner, family):
-    w, step = _accumulated(runner, family, calls=8, batch=4, accumulation_steps=4)
-    big_w, big_step = _accumulated_fresh(runner.mode, family, calls=2, batch=16)
-    assert step == big_step == 2  # the global step counts applied updates
-    np.testing.assert_allclose(w, big_w, rtol=1e-5, atol=1e-6)
-
-
-def _accumulated_fresh(mode, family, **kwargs):
-    from test_numerics import _fresh_runner
-
-    with _fresh_runner(mode) as runner:
-        return _accumulated(runner, family, **kwargs)
-
-
-def test_accumulation_transforms_the_mean_and_skips_bad_calls():
-    w = tf.Variable([0.0, 0.0])
-    x = tf.Variable([1.0, 1.0], trainable=False)
-    guard = trainop.SkipNonFiniteSteps()
-    train_op = trainop.create_train_op(
-        lambda: tf.reduce_sum(w * x),
-        make_optimizer("keras", "sgd", 1.0),
-        global_step=None,
-        accumulation_steps=2,
-        check_numerics=guard,
-        transform_grads_fn=trainop.clip_by_global_norm_fn(1.0),
-    )
-    for value in ([1.0, 0.0], [np.nan, 0.0], [0.0, 3.0]):
-        x.assign(value)
-        train_op()
-    # The NaN call was skipped; the update applied the mean of [1, 0] and [0, 3], clipped to
-    # norm 1. (The mean of the clipped gradients would be [0.5, 0.5].)
-    assert int(guard.skipped_steps) == 1
-    mean = np.array([0.5, 1.5])
-    np.testing.assert_allclose(w.numpy(), -mean / np.linalg.norm(mean), rtol=1e-6)
-
-
-def test_accumulation_steps_must_be_a_count():
-    w = tf.Variable(1.0)
-    with pytest.raises(ValueError, match="`accumulation_steps` must be a positive integer"):
-        trainop.create_train_op(lambda: w * w, make_optimizer("keras"), accumulation_steps=0)
 
 
 def test_two_replicas_make_the_update_of_one_replica_on_the_whole_batch():
@@ -348,7 +341,7 @@ def _mixed(loss_scale=None, policy="float32", calls=8, **kwargs):
     """Trains a small MLP, with a LossScaleOptimizer of that initial scale if one is given."""
     keras.mixed_precision.set_global_policy(policy)
     try:
-        optimizer = keras.optimizers.SGD(0.05)
+        optimizer = keras.optimizers.SGD(LR)
         if loss_scale is not None:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=loss_scale)
         model, step, train_op = _mlp_train_op(optimizer, **kwargs)
@@ -362,11 +355,13 @@ def _mixed(loss_scale=None, policy="float32", calls=8, **kwargs):
 
 def test_a_loss_scale_optimizer_trains_as_its_inner_optimizer_and_clips_true_gradients():
     clip = {"transform_grads_fn": trainop.clip_by_global_norm_fn(0.05)}
+    reference, _ = _mlp_reference(zip(XS, YS), max_norm=0.05)
     plain, plain_steps, _ = _mixed(**clip)
     scaled, steps, optimizer = _mixed(loss_scale=2.0**12, **clip)
     # The transform saw the unscaled gradients: had it clipped the scaled ones, the optimizer
     # would have divided the clipped gradient by 4096.
     np.testing.assert_allclose(scaled, plain, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scaled, reference, rtol=1e-5, atol=1e-6)
     assert steps == plain_steps == 8
     assert float(optimizer.dynamic_scale.numpy()) == 2.0**12
 
@@ -389,9 +384,50 @@ def test_an_overflowing_step_is_skipped_and_not_a_numerics_error(check_numerics)
     assert np.abs(weights - initial).max() > 1e-3
 
 
+@pytest.mark.parametrize("check_numerics", [True, "skip"])
+def test_graph_loss_scale_optimizer_counts_only_the_steps_it_applies(check_numerics):
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.compat.v1.get_variable("w", initializer=[1.0, -2.0], use_resource=True)
+        x = tf.compat.v1.placeholder(tf.float32, [])
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0**15
+        )
+        guard = trainop.SkipNonFiniteSteps() if check_numerics == "skip" else True
+        train_op = trainop.create_train_op(
+            x * tf.reduce_sum(w * w), optimizer, check_numerics=guard
+        )
+        global_step = tf.compat.v1.train.get_global_step()
+        session.run(tf.compat.v1.global_variables_initializer())
+        # With x = 1e35 the loss (about 1e35) is finite and its gradient too, but the scaled
+        # gradient (2**15 * 1e35 * 2 * w) overflows float32: the optimizer skips those steps.
+        inputs = [1.0, 1e35, 1.0, 1.0, 1e35, 1.0, 1.0, 1.0]
+        losses = [session.run(train_op, {x: value}) for value in inputs]
+        w_value, steps, iterations, scale = session.run(
+            [w, global_step]
+            + [
+                trainop.optimizers.as_tf_variable(v)
+                for v in (optimizer.iterations, optimizer.dynamic_scale)
+            ]
+        )
+        skipped = session.run(guard.skipped_steps) if check_numerics == "skip" else 0
+    # Plain SGD on x * |w|^2 in float64, the overflowing steps left out.
+    expected_w, expected_losses = np.array([1.0, -2.0]), []
+    for value in inputs:
+        expected_losses.append(value * np.sum(expected_w**2))
+        if value == 1.0:
+            expected_w = expected_w - 0.1 * 2.0 * value * expected_w
+    np.testing.assert_allclose(w_value, expected_w, rtol=1e-6)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-6)
+    assert steps == iterations == 6  # the overflowing steps are not counted
+    assert scale == 2.0**13  # halved by each overflow
+    assert skipped == 0  # an overflow is the optimizer's to skip, not the guard's
+
+
 def test_mixed_float16_trains_close_to_float32():
     full, _, _ = _mixed()
     mixed, steps, _ = _mixed(loss_scale=2.0**15, policy="mixed_float16")
+    reference, _ = _mlp_reference(zip(XS, YS))
+    np.testing.assert_allclose(full, reference, rtol=1e-5, atol=1e-6)
     assert steps == 8
     np.testing.assert_allclose(mixed, full, rtol=1e-2, atol=1e-3)
 
@@ -450,17 +486,3 @@ def test_steps_per_call_with_float64_losses_and_summaries_under_their_own_tags(t
     assert losses.dtype == tf.float32 and losses.shape == (3,)
     tags = set(read_summaries(tmp_path))
     assert "train/loss" in tags and not any(tag.startswith("while") for tag in tags)
-
-
-def test_float16_gradients_are_accumulated_in_float32():
-    w = tf.Variable([1.0], dtype=tf.float16)
-    train_op = trainop.create_train_op(
-        lambda: tf.reduce_sum(tf.cast(4e4, tf.float16) * w),
-        make_optimizer("keras", "sgd", 1e-5),
-        global_step=None,
-        accumulation_steps=4,
-    )
-    for _ in range(4):
-        train_op()
-    # The float16 sum of four 4e4 gradients would be inf; their float32 mean is 4e4.
-    np.testing.assert_allclose(w.numpy(), [1.0 - 1e-5 * 4e4], rtol=1e-3)
