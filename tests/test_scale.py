@@ -87,19 +87,7 @@ def _train(family, steps_per_call=1, **kwargs):
     return weights, np.array(losses), int(step.numpy()), train_op
 
 
-# A current tf_keras optimizer given Keras 3 variables updates nothing (it skips variables
-# without `_unique_id`): `OptimizerAdapter.apply` does not unwrap them for that family.
-TF_KERAS_WITH_KERAS3_VARIABLES = pytest.param(
-    "tf_keras",
-    marks=pytest.mark.xfail(
-        strict=True, reason="source bug: Keras 3 variables not unwrapped for tf_keras optimizers"
-    ),
-)
-
-
-@pytest.mark.parametrize(
-    "family", ["v1", "keras", TF_KERAS_WITH_KERAS3_VARIABLES, "tf_keras_legacy"]
-)
+@pytest.mark.parametrize("family", ["v1", "keras", "tf_keras", "tf_keras_legacy"])
 def test_steps_per_call_runs_the_same_steps_in_one_call(family):
     reference_weights, reference_losses = _mlp_reference(zip(XS, YS))
     weights, losses, step, _ = _train(family)

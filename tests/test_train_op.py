@@ -465,14 +465,7 @@ def test_keras3_model_trains_with_keras_variables():
     [
         "v1",
         "keras",
-        pytest.param(
-            "tf_keras",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="source bug: OptimizerAdapter.apply passes Keras 3 variables to a "
-                "current tf_keras optimizer, which skips variables without `_unique_id`",
-            ),
-        ),
+        "tf_keras",
         "tf_keras_legacy",
     ],
 )

@@ -275,7 +275,9 @@ class OptimizerAdapter:
         Returns:
           An op that, once run, has applied the update and incremented the global step.
         """
-        if self.family in (FAMILY_V1, FAMILY_TF_KERAS_LEGACY):
+        if self.family != FAMILY_KERAS:
+            # Only Keras 3 optimizers know Keras 3 variables: a current tf_keras optimizer
+            # skips, without a word, a variable it cannot key (it has no `_unique_id`).
             pairs = [(g, as_tf_variable(v)) for g, v in grads_and_vars]
         else:
             pairs = list(grads_and_vars)
