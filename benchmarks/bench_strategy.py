@@ -4,8 +4,9 @@
 MLP (784-256-256-10, Adam, softmax cross-entropy), global batch 64 (32 per replica). Variants,
 each training its own copy of the model on the same batches, already distributed:
 
-* ``baseline``: the hand-written step, `strategy.run` of a `GradientTape` step whose loss is
-  divided by the replica count, the optimizer summing the gradients; the losses summed;
+* ``baseline``: the hand-written step, `strategy.run` of a `GradientTape` step whose loss (a
+  Keras loss object, which divides by the replica count itself) is taken as it is, the
+  optimizer summing the gradients; the losses summed;
 * ``trainop``: `create_train_op(loss_fn, optimizer, variables_to_train=...)` built in the scope;
 * ``skip``: the same with `check_numerics="skip"` (each replica's verdict, summed);
 * ``clip``: the same with `transform_grads_fn=trainop.clip_by_global_norm_fn(1.0)`, which sums
@@ -62,7 +63,8 @@ def make_baseline_step(strategy: Any, model: keras.Model, optimizer: Any) -> Any
 
     def replica_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            loss = loss_fn(x, y) / strategy.num_replicas_in_sync
+            # Keras's loss object has divided by the replica count already (equal shares).
+            loss = loss_fn(x, y)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _core, accumulation, numerics, optimizers, summaries
+from trainop import _core, _replica_loss, accumulation, numerics, optimizers, summaries
 from trainop._checks import check_count
 
 logger = logging.getLogger("trainop")
@@ -292,11 +292,6 @@ def _create_eager_train_op(
         with tf.GradientTape() as tape:
             loss = loss_fn(*args, **kwargs)
             total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
-        if strategy is not None and isinstance(total_loss, tf.Tensor):
-            # Each replica's loss is the mean over its share of the batch; the optimizer sums
-            # the replicas' gradients. Divided by the replica count, that sum is the gradient
-            # of the mean over the global batch, and the summed losses are its mean loss.
-            total_loss = total_loss / strategy.num_replicas_in_sync
         if not isinstance(total_loss, tf.Tensor):
             raise TypeError(
                 "`total_loss` must return a scalar loss tensor"
@@ -411,7 +406,9 @@ def _across_replicas(
 ) -> Callable[..., Any]:
     """The step on every replica of `strategy`, returning the loss summed over them.
 
-    `strategy.run` first computes each replica's loss and gradients. What follows takes one
+    `strategy.run` first computes each replica's loss and gradients, the loss weighted by the
+    replica's share of the global batch (`_replica_loss`; counted here when every replica is
+    on this worker, else with one all-reduce of the counts). What follows takes one
     decision for all replicas, in the cross-replica context, where a `tf.cond` may hold a
     `strategy.run` (replicas cannot synchronize inside a cond of their own):
 
@@ -436,8 +433,12 @@ def _across_replicas(
     # The variables that have a gradient: the same on every replica, known once traced.
     trained: list[Any] = []
 
-    def gradients(verdicts: bool, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        _, total_loss, variables = loss_and_variables(*args, **kwargs)
+    def gradients(
+        verdicts: bool, share: _replica_loss.Share | None, *args: Any, **kwargs: Any
+    ) -> tuple[Any, ...]:
+        with _replica_loss.one_device_scaling(share):
+            _, total_loss, variables = loss_and_variables(*args, **kwargs)
+        total_loss = _replica_loss.weighted(total_loss, share)
         grads_and_vars = _core.step_gradients(
             total_loss,
             adapter,
@@ -504,10 +505,23 @@ def _across_replicas(
             or summaries.writes_v2_summaries()
         )
         verdicts = (skips or scaled) and not summed_first
+        replicas = strategy.num_replicas_in_sync
+        distributed = tf.nest.map_structure(
+            lambda leaf: isinstance(leaf, tf.distribute.DistributedValues), (args, kwargs)
+        )
+        counts = None
+        if replicas > 1:
+            counts = _replica_loss.local_counts(strategy, select, (args, kwargs), distributed)
 
         def replica_part(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
             step_args, step_kwargs = select(args, kwargs)
-            return replica_gradients(verdicts, *step_args, **step_kwargs)
+            share = None
+            if replicas > 1:
+                # Outside the compiled part: XLA compiles an all-reduce only on GPUs.
+                share = _replica_loss.replica_share(
+                    (step_args, step_kwargs), distributed, replicas, counts
+                )
+            return replica_gradients(verdicts, share, *step_args, **step_kwargs)
 
         results = strategy.run(replica_part, args=args, kwargs=kwargs)
         losses, grads = results[:2]
@@ -795,8 +809,14 @@ def create_train_op(
     BatchNormalization's moving statistics, graph update ops) is outside that guarantee.
 
     In eager mode inside a `tf.distribute` strategy's scope, the train op runs the step on every
-    replica with `strategy.run`, each replica's loss divided by the number of replicas (the
-    optimizer sums their gradients), and returns the loss summed over the replicas. The skip
+    replica with `strategy.run` and weights each replica's loss by its share of the global batch
+    (its number of examples, the first dimension of the first argument given per replica, over
+    their sum), so that the optimizer's sum of the gradients and the returned sum of the losses
+    are one device's on the whole batch, however it was split. The loss is written as for one
+    device: Keras 3's loss objects, `tf.nn.compute_average_loss` and
+    `tf.nn.scale_regularization_loss` do not divide by the number of replicas while the train op
+    calls it, and `tf.nn.compute_average_loss(..., global_batch_size=G)` counts as it is (the
+    README has the rule for each way of writing a loss). The skip
     guard and a `LossScaleOptimizer` then skip a step on every replica when any replica's loss or
     gradients are not finite; `transform_grads_fn`, the summaries and accumulation see the sum
     of the replicas' gradients (see the README for what that costs).
@@ -862,7 +882,9 @@ def create_train_op(
         optimizer is of no known family, or an argument has the wrong type.
       ValueError: the loss is not a scalar, there is no variable to train, a variable to train
         is not trainable, `gate_gradients`, `aggregation_method` or `summarize_every_n_steps`
-        is not one of its values, or `transform_grads_fn` returns other variables.
+        is not one of its values, `transform_grads_fn` returns other variables, or (on the
+        first call, under a strategy of several replicas) the loss is given no argument with
+        a first dimension to read the replicas' shares from.
 
     Example:
       >>> import keras, tensorflow as tf, trainop

@@ -1,28 +1,42 @@
 """MirroredStrategy over two logical CPUs against one device on the whole batch.
 
-Run as its own process (the logical devices must be set before TensorFlow starts). Prints, per
-case and optimizer family, `<case> <family> <max weight difference> <max relative loss
-difference> <global steps> <global steps on one device>`, then one `refused <argument>` line
-per setting a strategy does not take yet, a `loop` line for `trainop.train` stopped and
-resumed, `raise` lines for the default check, `sparse` lines for an embedding,
-`steps_per_call` lines for 2 steps a call and `inside_run` lines for a train step built inside
-`strategy.run` (see there). The weights include a target
-variable that an update op moves towards the second layer. The cases:
+Run as its own process (the logical devices must be set before TensorFlow starts):
+`mirrored_child.py [GROUP ...]` runs the named groups of cases (all by default) and prints one
+line per case, `<group> <case> <values...>`, which tests/test_distribute.py checks as a test of
+its own. The groups:
 
-* `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
-* `skip` and `skip_clip`, with `check_numerics="skip"` and a NaN in the second replica's half
-  of the second batch;
-* `overflow` and `overflow_clip`, with a LossScaleOptimizer whose scaled gradients overflow on
-  that half only (the line ends with both loss scales); `large`, where they are large but
-  finite;
-* `jit`, `jit_skip` and `jit_clip`, with `jit_compile=True`;
-* `summaries`, written to a default writer (the line ends with the number of scalars written
+* `step`: `<case>/<family>` for each optimizer family (plain SGD, where a wrong gradient scale
+  shows in the weights), against the train op on one device: `<max weight difference> <max
+  relative loss difference> <global steps> <global steps on one device>`, then extras. The
+  weights include a target variable that an update op moves towards the second layer. Cases:
+  `plain`; `clip`, with a transform clipping the global norm; `accumulate`, over 2 calls;
+  `skip` and `skip_clip`, with `check_numerics="skip"` and a NaN in the second replica's half
+  of the second batch; `overflow` and `overflow_clip`, with a LossScaleOptimizer whose scaled
+  gradients overflow on that half only (the line ends with both loss scales); `large`, where
+  they are large but finite; `jit`, `jit_skip` and `jit_clip`, with `jit_compile=True`;
+  `summaries`, written to a default writer (the line ends with the number of scalars written
   and their largest relative difference).
+* `loss`: each way of writing the loss (see `SPELLINGS`) on batches that two replicas share
+  unevenly (2+1, 3+2 and 1+0 examples), against plain SGD on one device in float64 on each
+  whole batch, with no strategy and no trainop: `<max weight difference> <max relative
+  loss difference> <global steps> <batches>`; `*_summaries` cases end with the largest
+  relative difference of the `train/loss` and `train/global_gradient_norm` summaries.
+* `steps_per_call`: 2 steps a call, each replica given its share of both batches.
+* `inside_run`: a train step built inside the user's `strategy.run` (see there).
+* `sparse`: an embedding, whose gradients are IndexedSlices.
+* `raise`: the default check on a NaN: `<max weight difference from the weights after one
+  batch> <calls> <global steps>`.
+* `loop`: `trainop.train` stopped and resumed.
+* `refused`: `<argument> yes` for each setting refused with its own error message (`no` and
+  the message on stderr otherwise).
 """
 
+import contextlib
 import glob
 import os
+import sys
 import tempfile
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,6 +49,9 @@ import trainop  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+one = tf.distribute.OneDeviceStrategy("/cpu:0")
+
 rng = np.random.default_rng(0)
 X = rng.normal(size=(64, 5)).astype(np.float32)
 Y = rng.normal(size=(64, 1)).astype(np.float32)
@@ -46,11 +63,39 @@ X_HUGE[27] = 1e18  # a finite loss (near 1e35) whose scaled gradients overflow f
 X_LARGE = X.copy()
 X_LARGE[27] = 3e10  # gradients near 1e20, finite scaled, though their squares are not
 OPTIMIZERS = {
-    "keras": lambda: keras.optimizers.Adam(0.05),
-    "v1": lambda: tf.compat.v1.train.AdamOptimizer(0.05),
-    "tf_keras": lambda: tf_keras.optimizers.Adam(0.05),
-    "tf_keras_legacy": lambda: tf_keras.optimizers.legacy.Adam(0.05),
+    "keras": lambda: keras.optimizers.SGD(0.1),
+    "v1": lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1),
+    "tf_keras": lambda: tf_keras.optimizers.SGD(0.1),
+    "tf_keras_legacy": lambda: tf_keras.optimizers.legacy.SGD(0.1),
 }
+clip = trainop.clip_by_global_norm_fn(0.05)  # below every step's gradient norm here
+
+
+def report(group, case, *values):
+    print(group, case, *values, flush=True)
+
+
+@contextlib.contextmanager
+def case_of(group, case):
+    """Within: a case that raises is reported as `<group> <case> error:<type>` (its traceback
+    on stderr), and the next case runs."""
+    try:
+        yield
+    except Exception as error:
+        traceback.print_exc()
+        report(group, case, f"error:{type(error).__name__}")
+
+
+def refused(name, attempt, message):
+    """Reports whether `attempt()` raised a ValueError (or TypeError) containing `message`."""
+    try:
+        attempt()
+    except (ValueError, TypeError) as error:
+        if message in str(error):
+            report("refused", name, "yes")
+            return
+        print(f"refused {name}: {error}", file=sys.stderr)
+    report("refused", name, "no")
 
 
 def model_and_loss(strategy):
@@ -104,7 +149,21 @@ def scalar_summaries(logdir):
     return values
 
 
+def differences(run, one_device_run):
+    """The largest weight difference and relative loss difference of two runs."""
+    (weights, losses), (one_weights, one_losses) = run, one_device_run
+    return (
+        float(np.max(np.abs(weights - one_weights))),
+        float(np.nanmax(np.abs(losses - one_losses) / np.maximum(np.abs(one_losses), 1.0))),
+    )
+
+
 def compare(case, family, make_optimizer, **kwargs):
+    with case_of("step", f"{case}/{family}"):
+        _compare(case, family, make_optimizer, **kwargs)
+
+
+def _compare(case, family, make_optimizer, **kwargs):
     logdirs = [None, None]
     if case == "summaries":
         logdirs = [tempfile.mkdtemp(), tempfile.mkdtemp()]
@@ -123,47 +182,225 @@ def compare(case, family, make_optimizer, **kwargs):
             len(written),
             max(abs(written[k] - one_written[k]) / max(abs(one_written[k]), 1.0) for k in written),
         ]
-    report(case, family, (weights, losses, steps), (one_weights, one_losses, one_steps), *extra)
+    found = differences((weights, losses), (one_weights, one_losses))
+    report("step", f"{case}/{family}", *found, steps, one_steps, *extra)
 
 
-def report(case, name, run, one_device_run, *extra):
-    """Prints a case's line: weight and relative loss differences, both global steps, extras."""
-    (weights, losses, steps), (one_weights, one_losses, one_steps) = run, one_device_run
-    print(
-        case,
-        name,
-        float(np.max(np.abs(weights - one_weights))),
-        float(np.nanmax(np.abs(losses - one_losses) / np.maximum(np.abs(one_losses), 1.0))),
-        steps,
-        one_steps,
-        *extra,
-        flush=True,
+def step_cases():
+    for family, make_optimizer in OPTIMIZERS.items():
+        compare("plain", family, make_optimizer)
+        compare("skip", family, make_optimizer, x=X_NAN, check_numerics="skip")
+        compare("clip", family, make_optimizer, transform_grads_fn=clip)
+        compare("skip_clip", family, make_optimizer, x=X_NAN, check_numerics="skip",
+                transform_grads_fn=clip)  # fmt: skip
+        compare("accumulate", family, make_optimizer, accumulation_steps=2)
+    keras_sgd = OPTIMIZERS["keras"]
+    compare("jit", "keras", keras_sgd, jit_compile=True)
+    compare("jit_skip", "keras", keras_sgd, x=X_NAN, check_numerics="skip", jit_compile=True)
+    compare("jit_clip", "keras", keras_sgd, transform_grads_fn=clip, jit_compile=True)
+    compare("overflow", "keras", make_scaling, x=X_HUGE)
+    compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
+    compare(
+        "large",
+        "keras",
+        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1e-22)),
+        x=X_LARGE,
+    )
+    compare("summaries", "keras", keras_sgd, summarize_gradients=True)
+
+
+def make_scaling():
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+
+
+# --- The loss, however written, on uneven shares -----------------------------------------------
+
+SIZES = [3, 5, 1]  # two replicas get 2+1, 3+2 and 1+0 examples
+XC = rng.normal(size=(19, 5))
+YC = rng.integers(0, 3, size=19).astype(np.int32)
+LOSS_LR = 0.5
+GLOBAL_BATCH_SIZE = 8  # a user's constant, which the short batches do not reach
+
+
+def per_example(y, logits):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+
+
+keras_crossentropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+keras_squared_error = keras.losses.MeanSquaredError()
+tf_keras_per_example = tf_keras.losses.SparseCategoricalCrossentropy(
+    from_logits=True, reduction="none"
+)
+
+# Each spelling maps (labels, logits, variables) to the loss, as a user writes it for one
+# device; Keras's loss objects compute in float32 (the reference casts back to float64).
+SPELLINGS = {
+    "reduce_mean": lambda y, logits, _: tf.reduce_mean(per_example(y, logits)),
+    "keras_ops_mean": lambda y, logits, _: keras.ops.mean(
+        keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    ),
+    # The README's example: Keras divides by the replica count itself.
+    "keras_object": lambda y, logits, _: keras_crossentropy(y, logits),
+    "keras_mse_object": lambda y, logits, _: keras_squared_error(
+        tf.one_hot(y, 3, dtype=logits.dtype), logits
+    ),
+    # Divided by the replica's batch size times the replica count.
+    "compute_average_loss": lambda y, logits, _: tf.nn.compute_average_loss(per_example(y, logits)),
+    # Divided by a fixed global batch size: one device's value on the short batches too.
+    "compute_average_loss_global": lambda y, logits, _: tf.nn.compute_average_loss(
+        per_example(y, logits), global_batch_size=GLOBAL_BATCH_SIZE
+    ),
+    # A Keras mean plus a regularization term scaled for the replicas by TensorFlow.
+    "keras_object_regularized": lambda y, logits, variables: (
+        tf.cast(keras_crossentropy(y, logits), logits.dtype)
+        + tf.nn.scale_regularization_loss(0.1 * tf.reduce_sum(variables[0] ** 2))
+    ),
+    # tf_keras's objects refuse their default reduction under a strategy; unreduced, they work.
+    "tf_keras_object_unreduced": lambda y, logits, _: tf.reduce_mean(
+        tf_keras_per_example(y, logits)
+    ),
+}
+
+
+def classifier(dtype):
+    """A 5-4-3 network's variables and logits function."""
+    w1 = tf.Variable(np.linspace(-0.5, 0.5, 20).reshape(5, 4), dtype=dtype)
+    w2 = tf.Variable(np.linspace(-1, 1, 12).reshape(4, 3), dtype=dtype)
+    return [w1, w2], lambda x: tf.nn.relu(x @ w1) @ w2
+
+
+def uneven_batches(dtype, sizes=SIZES):
+    """The rows of XC and YC in batches of `sizes`, no batch dropped or padded."""
+    data, start = None, 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        piece = tf.data.Dataset.from_tensor_slices((XC[rows].astype(dtype), YC[rows])).batch(size)
+        data = piece if data is None else data.concatenate(piece)
+        start += size
+    return data
+
+
+def one_device_reference(spelling, data, clip_norm=None):
+    """Plain SGD in float64 on one device, each batch whole: no strategy, no trainop.
+
+    Returns the weights, and each step's loss and global gradient norm before its update.
+    With `clip_norm`, the gradients are scaled together to a global norm of at most that.
+    """
+    variables, logits = classifier(tf.float64)
+    losses, norms = [], []
+    for x, y in data:
+        with tf.GradientTape() as tape:
+            loss = tf.cast(spelling(y, logits(x), variables), tf.float64)
+        grads = [tf.cast(grad, tf.float64) for grad in tape.gradient(loss, variables)]
+        norm = float(tf.linalg.global_norm(grads))
+        if clip_norm is not None and norm > clip_norm:
+            grads = [grad * (clip_norm / norm) for grad in grads]
+        for variable, grad in zip(variables, grads):
+            variable.assign_sub(LOSS_LR * grad)
+        losses.append(float(loss))
+        norms.append(norm)
+    return np.concatenate([v.numpy().ravel() for v in variables]), np.array(losses), norms
+
+
+def on_two_replicas(spelling, data, logdir=None, **kwargs):
+    with two.scope():
+        variables, logits = classifier(tf.float32)
+        step = tf.Variable(0, dtype=tf.int64)
+        train_op = trainop.create_train_op(
+            lambda x, y: spelling(y, logits(x), variables),
+            keras.optimizers.SGD(LOSS_LR),
+            step,
+            variables_to_train=variables,
+            **kwargs,
+        )
+    writer = tf.summary.create_file_writer(logdir) if logdir else tf.summary.create_noop_writer()
+    with writer.as_default():
+        losses = [float(train_op(x, y)) for x, y in two.experimental_distribute_dataset(data)]
+    writer.close()
+    return (
+        np.concatenate([v.numpy().ravel() for v in variables]),
+        np.array(losses),
+        int(step.numpy()),
     )
 
 
-two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-one = tf.distribute.OneDeviceStrategy("/cpu:0")
-clip = trainop.clip_by_global_norm_fn(0.05)  # below every step's gradient norm here
-for family, make_optimizer in OPTIMIZERS.items():
-    compare("plain", family, make_optimizer)
-    compare("skip", family, make_optimizer, x=X_NAN, check_numerics="skip")
-    compare("clip", family, make_optimizer, transform_grads_fn=clip)
-    compare("skip_clip", family, make_optimizer, x=X_NAN, check_numerics="skip",
-            transform_grads_fn=clip)  # fmt: skip
-    compare("accumulate", family, make_optimizer, accumulation_steps=2)
-compare("jit", "keras", OPTIMIZERS["keras"], jit_compile=True)
-compare("jit_skip", "keras", OPTIMIZERS["keras"], x=X_NAN, check_numerics="skip", jit_compile=True)
-compare("jit_clip", "keras", OPTIMIZERS["keras"], transform_grads_fn=clip, jit_compile=True)
-make_scaling = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05))  # noqa: E731
-compare("overflow", "keras", make_scaling, x=X_HUGE)
-compare("overflow_clip", "keras", make_scaling, x=X_HUGE, transform_grads_fn=clip)
-compare(
-    "large",
-    "keras",
-    lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1e-22)),
-    x=X_LARGE,
-)
-compare("summaries", "keras", OPTIMIZERS["keras"], summarize_gradients=True)
+def compare_loss(case, spelling, **kwargs):
+    with case_of("loss", case):
+        _compare_loss(case, spelling, **kwargs)
+
+
+def _compare_loss(case, spelling, data=None, summaries=False, clip_norm=None, **kwargs):
+    data = data or uneven_batches
+    weights, losses, norms = one_device_reference(spelling, data(np.float64), clip_norm)
+    if clip_norm is not None:
+        kwargs["transform_grads_fn"] = trainop.clip_by_global_norm_fn(clip_norm)
+    logdir = tempfile.mkdtemp() if summaries else None
+    two_weights, two_losses, steps = on_two_replicas(spelling, data(np.float32), logdir, **kwargs)
+    extra = []
+    if summaries:
+        written = scalar_summaries(logdir)
+        expected = {("train/loss", i): loss for i, loss in enumerate(losses)}
+        expected.update({("train/global_gradient_norm", i): n for i, n in enumerate(norms)})
+        missing = set(expected) - set(written)
+        extra = [
+            max(abs(written[k] - v) / max(abs(v), 1.0) for k, v in expected.items())
+            if not missing
+            else f"missing:{sorted(missing)}"
+        ]
+    found = differences((two_weights, two_losses), (weights, losses))
+    report("loss", case, *found, steps, len(losses), *extra)
+
+
+def loss_cases():
+    for name, spelling in SPELLINGS.items():
+        compare_loss(name, spelling)
+    mean = SPELLINGS["reduce_mean"]
+    keras_object = SPELLINGS["keras_object"]
+    # `dataset.batch(8)` of 19 rows, its last batch short: 4+4, 4+4, 2+1.
+    compare_loss(
+        "reduce_mean_batch_remainder",
+        mean,
+        data=lambda dtype: tf.data.Dataset.from_tensor_slices(
+            (XC[:19].astype(dtype), YC[:19])
+        ).batch(8),
+    )
+    # Each replica's verdict on its loss and gradients (the empty one's too), summed.
+    compare_loss("reduce_mean_skip", mean, check_numerics="skip")
+    # The gradients summed before the step goes on: the clip sees one device's.
+    compare_loss("keras_object_clip", keras_object, clip_norm=0.2)
+    compare_loss("keras_object_jit", keras_object, jit_compile=True)
+    compare_loss("keras_object_summaries", keras_object, summaries=True)
+
+    def tf_keras_default_reduction():
+        loss_object = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        on_two_replicas(lambda y, logits, _: loss_object(y, logits), uneven_batches(np.float32))
+
+    # tf_keras's own refusal, which names its way out (reduction SUM or NONE).
+    refused(
+        "tf_keras_default_reduction",
+        tf_keras_default_reduction,
+        "Please use `tf.keras.losses.Reduction.SUM` or `tf.keras.losses.Reduction.NONE`",
+    )
+
+    def zero_argument_loss():
+        with two.scope():
+            variables, logits = classifier(tf.float32)
+            train_op = trainop.create_train_op(
+                lambda: tf.reduce_mean(per_example(YC[:8], logits(XC[:8].astype(np.float32)))),
+                keras.optimizers.SGD(LOSS_LR),
+                None,
+                variables_to_train=variables,
+            )
+        train_op()
+
+    refused(
+        "zero_argument_loss",
+        zero_argument_loss,
+        "`total_loss` must be given the batch as arguments under a tf.distribute strategy",
+    )
+
+
+# --- Several steps a call, inside the user's strategy.run, IndexedSlices -----------------------
 
 
 def train_in_calls_of_2(strategy, x=X, **kwargs):
@@ -173,7 +410,7 @@ def train_in_calls_of_2(strategy, x=X, **kwargs):
         step = tf.Variable(0, dtype=tf.int64)
         train_op = trainop.create_train_op(
             loss_fn,
-            keras.optimizers.Adam(0.05),
+            keras.optimizers.SGD(0.1),
             step,
             variables_to_train=variables,
             steps_per_call=2,
@@ -192,13 +429,18 @@ def train_in_calls_of_2(strategy, x=X, **kwargs):
     return np.concatenate([v.numpy().ravel() for v in variables]), losses, int(step.numpy())
 
 
-for case, kwargs in [
-    ("plain", {}),
-    ("skip", {"x": X_NAN, "check_numerics": "skip"}),
-    ("clip", {"transform_grads_fn": clip}),
-    ("jit", {"jit_compile": True}),
-]:
-    report("steps_per_call", case, *(train_in_calls_of_2(s, **kwargs) for s in (two, one)))
+def steps_per_call_cases():
+    for case, kwargs in [
+        ("plain", {}),
+        ("skip", {"x": X_NAN, "check_numerics": "skip"}),
+        ("clip", {"transform_grads_fn": clip}),
+        ("jit", {"jit_compile": True}),
+    ]:
+        with case_of("steps_per_call", case):
+            (*run, steps), (*one_device_run, one_steps) = (
+                train_in_calls_of_2(s, **kwargs) for s in (two, one)
+            )
+            report("steps_per_call", case, *differences(run, one_device_run), steps, one_steps)
 
 
 def train_inside_run(strategy, make_optimizer, x=X, build=trainop.create_train_step, **kwargs):
@@ -211,6 +453,7 @@ def train_inside_run(strategy, make_optimizer, x=X, build=trainop.create_train_s
     @tf.function
     def train(x, y):
         def on_replica(x, y):
+            # Inside the user's strategy.run, the loss is used as given: scaled by the user.
             loss = loss_fn(x, y) / strategy.num_replicas_in_sync
             return build(loss, optimizer, step, variables_to_train=variables, **kwargs)
 
@@ -222,22 +465,26 @@ def train_inside_run(strategy, make_optimizer, x=X, build=trainop.create_train_s
     return weights, np.array(losses), int(step.numpy()), optimizer
 
 
-for case, make_optimizer, x in [
-    ("plain", OPTIMIZERS["keras"], X),
-    ("overflow", make_scaling, X_HUGE),
-]:
-    *run, optimizer = train_inside_run(two, make_optimizer, x=x)
-    *one_device_run, one_optimizer = train_inside_run(one, make_optimizer, x=x)
-    scales = []
-    if case == "overflow":
-        scales = [float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer)]
-    report("inside_run", case, run, one_device_run, *scales)
-for name, value in [("check_numerics", "skip"), ("accumulation_steps", 2)]:
-    try:
-        train_inside_run(two, OPTIMIZERS["keras"], build=trainop.create_train_op, **{name: value})
-    except ValueError as error:
-        if f"`{name}`: a train op built or called inside strategy.run" in str(error):
-            print("refused", f"inside_run_{name}", flush=True)
+def inside_run_cases():
+    for case, make_optimizer, x in [
+        ("plain", OPTIMIZERS["keras"], X),
+        ("overflow", make_scaling, X_HUGE),
+    ]:
+        with case_of("inside_run", case):
+            *run, steps, optimizer = train_inside_run(two, make_optimizer, x=x)
+            *one_device_run, one_steps, one_optimizer = train_inside_run(one, make_optimizer, x=x)
+            scales = []
+            if case == "overflow":
+                scales = [float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer)]
+            report("inside_run", case, *differences(run, one_device_run), steps, one_steps, *scales)
+    for name, value in [("check_numerics", "skip"), ("accumulation_steps", 2)]:
+        refused(
+            f"inside_run_{name}",
+            lambda name=name, value=value: train_inside_run(
+                two, OPTIMIZERS["keras"], build=trainop.create_train_op, **{name: value}
+            ),
+            f"`{name}`: a train op built or called inside strategy.run",
+        )
 
 
 def train_embedding(strategy, **kwargs):
@@ -260,21 +507,30 @@ def train_embedding(strategy, **kwargs):
     return table.numpy(), int(step.numpy())
 
 
-for case, kwargs in [
-    ("plain", {}),
-    ("skip", {"check_numerics": "skip"}),
-    ("clip", {"transform_grads_fn": trainop.clip_by_global_norm_fn(0.01)}),
-    ("accumulate", {"accumulation_steps": 2}),
-]:
-    (table, steps), (one_table, one_steps) = (train_embedding(s, **kwargs) for s in (two, one))
-    print("sparse", case, float(np.max(np.abs(table - one_table))), steps, one_steps, flush=True)
+def sparse_cases():
+    for case, kwargs in [
+        ("plain", {}),
+        ("skip", {"check_numerics": "skip"}),
+        ("clip", {"transform_grads_fn": trainop.clip_by_global_norm_fn(0.01)}),
+        ("accumulate", {"accumulation_steps": 2}),
+    ]:
+        with case_of("sparse", case):
+            (table, steps), (one_table, one_steps) = (
+                train_embedding(s, **kwargs) for s in (two, one)
+            )
+            report("sparse", case, float(np.max(np.abs(table - one_table))), steps, one_steps)
 
-# The default check raises on the second batch, whose second half has a NaN, and changes
-# nothing, the update op's target included: the weights after the first batch.
-for family, make_optimizer in OPTIMIZERS.items():
-    weights, losses, steps, _ = train(two, make_optimizer, x=X_NAN)
-    first_weights, *_ = train(two, make_optimizer, batches=1)
-    print("raise", family, float(np.max(np.abs(weights - first_weights))), len(losses), steps)
+
+def raise_cases():
+    # The default check raises on the second batch, whose second half has a NaN, and changes
+    # nothing, the update op's target included: the weights after the first batch.
+    for family, make_optimizer in OPTIMIZERS.items():
+        with case_of("raise", family):
+            weights, losses, steps, _ = train(two, make_optimizer, x=X_NAN)
+            first_weights, *_ = train(two, make_optimizer, batches=1)
+            report(
+                "raise", family, float(np.max(np.abs(weights - first_weights))), len(losses), steps
+            )
 
 
 def train_with_the_loop(logdir, max_steps):
@@ -282,7 +538,7 @@ def train_with_the_loop(logdir, max_steps):
     variables, loss_fn = model_and_loss(two)
     with two.scope():
         step = tf.Variable(0, dtype=tf.int64)
-        optimizer = keras.optimizers.Adam(0.05)
+        optimizer = keras.optimizers.SGD(0.1)
         train_op = trainop.create_train_op(
             loss_fn, optimizer, step, variables_to_train=variables, check_numerics="skip"
         )
@@ -301,79 +557,98 @@ def train_with_the_loop(logdir, max_steps):
     return np.concatenate([v.numpy().ravel() for v in variables]), result
 
 
-# Stopped after 3 steps and resumed to 6 against 6 at once: the same weights and steps.
-weights, _ = train_with_the_loop(tempfile.mkdtemp(), 6)
-logdir = tempfile.mkdtemp()
-train_with_the_loop(logdir, 3)
-resumed_weights, result = train_with_the_loop(logdir, 6)
-print(
-    "loop",
-    float(np.max(np.abs(weights - resumed_weights))),
-    result.global_step,
-    result.resumed_from is not None,
-    # Global steps 0 to 5, each written once across the two runs.
-    ",".join(str(step) for tag, step in sorted(scalar_summaries(logdir)) if tag == "train/loss"),
-    flush=True,
-)
+def loop_cases():
+    with case_of("loop", "resumed"):
+        # Stopped after 3 steps and resumed to 6 against 6 at once: the same weights and steps.
+        weights, _ = train_with_the_loop(tempfile.mkdtemp(), 6)
+        logdir = tempfile.mkdtemp()
+        train_with_the_loop(logdir, 3)
+        resumed_weights, result = train_with_the_loop(logdir, 6)
+        report(
+            "loop",
+            "resumed",
+            float(np.max(np.abs(weights - resumed_weights))),
+            result.global_step,
+            result.resumed_from is not None,
+            # Global steps 0 to 5, each written once across the two runs.
+            ",".join(
+                str(step) for tag, step in sorted(scalar_summaries(logdir)) if tag == "train/loss"
+            ),
+        )
 
-variables, loss_fn = model_and_loss(two)
-# An eager train op built outside the scope, then called in the user's strategy.run.
-skipping = trainop.create_train_op(
-    loss_fn, keras.optimizers.SGD(0.1), None, variables_to_train=variables, check_numerics="skip"
-)
-try:
-    two.run(tf.function(skipping), (tf.constant(X[:8]), tf.constant(Y[:8])))
-except ValueError as error:
-    if "`check_numerics`: a train op built or called inside strategy.run" in str(error):
-        print("refused called_inside_run", flush=True)
 
-outside_step = tf.Variable(0, dtype=tf.int64)
-for name, value in [
-    ("variables_to_train", None),
-    ("global_step", outside_step),
-]:
-    with two.scope():
-        kwargs = {"variables_to_train": variables, name: value}
-        kwargs.setdefault("optimizer", keras.optimizers.SGD(0.1))
-        try:
-            trainop.create_train_op(loss_fn, **kwargs)
-        except ValueError as error:
-            if f"`{name}" in str(error):
-                print("refused", name, flush=True)
-
-with two.scope():
-    # An op without an XLA kernel in a replica's loss: XLA compiles that part, and says so.
-    train_op = trainop.create_train_op(
-        lambda x: loss_fn(tf.numpy_function(np.copy, [x], tf.float32), Y[:8]),
+def refused_cases():
+    variables, loss_fn = model_and_loss(two)
+    # An eager train op built outside the scope, then called in the user's strategy.run.
+    skipping = trainop.create_train_op(
+        loss_fn,
         keras.optimizers.SGD(0.1),
+        None,
         variables_to_train=variables,
-        jit_compile=True,
+        check_numerics="skip",
     )
-try:
-    train_op(next(iter(two.experimental_distribute_dataset(tf.data.Dataset.from_tensors(X[:16])))))
-except ValueError as error:
-    if "XLA cannot compile this train step" in str(error):
-        print("refused xla", flush=True)
-
-with two.scope():
-    try:
-        trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
-    except ValueError as error:
-        if "create_train_step is not supported inside" in str(error):
-            print("refused create_train_step", flush=True)
-
-
-@tf.function
-def build_with_a_loss_tensor():
-    x, y = tf.constant(X[:4]), tf.constant(Y[:4])
-    return trainop.create_train_op(
-        loss_fn(x, y), keras.optimizers.SGD(0.1), variables_to_train=variables
+    refused(
+        "called_inside_run",
+        lambda: two.run(tf.function(skipping), (tf.constant(X[:8]), tf.constant(Y[:8]))),
+        "`check_numerics`: a train op built or called inside strategy.run",
     )
 
+    outside_step = tf.Variable(0, dtype=tf.int64)
+    for name, value in [("variables_to_train", None), ("global_step", outside_step)]:
 
-with two.scope():
-    try:
-        build_with_a_loss_tensor()
-    except ValueError as error:
-        if "with a loss Tensor inside a tf.distribute strategy's scope" in str(error):
-            print("refused graph", flush=True)
+        def build(name=name, value=value):
+            with two.scope():
+                kwargs = {"variables_to_train": variables, name: value}
+                trainop.create_train_op(loss_fn, keras.optimizers.SGD(0.1), **kwargs)
+
+        refused(name, build, f"`{name}")
+
+    def call_compiled():
+        with two.scope():
+            # An op without an XLA kernel in a replica's loss: XLA compiles that part, and
+            # says so.
+            train_op = trainop.create_train_op(
+                lambda x: loss_fn(tf.numpy_function(np.copy, [x], tf.float32), Y[:8]),
+                keras.optimizers.SGD(0.1),
+                variables_to_train=variables,
+                jit_compile=True,
+            )
+        data = two.experimental_distribute_dataset(tf.data.Dataset.from_tensors(X[:16]))
+        train_op(next(iter(data)))
+
+    refused("xla", call_compiled, "XLA cannot compile this train step")
+
+    def build_train_step():
+        with two.scope():
+            trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
+
+    refused("create_train_step", build_train_step, "create_train_step is not supported inside")
+
+    @tf.function
+    def build_with_a_loss_tensor():
+        x, y = tf.constant(X[:4]), tf.constant(Y[:4])
+        return trainop.create_train_op(
+            loss_fn(x, y), keras.optimizers.SGD(0.1), variables_to_train=variables
+        )
+
+    def build_graph():
+        with two.scope():
+            build_with_a_loss_tensor()
+
+    refused("graph", build_graph, "with a loss Tensor inside a tf.distribute strategy's scope")
+
+
+GROUPS = {
+    "step": step_cases,
+    "loss": loss_cases,
+    "steps_per_call": steps_per_call_cases,
+    "inside_run": inside_run_cases,
+    "sparse": sparse_cases,
+    "raise": raise_cases,
+    "loop": loop_cases,
+    "refused": refused_cases,
+}
+
+if __name__ == "__main__":
+    for group in sys.argv[1:] or GROUPS:
+        GROUPS[group]()
