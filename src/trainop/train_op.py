@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _core, _replica_loss, accumulation, numerics, optimizers, summaries
+from trainop import _core, _gradients, _replica_loss, accumulation, numerics, optimizers, summaries
 from trainop._checks import check_count
 
 logger = logging.getLogger("trainop")
@@ -1120,18 +1120,8 @@ def _eager_loss_and_gradients(
             minimized = total_loss
     grads = tape.gradient(minimized, [optimizers.as_tf_variable(v) for v in variables])
     if loss_scale is not None:
-        grads = [_divided(g, loss_scale) for g in grads]
+        grads = [_gradients.scale(g, loss_scale, divide=True) for g in grads]
     return loss_value, total_loss, list(zip(grads, variables))
-
-
-def _divided(grad: Any, factor: tf.Tensor) -> Any:
-    """`grad / factor`, for a dense or `IndexedSlices` gradient or None."""
-    if grad is None:
-        return None
-    if isinstance(grad, tf.IndexedSlices):
-        values = grad.values / tf.cast(factor, grad.values.dtype)
-        return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
-    return grad / tf.cast(factor, grad.dtype)
 
 
 def create_train_step(
