@@ -183,6 +183,35 @@ def _check_eager_update_ops(update_ops: Any) -> list[Callable[[], Any]]:
     return list(update_ops)
 
 
+def _check_loss_tensor(total_loss: Any, through_total_loss_fn: bool) -> None:
+    if not isinstance(total_loss, tf.Tensor):
+        raise TypeError(
+            "`total_loss` must return a scalar loss tensor"
+            + (" (through `total_loss_fn`)" if through_total_loss_fn else "")
+            + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
+        )
+
+
+def _variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> list[Any]:
+    """`variables_to_train` (called and checked, if a callable), else the trainable variables
+    that `tape` saw the loss read.
+
+    Raises:
+      ValueError: if none is given and the loss read none.
+    """
+    if callable(variables_to_train):
+        return _check_variables_to_train(variables_to_train(), in_graph=False)
+    if variables_to_train is not None:
+        return variables_to_train
+    variables = list(tape.watched_variables())
+    if not variables:
+        raise ValueError(
+            "`variables_to_train` is None and the loss reads no trainable variable: there is "
+            "nothing to train."
+        )
+    return variables
+
+
 # --- Graph front-end ---------------------------------------------------------------------------
 
 
@@ -292,23 +321,8 @@ def _create_eager_train_op(
         with tf.GradientTape() as tape:
             loss = loss_fn(*args, **kwargs)
             total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
-        if not isinstance(total_loss, tf.Tensor):
-            raise TypeError(
-                "`total_loss` must return a scalar loss tensor"
-                + (" (through `total_loss_fn`)" if total_loss_fn is not None else "")
-                + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
-            )
-        variables = variables_to_train
-        if callable(variables):
-            variables = _check_variables_to_train(variables(), in_graph=False)
-        elif variables is None:
-            variables = list(tape.watched_variables())
-            if not variables:
-                raise ValueError(
-                    "`variables_to_train` is None and the loss reads no trainable variable: "
-                    "there is nothing to train."
-                )
-        return loss, total_loss, variables
+        _check_loss_tensor(total_loss, total_loss_fn is not None)
+        return loss, total_loss, _variables_given_or_read(variables_to_train, tape)
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
@@ -1094,22 +1108,9 @@ def _eager_loss_and_gradients(
         loss_value = loss()
         total_loss = total_loss_fn(loss_value)
         with tape.stop_recording():
-            if not isinstance(total_loss, tf.Tensor):
-                raise TypeError(
-                    "`total_loss` must return a scalar loss tensor (through `total_loss_fn`). "
-                    f"Received: {type(total_loss).__name__} {total_loss!r:.200}"
-                )
+            _check_loss_tensor(total_loss, through_total_loss_fn=True)
             _core.check_loss(total_loss)
-            variables = variables_to_train
-            if callable(variables):
-                variables = variables()
-            if variables is None:
-                variables = list(tape.watched_variables())
-                if not variables:
-                    raise ValueError(
-                        "`variables_to_train` is None and the loss reads no trainable "
-                        "variable: there is nothing to train."
-                    )
+            variables = _variables_given_or_read(variables_to_train, tape)
             variables = _check_variables_to_train(variables, in_graph=False)
             prepared.build(variables)
             loss_scale = adapter.loss_scale()
