@@ -369,14 +369,20 @@ def test_tags_are_the_peers_tags(tmp_path):
         "summarize_vars/head/kernel_value_norm",
     }
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
-        v = tf.compat.v1.get_variable("dense/kernel", initializer=[1.0], use_resource=True)
-        trainop.add_gradients_summaries([(tf.constant([2.0]), v)])
+        v = tf.compat.v1.get_variable("dense/kernel", initializer=[[1.0, 2.0]], use_resource=True)
+        b = tf.compat.v1.get_variable("dense/bias", initializer=3.0, use_resource=True)
+        trainop.add_gradients_summaries([(tf.constant([[2.0, 0.0]]), v), (tf.constant(4.0), b)])
         trainop.add_variables_summaries([(None, v)])
         session.run(tf.compat.v1.global_variables_initializer())
         summary = session.run(tf.compat.v1.summary.merge_all())
-    assert [v.tag for v in tf.compat.v1.Summary.FromString(summary).value] == [
+    values = tf.compat.v1.Summary.FromString(summary).value
+    assert [v.tag for v in values] == [
         "dense/kernel_gradient",
         "dense/kernel_gradient_norm",
+        "dense/bias_gradient",
+        "dense/bias_gradient_norm",
         "dense/kernel_value",
         "dense/kernel_value_norm",
     ]
+    norms = [v.simple_value for v in values if v.tag.endswith("_norm")]
+    np.testing.assert_allclose(norms, [2.0, 4.0, 5.0**0.5], rtol=1e-7)

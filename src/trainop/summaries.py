@@ -121,7 +121,8 @@ def _write(name: str, values: tf.Tensor, step: Any) -> list[Any]:
     if not takes_step:
         # TF1's histogram fails the whole run on an inf or NaN ("Nan in summary histogram"):
         # it gets the finite values, as the v2 one counts them; the step's guard decides.
-        finite = tf.boolean_mask(tf.reshape(values, [-1]), tf.math.is_finite(values))
+        flat = tf.reshape(values, [-1])
+        finite = tf.boolean_mask(flat, tf.math.is_finite(flat))
         return [histogram(name, finite), scalar(name + "_norm", norm)]
     return [histogram(name, values, step=step), scalar(name + "_norm", norm, step=step)]
 
