@@ -242,3 +242,60 @@ def test_the_skip_guard_skips_an_inf_in_a_float16_gradient(runner):
     step()
     np.testing.assert_array_equal(runner.read(w), [1.0, 1.0])
     assert runner.read(guard.skipped_steps) == 1
+
+
+# --- Under XLA, and in float64 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_transformed_sparse_gradients_stay_sparse_under_xla(jit_compile):
+    """A clip or noise on repeated rows sees their sum and leaves the rows not looked up alone:
+    an optimizer with sparse updates (momentum, Adam's lazy variants) moves only those rows."""
+    values = tf.constant([[1.0, 2.0], [1.0, -3.0], [0.5, 0.5], [-4.0, 0.0]])
+    ids = tf.constant([0, 0, 1, 3])
+    dense = np.zeros((5, 2))
+    np.add.at(dense, ids.numpy(), values.numpy())
+    clip = trainop.clip_by_value_fn(-1.5, 1.5)
+    noise = trainop.add_gradient_noise_fn(1.0, seed=3)
+
+    @tf.function(jit_compile=jit_compile)
+    def transformed():
+        grad = tf.IndexedSlices(values, ids, tf.constant([5, 2]))
+        out = [clip([(grad, None)])[0][0], noise([(grad, None)])[0][0]]
+        assert all(isinstance(g, tf.IndexedSlices) for g in out)
+        return [tf.convert_to_tensor(g) for g in out]
+
+    clipped, noisy = (t.numpy() for t in transformed())
+    np.testing.assert_allclose(clipped, np.clip(dense, -1.5, 1.5))
+    looked_up = np.isin(np.arange(5), ids.numpy())
+    np.testing.assert_array_equal(noisy[~looked_up], 0.0)
+    assert np.all(noisy[looked_up] != dense[looked_up])
+
+
+def test_a_clip_by_value_keeps_a_nan_for_the_guard_under_xla():
+    w = tf.Variable([0.5, 0.5])
+    guard = trainop.SkipNonFiniteSteps()
+    step = trainop.create_train_op(
+        lambda g: tf.reduce_sum(_with_gradient(w, g)),
+        keras.optimizers.SGD(0.125),
+        global_step=None,
+        transform_grads_fn=trainop.clip_by_value_fn(-0.5, 3.0),
+        check_numerics=guard,
+        jit_compile=True,
+        steps_per_call=2,
+    )
+    step(tf.constant([[np.nan, 1.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(w.numpy(), [0.375, 0.375])  # the second step only
+    assert int(guard.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("multiplier", [0.1, np.float64(0.3), 1 / 3])
+def test_float64_gradients_are_transformed_in_float64(multiplier):
+    v = tf.Variable([0.0, 0.0], dtype=tf.float64, name="v")
+    grad = tf.constant([1.0, 3.0], tf.float64)
+    [(g, _)] = trainop.multiply_gradients([(grad, v)], {"v": multiplier})
+    np.testing.assert_array_equal(g.numpy(), np.array([1.0, 3.0]) * multiplier)
+    [(g, _)] = trainop.clip_by_global_norm([(grad, v)], multiplier)
+    np.testing.assert_allclose(g.numpy(), grad.numpy() * multiplier / np.sqrt(10), rtol=1e-15)
+    [(g, _)] = trainop.clip_by_value([(grad, v)], -multiplier, multiplier)
+    np.testing.assert_array_equal(g.numpy(), [multiplier, multiplier])

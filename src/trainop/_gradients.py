@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -52,27 +53,72 @@ def _in_xla() -> bool:
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
+def as_tensor(value: Any, dtype: tf.DType) -> tf.Tensor:
+    """`value` (a number or a tensor) as a tensor of `dtype`.
+
+    A Python number becomes a constant of `dtype` directly: `tf.cast` would first make it a
+    float32 constant, and a float64 0.1 would be 0.10000000149.
+    """
+    if isinstance(value, (int, float, np.number)):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)
+
+
 def summed_rows(grad: Any) -> Any:
     """An `IndexedSlices` gradient with each row once: the slices of a repeated row summed.
 
     Dense gradients and None come back as they are. The sum is taken in float32 for 16-bit
-    values. Under XLA, which needs static shapes, the rows are summed into the whole table
-    (`tf.math.unsorted_segment_sum` over `dense_shape[0]` rows) and the result is dense.
+    values. Under XLA, which needs static shapes, the slices keep their number: the first
+    slice of a row holds the row's sum and the others zeros (`map_rows` keeps them zeros).
     """
+    return _summed_rows(grad)[0]
+
+
+def map_rows(grad: Any, fn: Callable[[tf.Tensor], tf.Tensor]) -> Any:
+    """`fn` applied to a gradient's values, the slices of a repeated row summed first.
+
+    For an element-wise `fn` that is not linear (a clip, added noise), the gradient is the sum
+    of its slices per row, so `fn` must see that sum, as it would see the dense gradient's rows.
+    The result keeps the gradient's form: dense, or `IndexedSlices`.
+    """
+    rows, repeats = _summed_rows(grad)
+    mapped = map_values(rows, fn)
+    if repeats is None:
+        return mapped
+    # Under XLA: the repeated slices, zeros, stay zeros whatever `fn` makes of a zero.
+    return map_values(
+        mapped, lambda t: tf.where(_broadcast_to_rank(repeats, t), tf.zeros_like(t), t)
+    )
+
+
+def _broadcast_to_rank(mask: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    return tf.reshape(mask, [-1] + [1] * (like.shape.rank - 1))
+
+
+def _summed_rows(grad: Any) -> tuple[Any, tf.Tensor | None]:
+    """`summed_rows(grad)`, and under XLA which slices repeat a row (else None)."""
     if not isinstance(grad, tf.IndexedSlices):
-        return grad
+        return grad, None
     count = grad.indices.shape.num_elements()
-    if (count is not None and count <= 1) or grad.values.shape.rank == 0:
+    if (count is not None and count <= 1) or grad.values.shape.rank in (None, 0):
         # Nothing can repeat (TF-Agents' tests also build slices of a scalar value).
-        return grad
+        return grad, None
     dtype = grad.values.dtype
     slices = tf.cast(grad.values, wide_dtype(dtype))
-    if _in_xla():
-        rows = grad.dense_shape[0]
-        return tf.cast(tf.math.unsorted_segment_sum(slices, grad.indices, rows), dtype)
-    unique, positions = tf.unique(grad.indices)
-    summed = tf.math.unsorted_segment_sum(slices, positions, tf.shape(unique)[0])
-    return tf.IndexedSlices(tf.cast(summed, dtype), unique, grad.dense_shape)
+    if not _in_xla():
+        unique, positions = tf.unique(grad.indices)
+        summed = tf.math.unsorted_segment_sum(slices, positions, tf.shape(unique)[0])
+        return tf.IndexedSlices(tf.cast(summed, dtype), unique, grad.dense_shape), None
+    # XLA needs static shapes: the rows are summed in a table-sized buffer, and each row's sum
+    # goes to its first slice.
+    rows = grad.dense_shape[0]
+    table = tf.math.unsorted_segment_sum(slices, grad.indices, rows)
+    positions = tf.range(tf.shape(grad.indices)[0])
+    first = tf.gather(tf.math.unsorted_segment_min(positions, grad.indices, rows), grad.indices)
+    repeats = tf.not_equal(first, positions)
+    summed = tf.gather(table, grad.indices)
+    summed = tf.where(_broadcast_to_rank(repeats, summed), tf.zeros_like(summed), summed)
+    return tf.IndexedSlices(tf.cast(summed, dtype), grad.indices, grad.dense_shape), repeats
 
 
 def norms(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
@@ -87,7 +133,8 @@ def norms(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
     if not grads:
         return tf.zeros([0], dtype)
     flat = [tf.reshape(tf.cast(values(summed_rows(g)), dtype), [-1]) for g in grads]
-    squares = tf.stack([tf.reduce_sum(tf.square(v)) for v in flat])
+    # L2Loss reads each value once, with no squares written.
+    squares = tf.stack([2.0 * tf.nn.l2_loss(v) for v in flat])
 
     def rescaled() -> tf.Tensor:
         # Some squares overflowed, or a value is not finite: measure each gradient in units of
@@ -126,7 +173,7 @@ def scale(grad: Any, factor: Any, divide: bool = False) -> Any:
 
     def scaled(t: tf.Tensor) -> tf.Tensor:
         wide = wide_dtype(t.dtype)
-        f = tf.cast(factor, wide)
+        f = as_tensor(factor, wide)
         result = tf.cast(t, wide) / f if divide else tf.cast(t, wide) * f
         return tf.cast(result, t.dtype)
 
@@ -137,11 +184,17 @@ def all_finite(tensors: Sequence[Any]) -> tf.Tensor:
     """A boolean scalar: whether every element of `tensors` (None left out) is finite.
 
     One plain sum per tensor, in float32 at least (float64 for float64 tensors), and one sum
-    of those: inf or NaN anywhere makes it inf or NaN. A sum reads each value once and writes
-    nothing, at about half the cost of an `is_finite` test of every element; unlike a sum of
-    squares, it overflows only when the values add up beyond the type's range (about 3.4e38
-    in float32), so large finite gradients are not taken for inf.
+    of those: inf or NaN anywhere makes it inf or NaN. A sum reads each value once (a 16-bit
+    one through a float32 copy), at about half the cost of an `is_finite` test of every
+    element; unlike a sum of squares, it overflows only when the values add up beyond the
+    type's range (about 3.4e38 in float32), so large finite gradients are not taken for inf.
     """
-    dtype = norm_dtype(tensors)
-    sums = [tf.reduce_sum(tf.cast(values(t), dtype)) for t in tensors if t is not None]
-    return tf.math.is_finite(tf.add_n(sums)) if sums else tf.constant(True)
+    sums = []
+    for t in tensors:
+        if t is not None:
+            v = values(t)
+            sums.append(tf.reduce_sum(tf.cast(v, wide_dtype(v.dtype))))
+    if not sums:
+        return tf.constant(True)
+    dtype = norm_dtype(sums)
+    return tf.math.is_finite(tf.add_n([tf.cast(s, dtype) for s in sums]))

@@ -33,16 +33,14 @@ def _map_gradients(
 def _map_rows(
     grads_and_vars: Sequence[tuple[Any, Any]], fn: Callable[[tf.Tensor], tf.Tensor]
 ) -> GradsAndVars:
-    """Applies `fn` to every gradient's values, the slices of a repeated row summed first.
-
-    For an element-wise `fn` that is not linear (a clip, added noise), the gradient is the sum
-    of its slices per row, so `fn` must see that sum, as it would see the dense gradient.
-    """
-    return _map_gradients([(_gradients.summed_rows(g), v) for g, v in grads_and_vars], fn)
+    """Applies `fn` to every gradient's values, the slices of a repeated row summed first."""
+    return [(_gradients.map_rows(g, fn) if g is not None else None, v) for g, v in grads_and_vars]
 
 
 def _static_number(value: Any) -> Any:
     """`value` as a Python or NumPy number if it is known before the step runs, else None."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
     if isinstance(value, (tf.Tensor, tf.Variable)):
         value = tf.get_static_value(value) if isinstance(value, tf.Tensor) else None
         if value is None or np.ndim(value) != 0:
@@ -86,7 +84,7 @@ def _clip_scale(norm: tf.Tensor, max_norm: Any) -> tf.Tensor:
     Exactly 1 when no clipping is needed. A non-finite norm makes the gradients NaN, for the
     numerics guard to see, rather than silently zero.
     """
-    max_norm = tf.cast(max_norm, norm.dtype)
+    max_norm = _gradients.as_tensor(max_norm, norm.dtype)
     tiny = tf.constant(1e-30, norm.dtype)
     return tf.where(
         tf.math.is_finite(norm),
@@ -313,12 +311,14 @@ def clip_by_value(
       [-1.0, 0.5, 1.0]
     """
     _check_value_bounds(clip_value_min, clip_value_max)
-    return _map_rows(
-        grads_and_vars,
-        lambda t: tf.clip_by_value(
-            t, tf.cast(clip_value_min, t.dtype), tf.cast(clip_value_max, t.dtype)
-        ),
-    )
+
+    def clip(t: tf.Tensor) -> tf.Tensor:
+        low = _gradients.as_tensor(clip_value_min, t.dtype)
+        high = _gradients.as_tensor(clip_value_max, t.dtype)
+        # A NaN stays NaN, for the numerics guard to see: XLA's clamp would make it `low`.
+        return tf.where(tf.math.is_nan(t), t, tf.clip_by_value(t, low, high))
+
+    return _map_rows(grads_and_vars, clip)
 
 
 def clip_by_value_fn(clip_value_min: float, clip_value_max: float) -> TransformGradsFn:
