@@ -174,3 +174,50 @@ def test_float16_gradients_are_accumulated_in_float32():
         train_op()
     # The float16 sum of four 4e4 gradients would be inf; their float32 mean is 4e4.
     np.testing.assert_allclose(w.numpy(), [1.0 - 1e-5 * 4e4], rtol=1e-3)
+
+
+def test_the_summaries_of_an_accumulated_update_are_of_the_window(tmp_path):
+    """train/loss and train/global_gradient_norm of an update on the mean of 2 calls: the mean
+    of their losses and the norm of their mean gradient, written once, when it applies."""
+    from conftest import read_summaries
+
+    w = tf.Variable([0.0, 0.0])
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        step = trainop.create_train_op(
+            lambda g: tf.reduce_sum(w * g) + 1.0,
+            make_optimizer("keras", "sgd", LR),
+            tf.Variable(0, dtype=tf.int64),
+            accumulation_steps=2,
+        )
+        for gradient in ([0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, -1.0]):
+            step(tf.constant(gradient))
+    writer.flush()
+    series = read_summaries(tmp_path)
+    np.testing.assert_allclose([v for _, v in series["train/global_gradient_norm"]], [2.5, 1.0])
+    # Loss of the second call: w is still 0 at both calls of the first window.
+    first_window = 1.0
+    second_window = (
+        1.0 - LR * np.dot([1.5, 2.0], [1.0, 1.0]) / 2 - LR * np.dot([1.5, 2.0], [1, -1]) / 2
+    )
+    np.testing.assert_allclose(
+        [v for _, v in series["train/loss"]], [first_window, second_window], rtol=1e-6
+    )
+    assert [s for s, _ in series["train/loss"]] == [0, 1]
+
+
+def test_a_transform_of_the_mean_sees_every_variable_given(runner):
+    """As without accumulation, a multiplier naming a variable with no gradient is refused."""
+    w = runner.variable([1.0], "w")
+    unused = runner.variable([1.0], "unused")
+    # Raised when the step is built: in graph mode by create_train_op, eagerly by its trace.
+    with pytest.raises(ValueError, match="names a variable that has no gradient: unused"):
+        runner.train_op(
+            lambda: tf.reduce_sum(w * w),
+            make_optimizer("v1", "sgd", LR),
+            global_step=None,
+            variables_to_train=[w, unused],
+            transform_grads_fn=trainop.multiply_gradients_fn({"unused": 2.0}),
+            accumulation_steps=2,
+        )()
+    np.testing.assert_array_equal(runner.read(w), [1.0])

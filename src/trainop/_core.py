@@ -256,15 +256,26 @@ def build_step(
         return _check_transformed(transform_grads_fn(pairs), pairs)
 
     def accumulate() -> list[Any]:
-        return [accumulator.add_and_maybe_apply(grads_and_vars, lambda m: update(transform(m)))]
+        # The update, its transform and its summaries see the means of the window.
+        return [
+            accumulator.add_and_maybe_apply(
+                grads_and_vars,
+                total_loss,
+                lambda means, mean_loss: update(transform(means), means, mean_loss),
+            )
+        ]
 
-    def update(transformed: list[tuple[Any, Any]]) -> list[Any]:
+    def update(
+        transformed: list[tuple[Any, Any]],
+        raw: list[tuple[Any, Any]] | None = None,
+        loss: tf.Tensor | None = None,
+    ) -> list[Any]:
         with in_outer_scope():
             summary_ops = []
             if not tf1_summaries:
                 summary_ops = summaries.add_train_summaries(
-                    total_loss,
-                    grads_and_vars,
+                    total_loss if loss is None else loss,
+                    grads_and_vars if raw is None else raw,
                     transformed,
                     step,
                     learning_rate=adapter.learning_rate,

@@ -12,13 +12,14 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import optimizers
+from trainop import _gradients, optimizers
 
 
 class GradientAccumulator:
     """Sums the gradients of `steps` calls and then runs the update on their mean.
 
-    One accumulator per train op; its variables (a sum per trained variable and a call count)
+    One accumulator per train op; its variables (a sum per trained variable, of the losses, and a
+    call count)
     are made the first time a variable is seen, outside any function, as the optimizer's slots
     are. They are not checkpointed: a run resumed mid-accumulation starts its sums again. An
     `IndexedSlices` gradient is summed into a dense variable the size of its table, and its
@@ -32,6 +33,7 @@ class GradientAccumulator:
         self.steps = steps
         self._sums: dict[int, tf.Variable] = {}
         self._count: tf.Variable | None = None
+        self._loss_total: tf.Variable | None = None
 
     def _sum_for(self, variable: Any) -> tf.Variable:
         key = optimizers.variable_key(variable)
@@ -55,17 +57,30 @@ class GradientAccumulator:
                 )
         return self._count
 
+    def _loss_sum(self, loss: tf.Tensor) -> tf.Variable:
+        if self._loss_total is None:
+            with tf.init_scope():
+                self._loss_total = tf.Variable(
+                    tf.zeros([], _gradients.wide_dtype(loss.dtype)),
+                    trainable=False,
+                    name="accumulated_loss",
+                )
+        return self._loss_total
+
     def add_and_maybe_apply(
         self,
         grads_and_vars: Sequence[tuple[Any, Any]],
-        apply: Callable[[list[tuple[Any, Any]]], Sequence[Any]],
+        loss: tf.Tensor,
+        apply: Callable[[list[tuple[Any, Any]], tf.Tensor], Sequence[Any]],
     ) -> tf.Tensor:
-        """Adds this call's gradients; on the `steps`-th call, runs `apply` on the means.
+        """Adds this call's gradients and loss; on the `steps`-th call, runs `apply` on the means.
 
         Args:
-          grads_and_vars: this call's (gradient, variable) pairs; None gradients are skipped.
-          apply: adds the update for a list of (mean gradient, variable) pairs; returns the ops
-            to wait for.
+          grads_and_vars: this call's (gradient, variable) pairs; None gradients add nothing.
+          loss: this call's loss, a scalar.
+          apply: adds the update for the (mean gradient, variable) pairs, in the order of
+            `grads_and_vars` (None where the gradient is None), and the mean loss; returns the
+            ops to wait for.
 
         Returns:
           A boolean tensor, whether this call applied an update.
@@ -73,7 +88,8 @@ class GradientAccumulator:
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
         sums = [self._sum_for(v) for _, v in pairs]
         count = self._counter()
-        added = []
+        loss_sum = self._loss_sum(loss)
+        added = [loss_sum.assign_add(tf.cast(loss, loss_sum.dtype), read_value=False)]
         for (grad, _), total in zip(pairs, sums):
             if isinstance(grad, tf.IndexedSlices):
                 values = tf.cast(grad.values, total.dtype)
@@ -86,12 +102,15 @@ class GradientAccumulator:
             calls = count.assign_add(1)
 
         def apply_means() -> tf.Tensor:
-            means = [
-                (tf.cast(total.read_value() / self.steps, grad.dtype), v)
+            mean_of = {
+                optimizers.variable_key(v): tf.cast(total.read_value() / self.steps, grad.dtype)
                 for total, (grad, v) in zip(sums, pairs)
-            ]
-            with tf.control_dependencies(apply(means)):
+            }
+            means = [(mean_of.get(optimizers.variable_key(v)), v) for _, v in grads_and_vars]
+            mean_loss = tf.cast(loss_sum.read_value() / self.steps, loss.dtype)
+            with tf.control_dependencies(apply(means, mean_loss)):
                 reset = [total.assign(tf.zeros_like(total), read_value=False) for total in sums]
+                reset.append(loss_sum.assign(tf.zeros_like(loss_sum), read_value=False))
                 reset.append(count.assign(0, read_value=False))
             with tf.control_dependencies(reset):
                 return tf.constant(True)
