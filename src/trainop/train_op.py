@@ -1009,17 +1009,19 @@ def _cached_eager_step(
     return value
 
 
-def _summary_state_key(referents: list[Any]) -> Any:
+def _summary_state_key(referents: list[Any], reads_default_step: bool) -> Any:
     """What a traced step reads of the `tf.summary` state when a default writer is set: the
-    writer, the recording condition and the default step, a Python value among them being
-    traced in as a constant."""
+    writer, the recording condition and, if `reads_default_step` (the step has neither a
+    global step nor an optimizer counter to write at), the default step; a Python value among
+    them is traced in as a constant."""
     if not summaries.writes_v2_summaries():
         return None
     # TensorFlow has no public way to read them.
     from tensorflow.python.ops import summary_ops_v2
 
     state = summary_ops_v2._summary_state
-    return _identity_key((state.writer, state.is_recording, state.step), referents)
+    step = state.step if reads_default_step else None
+    return _identity_key((state.writer, state.is_recording, step), referents)
 
 
 class _PreparedStep:
@@ -1035,15 +1037,15 @@ class _PreparedStep:
         self.global_step = global_step
         self.settings = settings
         self.reported_missing: set[str] = set()
-        # The variables the optimizer's state was built for, by `optimizers.variable_key`.
-        self.built: set[int] = set()
+        # The variables the optimizer's state was built for, by `optimizers.variable_key`; kept,
+        # so that no other variable is given the key of one gone.
+        self.built: dict[int, Any] = {}
         self.updates: collections.OrderedDict = collections.OrderedDict()
 
     def build(self, variables: list[Any]) -> None:
-        keys = {optimizers.variable_key(v) for v in variables}
-        if not keys <= self.built:
+        if any(optimizers.variable_key(v) not in self.built for v in variables):
             self.adapter.build(variables)
-            self.built |= keys
+            self.built.update((optimizers.variable_key(v), v) for v in variables)
 
     def compiled_update(
         self,
@@ -1087,7 +1089,9 @@ class _PreparedStep:
         key = (
             _identity_key(variables, referents),
             _identity_key(transformed_variables, referents),
-            _summary_state_key(referents),
+            _summary_state_key(
+                referents, self.global_step is None and self.adapter.iterations is None
+            ),
         )
         return _cached_eager_step(self.updates, key, referents, build)
 
@@ -1158,10 +1162,14 @@ def create_train_step(
     constant, and trainop cannot tell, from the callable, whether the next call would read the
     same. What follows the gradients is compiled and reused, since its inputs are the loss and
     the gradients themselves: the numerics guard, summaries, update and global step, traced
-    once per optimizer, settings, set of variables and `tf.summary` writer, recording condition
-    and step. With `update_ops` (the caller's code, traced into that part) it is traced afresh
-    on every call. The optimizer's hyperparameters are read as the trace read them: assign to a
-    Keras optimizer's `learning_rate` (a variable) to change it.
+    once per optimizer, settings, set of variables and `tf.summary` writer and recording
+    condition (and `tf.summary.experimental.get_step()`, when there is neither a global step nor
+    an optimizer counter to write at). With `update_ops` (the caller's code, traced into that
+    part) it is traced afresh on every call. The optimizer's hyperparameters are read as the
+    trace read them: assign to a Keras optimizer's `learning_rate` (a variable) to change it.
+    Since `transform_grads_fn` runs before the numerics guard decides, a transform that keeps
+    state of its own (a running norm) updates it on a skipped step too; `create_train_op` runs
+    it inside the guarded step.
 
     For a step compiled whole, loss included, pass the batch as an argument:
     `train_op = create_train_op(lambda x, y: loss_fn(x, y), optimizer)`, then `train_op(x, y)`
