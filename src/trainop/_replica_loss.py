@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from trainop import _gradients
+
 # The share of the replica whose loss the current thread is computing for the train op, if it
 # is (MirroredStrategy runs each replica's function in a thread of its own).
 _current = threading.local()
@@ -170,6 +172,8 @@ def replica_share(
 def weighted(loss: tf.Tensor, share: Share | None) -> tf.Tensor:
     """The replica's loss times its share of the global batch; 0 for a replica given none.
 
+    A 16-bit loss is weighted, and returned, in float32.
+
     The mean over no example is NaN (or 0, for Keras's), and NaN * 0 is NaN: the empty
     replica's term is selected away instead. Its gradients are sums over no example: zeros.
     """
@@ -179,6 +183,9 @@ def weighted(loss: tf.Tensor, share: Share | None) -> tf.Tensor:
         # Keras's loss objects return their losses unreduced, an empty vector, for a batch
         # known to be empty when traced (an empty share iterated eagerly has that shape).
         loss = tf.reduce_sum(loss)
+    # In float32 at least: a 16-bit weight would be rounded (1/3 in bfloat16 is 0.334), and the
+    # replicas' weights would no longer add up to 1.
+    loss = tf.cast(loss, _gradients.wide_dtype(loss.dtype))
     return tf.where(share.count > 0, loss * share.weight(loss.dtype), tf.zeros_like(loss))
 
 
