@@ -397,8 +397,9 @@ def add_gradient_noise(
 ) -> GradsAndVars:
     """Adds Gaussian noise of standard deviation `stddev` to every gradient element.
 
-    An `IndexedSlices` gradient gets one draw per row, after the slices of a repeated row are
-    summed, as its dense gradient's rows would.
+    An `IndexedSlices` gradient gets one draw per row it holds, after the slices of a repeated
+    row are summed (a row looked up twice gets one draw, not two); the rows it does not hold get
+    none, and it stays sparse.
 
     Raises:
       ValueError: if `stddev` is negative, infinite or NaN.
