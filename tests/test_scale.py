@@ -304,7 +304,7 @@ def test_compiled_skip_guard_stops_after_max_consecutive():
         jit_compile=True,
     )
     train_op(tf.constant(np.nan))  # skipped
-    with pytest.raises(tf.errors.InvalidArgumentError, match="2 steps in a row skipped"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="after 1 skipped steps in a row"):
         train_op(tf.constant(np.nan))
     assert float(w.numpy()) == 1.0
 
@@ -323,3 +323,166 @@ def test_steps_per_call_with_float64_losses_and_summaries_under_their_own_tags(t
     assert losses.dtype == tf.float32 and losses.shape == (3,)
     tags = set(read_summaries(tmp_path))
     assert "train/loss" in tags and not any(tag.startswith("while") for tag in tags)
+
+
+# --- The numerics guard compiled: as the uncompiled step ---------------------------------------
+
+NAN, INF = np.nan, np.inf
+# steps_per_call and the calls, each the values of `x` of its steps (NaN or inf: a bad step).
+GUARDED_CALLS = {
+    "bad": (1, [[NAN]]),
+    "good_bad_good": (1, [[1.0], [NAN], [1.0]]),
+    "bad_bad_good_then_three_bad": (1, [[NAN], [INF], [1.0], [NAN], [NAN], [NAN], [1.0]]),
+    "bad_then_good_in_a_call": (2, [[NAN, 1.0]]),
+    "good_then_bad_in_a_call": (2, [[1.0, NAN], [1.0, 1.0]]),
+    "bad_bad_in_a_call": (2, [[NAN, NAN], [1.0, 1.0]]),
+    "bad_bad_across_calls": (2, [[1.0, NAN], [NAN, 1.0], [1.0, 1.0]]),
+    "bad_good_then_bad_bad_bad": (2, [[INF, 1.0], [NAN, NAN], [NAN, 1.0], [1.0, 1.0]]),
+}
+GUARDS = {
+    "max_consecutive_0": lambda: trainop.SkipNonFiniteSteps(max_consecutive=0),
+    "max_consecutive_1": lambda: trainop.SkipNonFiniteSteps(max_consecutive=1),
+    "no_limit": lambda: trainop.SkipNonFiniteSteps(max_consecutive=None),
+    "check_numerics_true": lambda: True,
+}
+
+
+def _guarded_run(
+    family, guard_name, steps_per_call, calls, jit_compile, global_step=True, accumulation_steps=1
+):
+    """Runs the calls; returns, per call, the losses (or the message of the error it raised)
+    and every variable after it: weights, global step, optimizer state, the guard's counters."""
+    w = tf.Variable([1.0, 2.0])
+    step = tf.Variable(0, dtype=tf.int64) if global_step else None
+    optimizer = make_optimizer(family, "sgd", 0.125)
+    guard = GUARDS[guard_name]()
+    train_op = trainop.create_train_op(
+        lambda x: x * tf.reduce_sum(w * w),
+        optimizer,
+        step,
+        check_numerics=guard,
+        jit_compile=jit_compile,
+        steps_per_call=steps_per_call,
+        accumulation_steps=accumulation_steps,
+    )
+    outcomes = []
+    for call in calls:
+        x = np.array(call if steps_per_call > 1 else call[0], np.float32)
+        try:
+            result = np.asarray(train_op(x), np.float64)
+        except tf.errors.InvalidArgumentError as error:
+            result = error.message
+        state = [w.numpy()]
+        state += [np.asarray(v) for v in optimizer.variables] if family == "keras" else []
+        state += [step.numpy()] if step is not None else []
+        if guard is not True:
+            state += [guard.skipped_steps.numpy(), guard.consecutive_skipped_steps.numpy()]
+        outcomes.append((result, state))
+    return outcomes
+
+
+def _assert_same_outcomes(compiled, uncompiled):
+    for call, ((result, state), (expected, expected_state)) in enumerate(
+        zip(compiled, uncompiled, strict=True)
+    ):
+        if isinstance(expected, str):
+            assert isinstance(result, str), f"call {call}: returned {result}, should raise"
+            for message in (trainop.LOSS_NOT_FINITE_MESSAGE, trainop.NOT_FINITE_MESSAGE):
+                assert (message in result) == (message in expected), (result, expected)
+        else:
+            assert not isinstance(result, str), f"call {call} raised: {result}"
+            np.testing.assert_allclose(result, expected, rtol=1e-6, err_msg=f"call {call}")
+        assert len(state) == len(expected_state)
+        for value, expected_value in zip(state, expected_state):
+            np.testing.assert_allclose(value, expected_value, rtol=1e-6, err_msg=f"call {call}")
+
+
+@pytest.mark.parametrize("calls", GUARDED_CALLS)
+@pytest.mark.parametrize("guard", GUARDS)
+@pytest.mark.parametrize("family", ["keras", "v1"])
+def test_a_compiled_guard_raises_and_changes_what_the_uncompiled_one_does(family, guard, calls):
+    steps_per_call, calls = GUARDED_CALLS[calls]
+    _assert_same_outcomes(
+        _guarded_run(family, guard, steps_per_call, calls, jit_compile=True),
+        _guarded_run(family, guard, steps_per_call, calls, jit_compile=False),
+    )
+
+
+@pytest.mark.parametrize("family", ["keras", "v1"])
+def test_a_compiled_guard_without_a_global_step_stops_as_the_uncompiled_one(family):
+    steps_per_call, calls = GUARDED_CALLS["bad_good_then_bad_bad_bad"]
+    compiled, uncompiled = (
+        _guarded_run(family, "max_consecutive_1", steps_per_call, calls, jit, global_step=False)
+        for jit in (True, False)
+    )
+    _assert_same_outcomes(compiled, uncompiled)
+    # Keras counts in its optimizer's iterations, which the error names; v1 has no counter.
+    step = "at optimizer step 1 " if family == "keras" else "inf or nan after"
+    assert step in compiled[2][0] and "after 1 skipped steps in a row" in compiled[2][0]
+
+
+@pytest.mark.parametrize("calls", ["good_then_bad_in_a_call", "bad_good_then_bad_bad_bad"])
+@pytest.mark.parametrize("guard", ["max_consecutive_0", "max_consecutive_1", "check_numerics_true"])
+def test_a_compiled_guard_with_accumulation_raises_and_adds_what_the_uncompiled_one_does(
+    guard, calls
+):
+    steps_per_call, calls = GUARDED_CALLS[calls]
+    compiled, uncompiled = (
+        _guarded_run("keras", guard, steps_per_call, calls, jit, accumulation_steps=2)
+        for jit in (True, False)
+    )
+    _assert_same_outcomes(compiled, uncompiled)
+
+
+def test_the_steps_of_a_call_after_a_compiled_step_that_raises_do_not_run():
+    w = tf.Variable(1.0)
+    forward_passes = tf.Variable(0)
+
+    def loss(x):
+        # A write of the forward pass, as batch normalization's statistics are.
+        forward_passes.assign_add(1)
+        return x * w * w
+
+    train_op = trainop.create_train_op(
+        loss,
+        make_optimizer("keras", "sgd", 0.1),
+        global_step=None,
+        check_numerics=trainop.SkipNonFiniteSteps(max_consecutive=0),
+        jit_compile=True,
+        steps_per_call=3,
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=trainop.NOT_FINITE_MESSAGE):
+        train_op(tf.constant([1.0, np.nan, 1.0]))
+    assert float(w.numpy()) == pytest.approx(0.8)  # the first step's update
+    assert int(forward_passes.numpy()) == 2  # the third step did not run
+
+
+def test_the_stop_flag_is_no_part_of_the_guards_checkpoint(tmp_path):
+    # A checkpoint of a guard from before the flag: its two counters.
+    old = tf.Module()
+    old.skipped_steps = tf.Variable(3, dtype=tf.int64)
+    old.consecutive_skipped_steps = tf.Variable(1, dtype=tf.int64)
+    old_path = tf.train.Checkpoint(guard=old).save(str(tmp_path / "old"))
+
+    w = tf.Variable(1.0)
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
+    train_op = trainop.create_train_op(
+        lambda x: x * w * w,
+        make_optimizer("keras", "sgd", 0.1),
+        global_step=None,
+        check_numerics=guard,
+        jit_compile=True,
+    )
+    tf.train.Checkpoint(guard=guard).restore(old_path).assert_consumed()
+    assert (int(guard.skipped_steps), int(guard.consecutive_skipped_steps)) == (3, 1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="after 1 skipped steps in a row"):
+        train_op(tf.constant(np.nan))
+    assert len(guard.variables) == 2
+    new_path = tf.train.Checkpoint(guard=guard).save(str(tmp_path / "new"))
+    assert sorted(name for name, _ in tf.train.list_variables(new_path)) == sorted(
+        name for name, _ in tf.train.list_variables(old_path)
+    )
+    # The call that stopped cleared the flag: a healthy step trains.
+    train_op(tf.constant(1.0))
+    assert float(w.numpy()) == pytest.approx(0.8)
+    assert int(guard.consecutive_skipped_steps) == 0

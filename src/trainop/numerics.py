@@ -6,12 +6,18 @@
 * `check_numerics="skip"` or a `SkipNonFiniteSteps`: the step is skipped. The decision is taken
   on the device, by one `tf.cond` around the whole update, so a healthy step pays for one fused
   finiteness test and nothing is read back to the host.
+
+Under XLA (`jit_compile=True`), which compiles `Assert` and `CheckNumerics` away, a step that
+would raise instead sets the guard's stop flag (`SkipNonFiniteSteps.stop_flag`), changing
+nothing else; the compiled train op runs no step after it and raises once the call returns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,6 +99,8 @@ class SkipNonFiniteSteps(tf.Module):
             self.consecutive_skipped_steps = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="consecutive_skipped_steps"
             )
+        # A plain object: what it holds is neither checkpointed nor in `self.variables`.
+        self._stop = _StopFlag()
 
     # Whether the gradients are checked, besides the loss.
     checks_gradients = True
@@ -118,7 +126,8 @@ class SkipNonFiniteSteps(tf.Module):
         step: Any,
         step_name: str = "global step",
     ) -> tf.Tensor:
-        """Runs `update()` if `finite`, else counts the step as skipped (or raises).
+        """Runs `update()` if `finite`, else counts the step as skipped (or raises; inside
+        `stopping_on_device`, sets the stop flag instead, counting nothing).
 
         Args:
           finite: a boolean scalar, from `all_finite`.
@@ -136,6 +145,10 @@ class SkipNonFiniteSteps(tf.Module):
                 reset = self.consecutive_skipped_steps.assign(0, read_value=False)
             with tf.control_dependencies([reset]):
                 return tf.constant(True)
+
+        stop = self._stop.variable if self._stop.in_use() else None
+        if stop is not None:
+            return tf.cond(finite, apply, lambda: self._skip_or_stop(stop))
 
         def skip() -> tf.Tensor:
             checks = []
@@ -161,16 +174,113 @@ class SkipNonFiniteSteps(tf.Module):
 
         return tf.cond(finite, apply, skip)
 
+    # --- Under XLA, which compiles `Assert` away ------------------------------------------------
+
+    def stop_flag(self) -> tf.Variable:
+        """The boolean variable that a bad step sets, under `stopping_on_device`, where it would
+        raise; made on the first call, in the guard's context.
+
+        It is not part of the guard's state: not checkpointed (a checkpoint of the guard holds
+        its two counters, as before the flag existed), not in `variables`. The compiled train
+        op that reads it clears it in the same call (see `train_op._CompiledTrainOp`).
+        """
+        if self._stop.variable is None:
+            with tf.init_scope():
+                self._stop.variable = tf.Variable(
+                    False, trainable=False, name="stop", dtype=tf.bool
+                )
+        return self._stop.variable
+
+    @contextlib.contextmanager
+    def stopping_on_device(self) -> Iterator[tf.Variable]:
+        """While entered, the steps traced with this guard stop instead of raising: a bad step
+        that would raise (see `update_if_finite`) counts nothing and sets `stop_flag()`, and
+        nothing else. For a caller that compiles the step with XLA and raises after the call.
+        Yields the flag."""
+        flag = self.stop_flag()
+        self._stop.depth.value = self._stop.in_use() + 1
+        try:
+            yield flag
+        finally:
+            self._stop.depth.value -= 1
+
+    def _stops_now(self) -> tf.Tensor | bool:
+        """Whether a bad step now stops training (uncompiled: raises), as a boolean tensor or a
+        Python bool."""
+        if self.max_consecutive is None:
+            return False
+        return self.consecutive_skipped_steps >= self.max_consecutive
+
+    def _skip_or_stop(self, stop: tf.Variable) -> tf.Tensor:
+        """The bad step's branch under `stopping_on_device`: counted as skipped, or, where the
+        uncompiled step raises, not counted and `stop` set."""
+
+        def count() -> tf.Tensor:
+            counted = [
+                self.skipped_steps.assign_add(1, read_value=False),
+                self.consecutive_skipped_steps.assign_add(1, read_value=False),
+            ]
+            with tf.control_dependencies(counted):
+                return tf.constant(False)
+
+        def stop_here() -> tf.Tensor:
+            with tf.control_dependencies([stop.assign(True, read_value=False)]):
+                return tf.constant(False)
+
+        stops = self._stops_now()
+        if isinstance(stops, bool):
+            return stop_here() if stops else count()
+        return tf.cond(stops, stop_here, count)
+
+    def stopped_error(
+        self, consecutive: int, step_name: str, step: int | None
+    ) -> tf.errors.InvalidArgumentError:
+        """The error that a compiled train op raises when `stop_flag()` was set: what the
+        uncompiled step's assertion says, with `consecutive_skipped_steps` and the step it read
+        after the call (which the stopped step and those after it did not change)."""
+        at = f" at {step_name} {step}" if step is not None else ""
+        return tf.errors.InvalidArgumentError(
+            None,
+            None,
+            f"{NOT_FINITE_MESSAGE}{at} after {consecutive} skipped steps in a row: stopping "
+            f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive})) (a compiled step)",
+        )
+
+
+class _StopFlag:
+    """Where a guard keeps its stop flag, and whether a step being traced on this thread uses
+    it (inside `stopping_on_device`)."""
+
+    def __init__(self):
+        self.variable: tf.Variable | None = None
+        # How many `stopping_on_device` are entered, on each thread.
+        self.depth = threading.local()
+
+    def in_use(self) -> int:
+        return getattr(self.depth, "value", 0)
+
 
 class LossCheckUnderXLA(SkipNonFiniteSteps):
     """`check_numerics=True` under `jit_compile=True`, where XLA compiles `CheckNumerics` and
-    `Assert` away: the update of a step whose loss is not finite is skipped on the device, and
-    the compiled train op raises after the call (see `train_op._CompiledTrainOp`)."""
+    `Assert` away: a step whose loss is not finite sets the stop flag on the device, changing
+    nothing else, and the compiled train op raises after the call (see
+    `train_op._CompiledTrainOp`)."""
 
     checks_gradients = False
 
     def __init__(self):
         super().__init__(max_consecutive=None, name="loss_check")
+
+    def _stops_now(self) -> bool:
+        return True
+
+    def stopped_error(
+        self, consecutive: int, step_name: str, step: int | None
+    ) -> tf.errors.InvalidArgumentError:
+        at = f" at {step_name} {step}" if step is not None else ""
+        return tf.errors.InvalidArgumentError(
+            None, None, f"{LOSS_NOT_FINITE_MESSAGE}{at} (a compiled step)"
+        )
 
 
 # The guard that `check_numerics="skip"` stands for, one per optimizer and program (graph or

@@ -359,29 +359,61 @@ def _create_eager_train_op(
         # Only each replica's loss and gradients are compiled: errors need naming, no more.
         return _CompiledTrainOp(tf.function(step_fn), None) if jit_compile else tf.function(step_fn)
     step_fn = train_step
+    # Under XLA, which compiles Assert away, a step that would raise sets the guard's stop flag
+    # instead (changing nothing), and the call raises once it returns.
+    skips = isinstance(guard, numerics.SkipNonFiniteSteps)
+    stop = guard.stop_flag() if jit_compile and skips else None
     if steps_per_call > 1:
 
         def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
             step_args, step_kwargs = _batch_at(i, steps_per_call, args, kwargs)
             return train_step(*step_args, **step_kwargs)
 
-        step_fn = _steps_in_a_loop(step_at, steps_per_call)
+        step_fn = _steps_in_a_loop(
+            step_at if stop is None else _unless_stopped(step_at, stop), steps_per_call
+        )
     if not jit_compile:
         return tf.function(step_fn)
-    if guard is False:
+    if stop is None:
         return _CompiledTrainOp(tf.function(step_fn, jit_compile=True), None)
 
     def step_and_counts(*args: Any, **kwargs: Any) -> Any:
-        result = step_fn(*args, **kwargs)
+        with guard.stopping_on_device():
+            result = step_fn(*args, **kwargs)
         # Read after the step's updates (automatic control dependencies keep the order), and
-        # returned: Python reads them from the outputs, not with more ops.
+        # returned: Python reads them from the outputs, not with more ops. The flag is cleared
+        # in the call that set it: between calls it is always False.
+        stopped = stop.read_value()
+        with tf.control_dependencies([stopped]):
+            stop.assign(False, read_value=False)
+        counter = global_step if global_step is not None else adapter.iterations
         return (
             result,
-            guard.skipped_steps.read_value(),
+            stopped,
             guard.consecutive_skipped_steps.read_value(),
+            # The step the stopped step was at (neither it nor the ones after it counted).
+            tf.cast(counter, tf.int64) if counter is not None else tf.constant(-1, tf.int64),
         )
 
-    return _CompiledTrainOp(tf.function(step_and_counts, jit_compile=True), guard)
+    step_name = "global step" if global_step is not None else "optimizer step"
+    return _CompiledTrainOp(tf.function(step_and_counts, jit_compile=True), guard, step_name)
+
+
+def _unless_stopped(
+    step_at: Callable[[tf.Tensor, tuple, dict], tf.Tensor], stop: tf.Variable
+) -> Callable[[tf.Tensor, tuple, dict], tf.Tensor]:
+    """`step_at`, run only while `stop` is False: the steps of a call after the one that
+    stopped it run nothing (not even the loss), as they never run uncompiled, where that step
+    raises. Their losses are NaN, never returned: the call raises."""
+
+    def step_unless_stopped(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+        return tf.cond(
+            stop,
+            lambda: tf.constant(np.nan, tf.float32),
+            lambda: tf.cast(step_at(i, args, kwargs), tf.float32),
+        )
+
+    return step_unless_stopped
 
 
 def _replicated_strategy(global_step: tf.Variable | None) -> Any:
@@ -683,41 +715,32 @@ def _as_tensor_if_array(value: Any) -> Any:
 class _CompiledTrainOp:
     """A `jit_compile=True` train op: the `tf.function`, its numerics errors raised by Python.
 
-    XLA compiles `CheckNumerics` and `Assert` away, so under it the numerics guard skips a bad
-    step on the device (a guard made from `check_numerics=True` checks the loss only) and this
-    reads the guard's counters after each call, raising what the uncompiled step would: the
-    state is unchanged, as there. It also names XLA's refusal of an op it cannot compile, which
-    comes only when the function first runs. Everything else is the `tf.function`'s
-    (`get_concrete_function`, `experimental_get_tracing_count`, ...).
+    XLA compiles `CheckNumerics` and `Assert` away, so under it a step that the numerics guard
+    would fail (a guard made from `check_numerics=True` checks the loss only) sets the guard's
+    stop flag on the device instead, changing nothing, and no later step of the call runs
+    (`SkipNonFiniteSteps.stopping_on_device`). The function returns the flag, read and cleared
+    at its end, and this raises what the uncompiled step would: the steps before the failing
+    one applied, the state otherwise unchanged, as there. It also names XLA's refusal of an op
+    it cannot compile, which comes only when the function first runs. Everything else is the
+    `tf.function`'s (`get_concrete_function`, `experimental_get_tracing_count`, ...).
     """
 
-    def __init__(self, function: Any, guard: Any):
+    def __init__(self, function: Any, guard: Any, step_name: str = "global step"):
         self._function = function
         self._guard = guard
-        self._skipped: int | None = None
+        # What the step the function returns counts, for the error.
+        self._step_name = step_name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         guard = self._guard
         if guard is None:
             return self._call(*args, **kwargs)
-        if self._skipped is None:
-            self._skipped = int(guard.skipped_steps.numpy())
-        result, skipped, consecutive = self._call(*args, **kwargs)
-        skipped_before, self._skipped = self._skipped, int(skipped)
-        if isinstance(guard, numerics.LossCheckUnderXLA):
-            if self._skipped > skipped_before:
-                raise tf.errors.InvalidArgumentError(
-                    None, None, f"{numerics.LOSS_NOT_FINITE_MESSAGE} (a compiled step skipped)"
-                )
-        elif guard.max_consecutive is not None:
-            consecutive = int(consecutive)
-            if consecutive > guard.max_consecutive:
-                raise tf.errors.InvalidArgumentError(
-                    None,
-                    None,
-                    f"{numerics.NOT_FINITE_MESSAGE}: {consecutive} steps in a row skipped "
-                    f"(SkipNonFiniteSteps(max_consecutive={guard.max_consecutive})): stopping",
-                )
+        result, stopped, consecutive, step = self._call(*args, **kwargs)
+        if bool(stopped):
+            # A step of -1: there is no counter.
+            raise guard.stopped_error(
+                int(consecutive), self._step_name, int(step) if int(step) >= 0 else None
+            )
         return result
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
