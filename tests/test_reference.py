@@ -30,8 +30,7 @@ definitions:
   applies the mean, transformed, and the summaries see the update of one step on the batch
   twice as large (the mean gradient's norm, the mean loss).
 * Several steps a call (`steps_per_call=2`): the steps in order, the losses returned as a
-  float32 vector; a step that raises ends its call, except under XLA (`jit_compile=True`),
-  where the call's other steps run and the call raises after them.
+  float32 vector; a step that raises ends its call, compiled (`jit_compile=True`) or not.
 * Summaries: `train/loss` and `train/global_gradient_norm` (of the gradients before the
   transform) at the global step before each applied update.
 
@@ -537,8 +536,8 @@ def _reference(config: Config) -> Outcome:
         raised = False
         call_losses, tolerance = [], 0.0
         for batch in call:
-            if raised and not config.jit_compile:
-                break  # the error ends the call; under XLA, the call's other steps run
+            if raised:
+                break  # the error ends the call
             loss, loss_tolerance, grads = forward(config, weights, batch)
             if config.steps_per_call > 1:
                 # The call returns its steps' losses as a float32 vector.

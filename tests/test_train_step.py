@@ -415,3 +415,20 @@ def test_skip_guard_skips_a_nan_batch_and_trains_on_the_next():
         trainop.create_train_step(lambda: mse(w, x, y), optimizer, check_numerics=guard)  # noqa: B023
     np.testing.assert_allclose(w.numpy(), sgd_reference(BATCHES[:2])[0], rtol=1e-5)
     assert int(guard.skipped_steps.numpy()) == 1
+
+
+def test_setting_the_summary_step_each_call_does_not_retrace(tmp_path):
+    """The usual TensorFlow 2 loop sets tf.summary's step to a Python int every step: the
+    train op writes at its global step, so the compiled update is traced once."""
+    w = tf.Variable([3.0, 4.0])
+    optimizer = make_optimizer("keras", "sgd", 0.5)
+    global_step = tf.Variable(0, dtype=tf.int64)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        for i in range(4):
+            tf.summary.experimental.set_step(i)
+            trainop.create_train_step(lambda: 0.5 * tf.reduce_sum(w * w), optimizer, global_step)
+    tf.summary.experimental.set_step(None)
+    np.testing.assert_allclose(w.numpy(), np.array([3.0, 4.0]) * 0.5**4)
+    [update] = compiled_updates(optimizer)
+    assert update.experimental_get_tracing_count() == 1
