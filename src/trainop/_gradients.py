@@ -121,6 +121,38 @@ def _summed_rows(grad: Any) -> tuple[Any, tf.Tensor | None]:
     return tf.IndexedSlices(tf.cast(summed, dtype), grad.indices, grad.dense_shape), repeats
 
 
+def _flat_values(grads: Sequence[Any], dtype: tf.DType) -> list[tf.Tensor]:
+    return [tf.reshape(tf.cast(values(summed_rows(g)), dtype), [-1]) for g in grads]
+
+
+def _squares(flat: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    # L2Loss reads each value once, with no squares written.
+    return [2.0 * tf.nn.l2_loss(v) for v in flat]
+
+
+def _unless_finite(
+    value: tf.Tensor, exact: Callable[[], tf.Tensor], careful: Callable[[], tf.Tensor]
+) -> tf.Tensor:
+    """`exact()` if `value` is finite, else `careful()`, in a `tf.cond`.
+
+    The careful branch is one call of a function that is not inlined: a lowered `tf.cond`
+    visits every op of the branch it does not take, and the healthy steps take `exact`.
+    """
+    careful_call = tf.function(
+        careful, autograph=False, experimental_attributes={"_noinline": True}
+    )
+    return tf.cond(tf.reduce_all(tf.math.is_finite(value)), exact, careful_call)
+
+
+def _rescaled_norms(flat: Sequence[tf.Tensor], squares: tf.Tensor) -> tf.Tensor:
+    """Each norm, where some squares overflowed or a value is not finite: measured in units of
+    the gradient's largest magnitude, which is finite unless the gradient is not."""
+    largest = tf.stack([tf.reduce_max(tf.abs(v)) for v in flat])
+    unit = tf.stack([tf.reduce_sum(tf.square(v / largest[i])) for i, v in enumerate(flat)])
+    careful = tf.where(tf.math.is_inf(largest), largest, largest * tf.sqrt(unit))
+    return tf.where(tf.math.is_finite(squares), tf.sqrt(squares), careful)
+
+
 def norms(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
     """The L2 norm of each gradient (None gradients left out), a vector of `dtype`.
 
@@ -132,19 +164,9 @@ def norms(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
         dtype = norm_dtype(grads)
     if not grads:
         return tf.zeros([0], dtype)
-    flat = [tf.reshape(tf.cast(values(summed_rows(g)), dtype), [-1]) for g in grads]
-    # L2Loss reads each value once, with no squares written.
-    squares = tf.stack([2.0 * tf.nn.l2_loss(v) for v in flat])
-
-    def rescaled() -> tf.Tensor:
-        # Some squares overflowed, or a value is not finite: measure each gradient in units of
-        # its largest magnitude, which is finite unless the gradient is not.
-        largest = tf.stack([tf.reduce_max(tf.abs(v)) for v in flat])
-        unit = tf.stack([tf.reduce_sum(tf.square(v / largest[i])) for i, v in enumerate(flat)])
-        careful = tf.where(tf.math.is_inf(largest), largest, largest * tf.sqrt(unit))
-        return tf.where(tf.math.is_finite(squares), tf.sqrt(squares), careful)
-
-    return tf.cond(tf.reduce_all(tf.math.is_finite(squares)), lambda: tf.sqrt(squares), rescaled)
+    flat = _flat_values(grads, dtype)
+    squares = tf.stack(_squares(flat))
+    return _unless_finite(squares, lambda: tf.sqrt(squares), lambda: _rescaled_norms(flat, squares))
 
 
 def global_norm(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tensor:
@@ -152,15 +174,23 @@ def global_norm(grads: Sequence[Any], dtype: tf.DType | None = None) -> tf.Tenso
 
     `dtype` is by default `norm_dtype(grads)`. Inf or NaN in any gradient makes it inf or NaN.
     """
-    each = norms(grads, dtype)
-    total = tf.reduce_sum(tf.square(each))
-    largest = tf.reduce_max(tf.concat([each, tf.zeros([1], each.dtype)], 0))
-    # Norms finite each but too large to square: sum them in units of the largest.
-    rescaled = largest * tf.sqrt(tf.reduce_sum(tf.square(each / largest)))
-    exact = tf.logical_or(
-        tf.math.is_finite(total), tf.logical_not(tf.reduce_all(tf.math.is_finite(each)))
-    )
-    return tf.where(exact, tf.sqrt(total), rescaled)
+    grads = [g for g in grads if g is not None]
+    if dtype is None:
+        dtype = norm_dtype(grads)
+    if not grads:
+        return tf.zeros([], dtype)
+    flat = _flat_values(grads, dtype)
+    squares = _squares(flat)
+    total = tf.add_n(squares)
+
+    def careful() -> tf.Tensor:
+        each = _rescaled_norms(flat, tf.stack(squares))
+        largest = tf.reduce_max(each)
+        # Norms finite each but too large to square: summed in units of the largest.
+        rescaled = largest * tf.sqrt(tf.reduce_sum(tf.square(each / largest)))
+        return tf.where(tf.reduce_all(tf.math.is_finite(each)), rescaled, tf.reduce_sum(each))
+
+    return _unless_finite(total, lambda: tf.sqrt(total), careful)
 
 
 def scale(grad: Any, factor: Any, divide: bool = False) -> Any:
