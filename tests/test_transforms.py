@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import trainop
@@ -50,7 +50,6 @@ def test_clip_gradient_norms_fn_in_graph_mode():
         assert session.run(clipped[0][0]) == pytest.approx(3.0)
 
 
-@settings(max_examples=30, deadline=None)
 @given(
     values=st.lists(gradient_values, min_size=1, max_size=6),
     max_norm=st.floats(0.125, 100.0, width=32),
@@ -127,13 +126,18 @@ def _pairs(values):
     return [(tf.constant(v, tf.float32), tf.Variable(tf.zeros(len(v)))) for v in values]
 
 
-@settings(max_examples=30, deadline=None)
 @given(values=gradient_lists, max_norm=st.floats(0.125, 100.0, width=32))
 def test_clip_by_global_norm_bounds_the_norm_and_leaves_small_gradients_exactly(values, max_norm):
     pairs = _pairs(values)
     clipped = trainop.clip_by_global_norm(pairs, max_norm)
+    # The oracle is NumPy's, not trainop.global_norm: a norm of the first gradient only would
+    # otherwise agree with itself.
+    norm = np.sqrt(sum(np.sum(np.square(np.array(v, np.float64))) for v in values))
+    clipped_norm = np.sqrt(sum(np.sum(np.square(c.numpy().astype(np.float64))) for c, _ in clipped))
+    assert float(trainop.global_norm(pairs)) == pytest.approx(norm, rel=1e-6)
+    assert clipped_norm <= max_norm * (1 + 1e-5)
+    # Whether to clip is decided in float32, as the step decides it.
     norm = float(trainop.global_norm(pairs))
-    assert float(trainop.global_norm(clipped)) <= max_norm * (1 + 1e-5)
     if norm <= max_norm:
         for (g, _), (c, _) in zip(pairs, clipped):
             np.testing.assert_array_equal(c.numpy(), g.numpy())
@@ -144,7 +148,6 @@ def test_clip_by_global_norm_bounds_the_norm_and_leaves_small_gradients_exactly(
             )
 
 
-@settings(max_examples=20, deadline=None)
 @given(values=gradient_lists, max_norm=st.floats(0.125, 100.0, width=32))
 def test_dense_and_indexed_slices_gradients_clip_alike(values, max_norm):
     dense = _pairs(values)
@@ -164,7 +167,6 @@ def test_clip_by_global_norm_passes_none_and_poisons_a_nan_norm():
     assert np.isnan(clipped[2][0].numpy()).all()  # never a silent zero
 
 
-@settings(max_examples=30, deadline=None)
 @given(
     value=gradient_values,
     multiplier=st.floats(-10, 10, width=32).filter(lambda m: abs(m) >= 1e-3),
