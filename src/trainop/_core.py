@@ -59,7 +59,7 @@ def compute_gradients(
     return list(zip(grads, variables))
 
 
-def _check_transformed(
+def check_transformed(
     transformed: Any, grads_and_vars: list[tuple[Any, Any]]
 ) -> list[tuple[Any, Any]]:
     if not isinstance(transformed, (list, tuple)) or not all(
@@ -104,7 +104,7 @@ def _summary_step(global_step: Any, adapter: optimizers.OptimizerAdapter) -> Any
     return tf.summary.experimental.get_step()
 
 
-def _report_missing_gradients(
+def report_missing_gradients(
     grads_and_vars: list[tuple[Any, Any]], reported: set[str], policy: str
 ) -> None:
     """Logs, once per train op, or raises for, the variables the loss gives no gradient."""
@@ -171,7 +171,7 @@ def step_gradients(
                 scaled_loss, variables, gate_gradients, aggregation_method
             )
         ]
-    _report_missing_gradients(
+    report_missing_gradients(
         grads_and_vars,
         reported_missing if reported_missing is not None else set(),
         missing_gradients,
@@ -253,7 +253,7 @@ def build_step(
     def transform(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         if transform_grads_fn is None:
             return pairs
-        return _check_transformed(transform_grads_fn(pairs), pairs)
+        return check_transformed(transform_grads_fn(pairs), pairs)
 
     def accumulate() -> list[Any]:
         # The update, its transform and its summaries see the means of the window.

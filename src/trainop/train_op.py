@@ -1319,10 +1319,10 @@ def create_train_step(
     loss_value, total_loss, grads_and_vars = _eager_loss_and_gradients(
         loss, total_loss_fn, prepared, variables_to_train
     )
-    _core._report_missing_gradients(grads_and_vars, prepared.reported_missing, missing_gradients)
+    _core.report_missing_gradients(grads_and_vars, prepared.reported_missing, missing_gradients)
     transformed = None
     if transform_grads_fn is not None:
-        transformed = _core._check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+        transformed = _core.check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
     update = prepared.compiled_update(
         [v for _, v in grads_and_vars],
         None if transformed is None else [v for _, v in transformed],
