@@ -62,6 +62,12 @@ def compute_gradients(
 def check_transformed(
     transformed: Any, grads_and_vars: list[tuple[Any, Any]]
 ) -> list[tuple[Any, Any]]:
+    """`transformed`, what `transform_grads_fn` returned for `grads_and_vars`, once checked.
+
+    Raises:
+      TypeError: if it is not a list of (gradient, variable) pairs.
+      ValueError: if it holds other variables, or a gradient that does not fit its variable.
+    """
     if not isinstance(transformed, (list, tuple)) or not all(
         isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in transformed
     ):
