@@ -40,7 +40,8 @@ def all_finite(total_loss: tf.Tensor, gradients: Sequence[Any]) -> tf.Tensor:
     """A boolean scalar: whether the loss and every gradient are free of inf and NaN.
 
     One sum per gradient, in float32 at least (`_gradients.all_finite`): a single read of each
-    gradient, nothing written, about half the cost of an `is_finite` test of every element; a
+    gradient (of a 16-bit one, through a float32 copy), about half the cost of an `is_finite`
+    test of every element; a
     `CheckNumerics` op per gradient costs ten times more. Large finite gradients (float16 ones
     included) are not taken for inf: the sums overflow only beyond float32's range.
     """
