@@ -43,8 +43,15 @@ def wide_dtype(dtype: tf.DType) -> tf.DType:
 
 
 def norm_dtype(grads: Sequence[Any]) -> tf.DType:
-    """float64 if any of `grads` is float64, else float32."""
-    return tf.float64 if any(g.dtype == tf.float64 for g in grads if g is not None) else tf.float32
+    """float64 if any of `grads` is float64 or complex128, else float32."""
+    wide = (tf.float64, tf.complex128)
+    return tf.float64 if any(g.dtype in wide for g in grads if g is not None) else tf.float32
+
+
+def magnitudes(t: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """`t` as real values of `dtype` with the same squares: a complex value by its modulus,
+    |z| = sqrt(real(z * conj(z)))."""
+    return tf.cast(tf.abs(t) if t.dtype.is_complex else t, dtype)
 
 
 def _in_xla() -> bool:
@@ -122,7 +129,7 @@ def _summed_rows(grad: Any) -> tuple[Any, tf.Tensor | None]:
 
 
 def _flat_values(grads: Sequence[Any], dtype: tf.DType) -> list[tf.Tensor]:
-    return [tf.reshape(tf.cast(values(summed_rows(g)), dtype), [-1]) for g in grads]
+    return [tf.reshape(magnitudes(values(summed_rows(g)), dtype), [-1]) for g in grads]
 
 
 def _squares(flat: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -223,7 +230,11 @@ def all_finite(tensors: Sequence[Any]) -> tf.Tensor:
     for t in tensors:
         if t is not None:
             v = values(t)
-            sums.append(tf.reduce_sum(tf.cast(v, wide_dtype(v.dtype))))
+            if v.dtype.is_complex:
+                # Both parts: inf or NaN in either makes the value not finite.
+                sums.append(tf.reduce_sum(tf.math.real(v)) + tf.reduce_sum(tf.math.imag(v)))
+            else:
+                sums.append(tf.reduce_sum(tf.cast(v, wide_dtype(v.dtype))))
     if not sums:
         return tf.constant(True)
     dtype = norm_dtype(sums)

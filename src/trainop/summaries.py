@@ -24,13 +24,21 @@ logger = logging.getLogger("trainop")
 
 
 def _resolve_step(step: Any) -> Any:
-    if step is not None:
-        return step
-    step = tf.summary.experimental.get_step()
-    if step is not None:
-        return step
-    # TF-Slim's add_gradients_summaries(grads_and_vars) takes no step: use the global step.
-    return tf.compat.v1.train.get_global_step()
+    if step is None:
+        step = tf.summary.experimental.get_step()
+    if step is None:
+        # TF-Slim's add_gradients_summaries(grads_and_vars) takes no step: use the global step.
+        step = tf.compat.v1.train.get_global_step()
+    return _int64_step(step)
+
+
+def _int64_step(step: Any) -> Any:
+    """`step` as `tf.summary` takes it: a tensor or variable of another integer type (an int32
+    step counter, as TF-Agents' examples make theirs) is cast to int64."""
+    dtype = getattr(step, "dtype", None)
+    if isinstance(dtype, tf.DType) and dtype != tf.int64:
+        return tf.cast(step, tf.int64)
+    return step
 
 
 def writes_v2_summaries() -> bool:
@@ -115,8 +123,10 @@ def _buckets(data: tf.Tensor) -> tf.Tensor:
 
 
 def _write(name: str, values: tf.Tensor, step: Any) -> list[Any]:
-    """A histogram of `values` and their norm."""
+    """A histogram of `values` and their norm (of a complex tensor: of its moduli)."""
     histogram, scalar, takes_step = _summary_fns()
+    if values.dtype.is_complex:
+        values = tf.abs(values)
     norm = _gradients.global_norm([values])
     if not takes_step:
         # TF1's histogram fails the whole run on an inf or NaN ("Nan in summary histogram"):
@@ -297,6 +307,7 @@ def add_train_summaries(
         return []
 
     in_outer_scope = reentrant_name_scope()
+    step = _int64_step(step)
 
     def write() -> tf.Tensor:
         # The condition is decided once, by the cond: the summaries need not decide it again.

@@ -176,7 +176,7 @@ def _multiplier_items(gradient_multipliers: Any) -> list[tuple[Any, Any]]:
     items = [(_as_variable_or_name(key), multiplier) for key, multiplier in items]
     for key, multiplier in items:
         # A multiplier may be negative (gradient ascent), not NaN or infinite.
-        _check_number("gradient_multipliers", multiplier, finite=True)
+        _check_multiplier(key, multiplier)
         if not isinstance(key, (str, re.Pattern)) and not optimizers.is_variable(key):
             raise TypeError(
                 "`gradient_multipliers` keys must be variables, variable references "
@@ -202,6 +202,50 @@ def _multiplier_for(var: Any, items: list[tuple[Any, Any]]) -> Any:
     return None
 
 
+def _static_array(value: Any) -> np.ndarray | None:
+    """`value` as a NumPy array if it is known before the step runs (a number, an array, a
+    constant tensor), else None (a variable, a tensor computed by the step)."""
+    if isinstance(value, tf.Variable):
+        return None
+    if isinstance(value, tf.Tensor):
+        value = tf.get_static_value(value)
+        return None if value is None else np.asarray(value)
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        return None
+    return array if array.dtype.kind in "iuf" else None
+
+
+def _known_zero(multiplier: Any) -> bool:
+    array = _static_array(multiplier)
+    return array is not None and array.size > 0 and bool(np.all(array == 0))
+
+
+def _check_multiplier(key: Any, multiplier: Any) -> None:
+    if isinstance(multiplier, (tf.Tensor, tf.Variable)):
+        if not (multiplier.dtype.is_floating or multiplier.dtype.is_integer):
+            raise TypeError(
+                "`gradient_multipliers` values must be numbers or real tensors. "
+                f"Received for {key!r}: {multiplier!r:.200}"
+            )
+        array = _static_array(multiplier)
+    else:
+        array = _static_array(multiplier)
+        if array is None:
+            raise TypeError(
+                "`gradient_multipliers` values must be numbers, arrays or tensors. "
+                f"Received for {key!r}: {multiplier!r:.200}"
+            )
+    if array is not None and not np.all(np.isfinite(array)):
+        raise ValueError(
+            "`gradient_multipliers` values must be finite numbers. "
+            f"Received for {key!r}: {multiplier!r:.200}"
+        )
+
+
 def multiply_gradients(
     grads_and_vars: Sequence[tuple[Any, Any]], gradient_multipliers: Any
 ) -> GradsAndVars:
@@ -212,8 +256,11 @@ def multiply_gradients(
     begins with the model's name) or by the variable itself; and, beyond TF-Slim, by a compiled
     regular expression that matches the whole name (`re.compile(r'.*/bias')`). The first key
     that matches a variable gives its multiplier; a key that matches nothing is ignored, as in
-    TF-Slim. A Python multiplier of 0 freezes the variable: its gradient becomes None, so that
-    no optimizer moves it (with a zero gradient, momentum and Adam still would). TensorFlow 2
+    TF-Slim. A multiplier known to be zero when the transform is made (a Python or NumPy
+    number, an array of zeros, a constant tensor) freezes the variable: its gradient becomes
+    None, so that no optimizer moves it (with a zero gradient, momentum, Adam's moments and
+    weight decay still would). A multiplier that becomes zero only when the step runs (a
+    `tf.Variable`) multiplies the gradient by zero, with those effects. TensorFlow 2
     variables are not hashable: key a dict by `v.ref()`, or pass a list of (variable or name,
     multiplier) pairs instead of a dict.
 
@@ -253,12 +300,9 @@ def multiply_gradients(
                     "`gradient_multipliers` names a variable that has no gradient: "
                     f"{optimizers.variable_name(var)}"
                 )
-            if isinstance(multiplier, (int, float)) and multiplier == 0:
-                # Frozen: no gradient at all, so that no optimizer moves it (a zero gradient
-                # would still let Adam's or momentum's running averages move it).
-                grad = None
-            else:
-                grad = _gradients.scale(grad, multiplier)
+            # Known to be zero: frozen, no gradient at all, so that no optimizer moves it (a
+            # zero gradient would still let momentum, Adam's moments or weight decay move it).
+            grad = None if _known_zero(multiplier) else _gradients.scale(grad, multiplier)
         result.append((grad, var))
     return result
 
@@ -313,6 +357,11 @@ def clip_by_value(
     _check_value_bounds(clip_value_min, clip_value_max)
 
     def clip(t: tf.Tensor) -> tf.Tensor:
+        if t.dtype.is_complex:
+            raise TypeError(
+                "`clip_by_value` cannot clip a complex gradient: complex values have no order. "
+                "Clip complex gradients by their norm (clip_by_global_norm, clip_gradient_norms)."
+            )
         low = _gradients.as_tensor(clip_value_min, t.dtype)
         high = _gradients.as_tensor(clip_value_max, t.dtype)
         # A NaN stays NaN, for the numerics guard to see: XLA's clamp would make it `low`.
@@ -406,14 +455,35 @@ def add_gradient_noise(
       TypeError: if `stddev` is not a number or a tensor.
     """
     _check_number("stddev", stddev, sign="non-negative", finite=True)
+    result = []
+    for index, (grad, var) in enumerate(grads_and_vars):
+        if grad is not None:
+            # A seed of its own per gradient: one seed for all would draw the same noise for
+            # gradients of one shape. Each draw's op advances its state at every step.
+            grad_seed = None if seed is None else _seed_for(seed, index)
+            grad = _gradients.map_rows(
+                grad, lambda t, grad_seed=grad_seed, var=var: t + _noise(t, stddev, grad_seed, var)
+            )
+        result.append((grad, var))
+    return result
 
-    def add_noise(t: tf.Tensor) -> tf.Tensor:
-        noise = tf.random.normal(
-            tf.shape(t), stddev=tf.cast(stddev, t.dtype), dtype=t.dtype, seed=seed
+
+def _seed_for(seed: int, index: int) -> int:
+    """A seed for the `index`-th gradient, different for each index, fixed by `seed`."""
+    return (int(seed) * 1_000_003 + index) % (2**31 - 1)
+
+
+def _noise(t: tf.Tensor, stddev: Any, seed: int | None, var: Any) -> tf.Tensor:
+    if not t.dtype.is_floating:
+        raise TypeError(
+            "`add_gradient_noise` draws real Gaussian noise and cannot add it to a gradient of "
+            f"type {t.dtype.name} (variable {_name_or_none(var)})."
         )
-        return t + noise
+    return tf.random.normal(tf.shape(t), stddev=tf.cast(stddev, t.dtype), dtype=t.dtype, seed=seed)
 
-    return _map_rows(grads_and_vars, add_noise)
+
+def _name_or_none(var: Any) -> str:
+    return optimizers.variable_name(var) if var is not None else "unnamed"
 
 
 def add_gradient_noise_fn(
