@@ -12,7 +12,9 @@ Everything that differs between the two modes lives here; the step itself is `_c
 from __future__ import annotations
 
 import collections
+import gc
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -203,13 +205,73 @@ def _variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> 
         return _check_variables_to_train(variables_to_train(), in_graph=False)
     if variables_to_train is not None:
         return variables_to_train
-    variables = list(tape.watched_variables())
+    watched = list(tape.watched_variables())
+    # The tape sees the `tf.Variable` inside each Keras 3 variable, whose own `trainable` flag
+    # Keras never updates (`layer.trainable = False` sets the Keras variable's only): the
+    # Keras variable, with its flag and its constraint, is the one to train.
+    variables = [v for v in _keras_owners(watched) if v.trainable]
     if not variables:
         raise ValueError(
             "`variables_to_train` is None and the loss reads no trainable variable: there is "
             "nothing to train."
+            + (" (The variables it reads belong to frozen Keras layers.)" if watched else "")
         )
     return variables
+
+
+# id(tf.Variable) -> (the tf.Variable, the Keras 3 variable wrapping it), both weakly held.
+_KERAS_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _keras_owners(tf_variables: list[Any]) -> list[Any]:
+    """Each of `tf_variables`, or the Keras 3 variable that wraps it (as `_value`) if any.
+
+    A `tf.Variable` holds no reference to the Keras 3 variable that wraps it, and Keras keeps
+    no registry of its variables, so the wrapper is found among the objects that refer to the
+    `tf.Variable` (`gc.get_referrers`, one pass over the heap for all of them). Every live
+    Keras variable is found, whoever holds it; a wrapper is taken only if its `_value` is the
+    very `tf.Variable`. Found wrappers are remembered (weakly, checked again on each use), so
+    a step that reads the same variables again scans nothing.
+    """
+    keras_variable = optimizers._keras3_variable_type()
+    if keras_variable is None or not tf_variables:
+        return list(tf_variables)
+    owners: dict[int, Any] = {}
+    unknown = []
+    for v in tf_variables:
+        refs = _KERAS_OWNERS.get(id(v))
+        owner = refs[1]() if refs is not None and refs[0]() is v else None
+        if owner is not None and getattr(owner, "_value", None) is v:
+            owners[id(v)] = owner
+        else:
+            unknown.append(v)
+    if unknown:
+        wanted = {id(v): v for v in unknown}
+        dicts = []
+        for referrer in gc.get_referrers(*unknown):
+            if isinstance(referrer, keras_variable):
+                found = getattr(referrer, "_value", None)
+                if found is not None and wanted.get(id(found)) is found:
+                    owners[id(found)] = referrer
+            elif isinstance(referrer, dict):
+                found = referrer.get("_value")
+                if found is not None and wanted.get(id(found)) is found:
+                    dicts.append(referrer)
+        if dicts:
+            # An instance whose `__dict__` has been made refers to its attributes through it.
+            for referrer in gc.get_referrers(*dicts):
+                if isinstance(referrer, keras_variable):
+                    found = getattr(referrer, "_value", None)
+                    if found is not None and wanted.get(id(found)) is found:
+                        owners[id(found)] = referrer
+        for v in unknown:
+            if id(v) in owners:
+                key = id(v)
+                _KERAS_OWNERS[key] = (
+                    weakref.ref(v, lambda _, key=key: _KERAS_OWNERS.pop(key, None)),
+                    weakref.ref(owners[key]),
+                )
+    return [owners.get(id(v), v) for v in tf_variables]
 
 
 # --- Graph front-end ---------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""What a Keras 3 variable carries besides its value: `trainable` and `constraint`.
+
+A Keras 3 variable wraps a `tf.Variable`; a `tf.GradientTape` sees only the inner one, whose
+own `trainable` flag Keras never changes, and only Keras 3 optimizers apply the Keras
+variable's constraint. The train op honours both whatever the optimizer family.
+
+Eager only: Keras 3 does not build its layers in a `tf.compat.v1` graph (its variables are
+initialized eagerly, at creation), so there is no graph-mode Keras 3 model to train.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import trainop
+from conftest import FAMILIES, make_optimizer
+
+LEARNING_RATE = 0.1
+X = np.random.RandomState(0).randn(8, 2).astype("float32")
+Y = np.random.RandomState(1).randn(8, 1).astype("float32")
+
+
+def _frozen_base_model(kernel_constraint=None):
+    keras.utils.set_random_seed(7)
+    base = keras.layers.Dense(3, name="base")
+    head = keras.layers.Dense(1, name="head", kernel_constraint=kernel_constraint)
+    model = keras.Sequential([keras.Input((2,)), base, head])
+    base.trainable = False
+    return model, base, head
+
+
+def _loss_fn(model):
+    return lambda: tf.reduce_mean(tf.square(model(X) - Y))
+
+
+def _hand_sgd(model, variables):
+    """`w - lr * grad` for each of `variables`, the gradients taken at the current weights."""
+    with tf.GradientTape() as tape:
+        loss = _loss_fn(model)()
+    grads = tape.gradient(loss, variables)
+    return [v.numpy() - LEARNING_RATE * g.numpy() for v, g in zip(variables, grads)]
+
+
+@pytest.mark.parametrize("given", ["none", "list"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_layer_stays_and_head_trains(family, given):
+    model, base, head = _frozen_base_model()
+    base_before = [v.numpy().copy() for v in base.weights]
+    expected_head = _hand_sgd(model, head.trainable_variables)
+    variables = None if given == "none" else model.trainable_variables
+
+    train_op = trainop.create_train_op(
+        _loss_fn(model), make_optimizer(family), variables_to_train=variables
+    )
+    train_op()
+
+    for v, before in zip(base.weights, base_before):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
+    for v, expected in zip(head.weights, expected_head):
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=v.path)
+
+
+def test_only_frozen_layers_read_is_nothing_to_train():
+    model, _, head = _frozen_base_model()
+    head.trainable = False
+    train_op = trainop.create_train_op(_loss_fn(model), make_optimizer("v1"))
+    with pytest.raises(ValueError, match="variables_to_train"):
+        train_op()
+
+
+def _constrained_model():
+    """A head whose kernel SGD drives below zero, for `NonNeg` to clip."""
+    model, base, head = _frozen_base_model(kernel_constraint=keras.constraints.NonNeg())
+    base.kernel.assign(np.ones((2, 3), "float32"))
+    base.bias.assign(np.zeros(3, "float32"))
+    head.kernel.assign(np.array([[0.01], [0.5], [2.0]], "float32"))
+    return model, head
+
+
+@pytest.mark.parametrize("given", ["none", "list"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_constraint_is_applied_by_every_family(family, given):
+    model, head = _constrained_model()
+    expected_kernel, expected_bias = _hand_sgd(model, [head.kernel, head.bias])
+    assert (expected_kernel < 0).any() and (expected_kernel > 0).any()
+    variables = None if given == "none" else model.trainable_variables
+
+    train_op = trainop.create_train_op(
+        _loss_fn(model), make_optimizer(family), variables_to_train=variables
+    )
+    train_op()
+
+    np.testing.assert_allclose(
+        head.kernel.numpy(), np.maximum(expected_kernel, 0.0), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(head.bias.numpy(), expected_bias, rtol=1e-6, atol=1e-7)
+
+
+def test_constraint_as_keras_applies_it():
+    """The reference: Keras's own `apply_gradients` on the Keras variables."""
+    model, head = _constrained_model()
+    reference, reference_head = _constrained_model()
+    optimizer = keras.optimizers.SGD(LEARNING_RATE)
+    with tf.GradientTape() as tape:
+        loss = _loss_fn(reference)()
+    variables = reference.trainable_variables
+    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
+    trainop.create_train_op(_loss_fn(model), make_optimizer("tf_keras_legacy"))()
+
+    for v, expected in zip(head.weights, reference_head.weights):
+        np.testing.assert_allclose(v.numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_step_applies_no_constraint(family):
+    model, head = _constrained_model()
+    # A kernel the constraint would change, set around it: a skipped step must leave it.
+    head.kernel.assign(np.array([[-1.0], [0.5], [2.0]], "float32"))
+    before = [v.numpy().copy() for v in model.weights]
+    nan = tf.Variable(np.nan, dtype=tf.float32, trainable=False)
+
+    train_op = trainop.create_train_op(
+        lambda: _loss_fn(model)() * nan, make_optimizer(family), check_numerics="skip"
+    )
+    train_op()
+
+    for v, expected in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), expected, err_msg=v.path)
