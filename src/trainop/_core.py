@@ -45,8 +45,17 @@ def compute_gradients(
     variables: Sequence[Any],
     gate_gradients: int,
     aggregation_method: int | None,
+    adapter: optimizers.OptimizerAdapter | None = None,
 ) -> list[tuple[Any, Any]]:
-    """Returns (gradient, variable) pairs, as `tf.compat.v1.train.Optimizer` computes them."""
+    """Returns (gradient, variable) pairs, as `tf.compat.v1.train.Optimizer` computes them.
+
+    With `adapter`, a `tf.compat.v1` optimizer that overrides `compute_gradients` computes them
+    itself, as its `minimize` would.
+    """
+    if adapter is not None and adapter.computes_gradients:
+        return adapter.compute_gradients(
+            total_loss, list(variables), gate_gradients, aggregation_method
+        )
     grads = tf.gradients(
         total_loss,
         [optimizers.as_tf_variable(v) for v in variables],
@@ -161,20 +170,25 @@ def step_gradients(
     """
     check_loss(total_loss)
     adapter.build(variables)
-    loss_scale = adapter.loss_scale()
-    if loss_scale is None:
+    scale = adapter.loss_scale()
+    factor = adapter.loss_scale_factor()
+    if factor is not None:
+        # A Keras 3 optimizer's loss_scale_factor: the same, a fixed scale, which the adapter
+        # multiplies the gradients by again for the optimizer.
+        scale = tf.constant(factor, tf.float32) if scale is None else scale * factor
+    if scale is None:
         grads_and_vars = compute_gradients(
-            total_loss, variables, gate_gradients, aggregation_method
+            total_loss, variables, gate_gradients, aggregation_method, adapter
         )
     else:
         # Mixed precision: the gradients of the scaled loss, unscaled, so that the numerics
         # guard, transforms and summaries see true values; scaled again for the optimizer,
         # which skips (and counts down its scale for) the steps that overflowed.
-        scaled_loss = total_loss * tf.cast(loss_scale, total_loss.dtype)
+        scaled_loss = total_loss * tf.cast(scale, total_loss.dtype)
         grads_and_vars = [
-            (_gradients.scale(g, loss_scale, divide=True), v)
+            (_gradients.scale(g, scale, divide=True), v)
             for g, v in compute_gradients(
-                scaled_loss, variables, gate_gradients, aggregation_method
+                scaled_loss, variables, gate_gradients, aggregation_method, adapter
             )
         ]
     report_missing_gradients(

@@ -13,6 +13,11 @@ Families:
     applied through a small `tf.function`.
   * `tf_keras` optimizers (Keras 2), when installed: the current ones behave like Keras 3, the
     legacy ones (`tf_keras.optimizers.legacy.*`, `OptimizerV2`) return an op in a graph.
+
+What an optimizer does while the gradients are computed is honoured too, as its own `minimize`
+does it: a Keras 3 optimizer's `loss_scale_factor` (the loss scaled, the gradients divided by it
+in `apply_gradients`) and a `tf.compat.v1` optimizer's overridden `compute_gradients` (loss
+scaling, or averaging across workers as Horovod's `DistributedOptimizer` does).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import sys
 from typing import Any
 
 import tensorflow as tf
+
+from trainop import _gradients
 
 FAMILY_V1 = "tf.compat.v1.train.Optimizer"
 FAMILY_KERAS = "keras"
@@ -147,6 +154,89 @@ class OptimizerAdapter:
         if scale is None:
             return tf.constant(self.optimizer.initial_scale, tf.float32)
         return tf.cast(as_tf_variable(scale), tf.float32)
+
+    def loss_scale_factor(self) -> float | None:
+        """The fixed `loss_scale_factor` of a Keras 3 optimizer, or None if it has none.
+
+        Keras 3 optimizers made with `loss_scale_factor=` expect the gradients of the loss
+        multiplied by it (`optimizer.scale_loss`), and divide them by it in `apply_gradients`.
+        The step takes the gradients of the scaled loss and divides them (`_core`), so that the
+        numerics guard, transforms and summaries see true gradients; `apply` multiplies them
+        again for the optimizer. A `LossScaleOptimizer` clears its inner optimizer's factor;
+        one set there afterwards is counted too, as its `apply_gradients` divides by both.
+        `tf_keras` optimizers have no such option.
+        """
+        if self.family != FAMILY_KERAS:
+            return None
+        factor = None
+        optimizer = self.optimizer
+        while optimizer is not None:
+            own = getattr(optimizer, "loss_scale_factor", None)
+            if own is not None:
+                factor = own if factor is None else factor * own
+            optimizer = getattr(optimizer, "inner_optimizer", None)
+        return factor
+
+    @property
+    def computes_gradients(self) -> bool:
+        """Whether the gradients must come from the optimizer's own `compute_gradients`.
+
+        True for a `tf.compat.v1.train.Optimizer` that overrides it (loss scaling, averaging
+        across workers as Horovod's `DistributedOptimizer` does, a wrapper such as
+        `SyncReplicasOptimizer`): its `minimize` and TF-Slim's `create_train_op` call it.
+        """
+        return (
+            self.family == FAMILY_V1
+            and type(self.optimizer).compute_gradients
+            is not tf.compat.v1.train.Optimizer.compute_gradients
+        )
+
+    def compute_gradients(
+        self,
+        total_loss: tf.Tensor,
+        variables: list[Any],
+        gate_gradients: int,
+        aggregation_method: int | None,
+    ) -> list[tuple[Any, Any]]:
+        """The optimizer's own `compute_gradients(total_loss, var_list=variables, ...)`.
+
+        Called in a graph (a `tf.compat.v1` graph or a `tf.function`), where a v1 optimizer
+        takes the gradients of a loss tensor. Returns a (gradient, variable) pair for each of
+        `variables`, in their order, the gradient None where it gives none.
+
+        Raises:
+          ValueError: under a `tf.distribute` strategy with several replicas, where a v1
+            optimizer's `compute_gradients` divides the loss by their number (trainop already
+            weighs each replica's loss), or if it returns gradients for other variables.
+        """
+        strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+        if strategy is not None and strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                f"`optimizer` is a {type(self.optimizer).__name__}, whose own "
+                "compute_gradients create_train_op calls, and which it does not support under "
+                "a tf.distribute strategy with several replicas: tf.compat.v1 optimizers "
+                "divide the loss by the number of replicas there. Use a Keras optimizer, or "
+                f"one replica. Received: optimizer={self.optimizer!r}"
+            )
+        tf_variables = [as_tf_variable(v) for v in variables]
+        pairs = self.optimizer.compute_gradients(
+            total_loss,
+            var_list=tf_variables,
+            gate_gradients=gate_gradients,
+            aggregation_method=aggregation_method,
+        )
+        grads = {}
+        for grad, variable in pairs:
+            grads[variable_key(variable)] = grad
+        asked = {variable_key(v) for v in variables}
+        other = [variable_name(v) for _, v in pairs if variable_key(v) not in asked]
+        if other:
+            raise ValueError(
+                f"`optimizer.compute_gradients` ({type(self.optimizer).__name__}) returned "
+                f"gradients for variables it was not given: {other}. "
+                f"Received: optimizer={self.optimizer!r}"
+            )
+        return [(grads.get(variable_key(v)), v) for v in variables]
 
     @property
     def iterations(self) -> tf.Variable | None:
@@ -276,32 +366,15 @@ class OptimizerAdapter:
           An op that, once run, has applied the update and incremented the global step.
         """
         if self.family != FAMILY_KERAS:
-            constrained = [
-                v
-                for _, v in grads_and_vars
-                if as_tf_variable(v) is not v and v.constraint is not None
-            ]
-            if constrained:
-                # A Keras 3 variable's constraint, which only a Keras 3 optimizer applies, is
-                # applied once the update is: in this branch of a skip guard, only if it is.
-                applied = self.apply(
-                    [(g, as_tf_variable(v)) for g, v in grads_and_vars],
-                    global_step,
-                    in_function,
-                    may_skip,
-                )
-                with tf.control_dependencies([applied]):
-                    return tf.group(
-                        *[
-                            as_tf_variable(v).assign(v.constraint(v), read_value=False)
-                            for v in constrained
-                        ]
-                    )
             # Only Keras 3 optimizers know Keras 3 variables: a current tf_keras optimizer
             # skips, without a word, a variable it cannot key (it has no `_unique_id`).
             pairs = [(g, as_tf_variable(v)) for g, v in grads_and_vars]
         else:
             pairs = list(grads_and_vars)
+        factor = self.loss_scale_factor()
+        if factor is not None:
+            # The optimizer divides them by its loss_scale_factor (see `loss_scale_factor`).
+            pairs = [(_gradients.scale(g, factor), v) for g, v in pairs]
 
         if self.family == FAMILY_V1:
             return self.optimizer.apply_gradients(pairs, global_step=global_step)
