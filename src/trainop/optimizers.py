@@ -366,6 +366,27 @@ class OptimizerAdapter:
           An op that, once run, has applied the update and incremented the global step.
         """
         if self.family != FAMILY_KERAS:
+            constrained = [
+                v
+                for _, v in grads_and_vars
+                if as_tf_variable(v) is not v and v.constraint is not None
+            ]
+            if constrained:
+                # A Keras 3 variable's constraint, which only a Keras 3 optimizer applies, is
+                # applied once the update is: in this branch of a skip guard, only if it is.
+                applied = self.apply(
+                    [(g, as_tf_variable(v)) for g, v in grads_and_vars],
+                    global_step,
+                    in_function,
+                    may_skip,
+                )
+                with tf.control_dependencies([applied]):
+                    return tf.group(
+                        *[
+                            as_tf_variable(v).assign(v.constraint(v), read_value=False)
+                            for v in constrained
+                        ]
+                    )
             # Only Keras 3 optimizers know Keras 3 variables: a current tf_keras optimizer
             # skips, without a word, a variable it cannot key (it has no `_unique_id`).
             pairs = [(g, as_tf_variable(v)) for g, v in grads_and_vars]
