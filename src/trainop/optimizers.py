@@ -178,6 +178,24 @@ class OptimizerAdapter:
         return factor
 
     @property
+    def clips_gradients(self) -> bool:
+        """Whether the optimizer clips the gradients it is given (Keras's `clipnorm`,
+        `global_clipnorm` or `clipvalue`, of a `LossScaleOptimizer`'s inner optimizer too).
+
+        Under a `tf.distribute` strategy it would clip each replica's share: the train op then
+        sums the replicas' gradients first, so that it clips the sum, as on one device.
+        """
+        optimizer = self.optimizer
+        while optimizer is not None:
+            if any(
+                getattr(optimizer, option, None) is not None
+                for option in ("clipnorm", "global_clipnorm", "clipvalue")
+            ):
+                return True
+            optimizer = getattr(optimizer, "inner_optimizer", None)
+        return False
+
+    @property
     def computes_gradients(self) -> bool:
         """Whether the gradients must come from the optimizer's own `compute_gradients`.
 

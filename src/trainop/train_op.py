@@ -526,8 +526,9 @@ def _across_replicas(
       the verdicts are summed, and the update runs on every replica or on none. (Keras's
       `LossScaleOptimizer` alone looks at the first replica's gradients, and applies an inf
       coming from another.)
-    * With `transform_grads_fn`, summaries or accumulation, which must see the gradient of the
-      whole batch, the gradients are summed first and the step goes on, once, on the sum; the
+    * With `transform_grads_fn`, summaries, accumulation or an optimizer that clips (Keras's
+      `clipnorm`, `global_clipnorm`, `clipvalue`), which must see the gradient of the whole
+      batch, the gradients are summed first and the step goes on, once, on the sum; the
       first replica then applies it and the others apply zeros, so that the optimizer's own sum
       gives the update unchanged. That is a second all-reduce of the gradients.
 
@@ -611,6 +612,7 @@ def _across_replicas(
             settings["transform_grads_fn"] is not None
             or settings["accumulator"] is not None
             or summaries.writes_v2_summaries()
+            or adapter.clips_gradients
         )
         verdicts = (skips or scaled) and not summed_first
         replicas = strategy.num_replicas_in_sync

@@ -207,6 +207,24 @@ def step_cases():
         x=X_LARGE,
     )
     compare("summaries", "keras", keras_sgd, summarize_gradients=True)
+    # The optimizer's own clipping, below every step's gradient norm here: of the sum of the
+    # replicas' gradients, as on one device, not of each replica's share.
+    for family, clipping in OPTIMIZER_CLIPPING.items():
+        for option, make_optimizer in clipping.items():
+            compare(f"optimizer_{option}", family, make_optimizer)
+
+
+OPTIMIZER_CLIPPING = {
+    "keras": {
+        "global_clipnorm": lambda: keras.optimizers.SGD(0.1, global_clipnorm=0.05),
+        "clipnorm": lambda: keras.optimizers.SGD(0.1, clipnorm=0.02),
+        "clipvalue": lambda: keras.optimizers.SGD(0.1, clipvalue=0.01),
+    },
+    "tf_keras": {"global_clipnorm": lambda: tf_keras.optimizers.SGD(0.1, global_clipnorm=0.05)},
+    "tf_keras_legacy": {
+        "global_clipnorm": lambda: tf_keras.optimizers.legacy.SGD(0.1, global_clipnorm=0.05)
+    },
+}
 
 
 def make_scaling():
