@@ -239,3 +239,14 @@ def test_v1_compute_gradients_for_other_variables_is_refused():
     w = tf.Variable(W0, name="w")
     with pytest.raises(ValueError, match="not given"):
         trainop.create_train_op(square(w), Other(0.1), variables_to_train=[w])()
+
+
+def test_eager_train_step_refuses_an_optimizer_whose_compute_gradients_it_would_bypass():
+    """create_train_step in eager mode takes its gradients with a tape, as TF-Agents does: an
+    overridden compute_gradients is refused by name, with nothing changed, not bypassed."""
+    w = tf.Variable(W0)
+    optimizer = DoublingSGD(0.1)
+    with pytest.raises(ValueError, match="`optimizer` overrides compute_gradients"):
+        trainop.create_train_step(square(w), optimizer, global_step=None)
+    np.testing.assert_array_equal(w.numpy(), W0)
+    assert optimizer.calls == []

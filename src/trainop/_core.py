@@ -170,12 +170,7 @@ def step_gradients(
     """
     check_loss(total_loss)
     adapter.build(variables)
-    scale = adapter.loss_scale()
-    factor = adapter.loss_scale_factor()
-    if factor is not None:
-        # A Keras 3 optimizer's loss_scale_factor: the same, a fixed scale, which the adapter
-        # multiplies the gradients by again for the optimizer.
-        scale = tf.constant(factor, tf.float32) if scale is None else scale * factor
+    scale = adapter.gradient_scale()
     if scale is None:
         grads_and_vars = compute_gradients(
             total_loss, variables, gate_gradients, aggregation_method, adapter

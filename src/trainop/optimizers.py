@@ -177,6 +177,17 @@ class OptimizerAdapter:
             optimizer = getattr(optimizer, "inner_optimizer", None)
         return factor
 
+    def gradient_scale(self) -> tf.Tensor | None:
+        """What the loss is multiplied by before its gradients are taken (and the gradients
+        divided by after): a `LossScaleOptimizer`'s scale times a `loss_scale_factor`, float32;
+        None if the optimizer scales nothing."""
+        scale = self.loss_scale()
+        factor = self.loss_scale_factor()
+        if factor is not None:
+            # A fixed scale, which `apply` multiplies the gradients by again for the optimizer.
+            scale = tf.constant(factor, tf.float32) if scale is None else scale * factor
+        return scale
+
     @property
     def clips_gradients(self) -> bool:
         """Whether the optimizer clips the gradients it is given (Keras's `clipnorm`,

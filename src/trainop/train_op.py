@@ -1195,6 +1195,14 @@ def _eager_loss_and_gradients(
     gradients unscaled if the optimizer scales the loss. Nothing has changed yet.
     """
     adapter = prepared.adapter
+    if adapter.computes_gradients:
+        # Its minimize calls it; a GradientTape would silently bypass it.
+        raise ValueError(
+            "`optimizer` overrides compute_gradients, which create_train_step in eager mode "
+            "does not call: it takes the gradients with a GradientTape, as TF-Agents does. Use "
+            "create_train_op with the loss as a callable, whose step calls the optimizer's "
+            f"compute_gradients. Received: optimizer={adapter.optimizer!r:.200}"
+        )
     with tf.GradientTape() as tape:
         loss_value = loss()
         total_loss = total_loss_fn(loss_value)
@@ -1204,9 +1212,10 @@ def _eager_loss_and_gradients(
             variables = _variables_given_or_read(variables_to_train, tape)
             variables = _check_variables_to_train(variables, in_graph=False)
             prepared.build(variables)
-            loss_scale = adapter.loss_scale()
+            loss_scale = adapter.gradient_scale()
         if loss_scale is not None:
-            # Mixed precision: the gradients of the scaled loss, unscaled (as in the core).
+            # Mixed precision, or a loss_scale_factor: the gradients of the scaled loss,
+            # unscaled (as in the core).
             minimized = total_loss * tf.cast(loss_scale, total_loss.dtype)
         else:
             minimized = total_loss
