@@ -9,7 +9,10 @@ definitions:
   whose other branch is not finite: a finite loss with a NaN gradient). An embedding table given
   `(ids, t)` adds `0.5 * ||table[ids] - t||^2`: an `IndexedSlices` gradient, the slices of a
   repeated id adding up. A variable the loss does not read gets no gradient (None). Each term
-  is computed in its variable's dtype and cast to the loss dtype (float32 or float64). The
+  is computed in its variable's dtype and cast to the loss dtype (float32 or float64). A complex
+  dense variable adds the real `0.5 * real(sum((a * w - b) * conj(a * w - b))) + sum(real(where(
+  isfinite(c), c * w, 0)))`, `c` real: TensorFlow's gradient (the conjugate Wirtinger
+  convention, `2z` for `|z|^2`) is `conj(a) * (a * w - b) + c`. The
   reference rounds to a variable's dtype wherever trainop holds a value in it (inputs, each
   operation of the forward pass, each gradient a transform returns, the weights), so that a
   float16 overflow is an inf in both.
@@ -17,7 +20,11 @@ definitions:
   `IndexedSlices` one by the norm of the dense gradient it adds up to), `clip_by_global_norm`
   (all together), `clip_by_value` (element-wise), `multiply_gradients` (by name; 0 freezes: no
   gradient), and chains of them. An inf bound changes nothing; a norm that is not finite makes
-  the clipped gradients NaN (an `IndexedSlices` one in the rows it names).
+  the clipped gradients NaN (an `IndexedSlices` one in the rows it names). A complex gradient
+  is measured by its moduli, `sqrt(sum |g|^2)`.
+* A Keras 3 SGD's own clipping (`clipnorm`, `global_clipnorm`, `clipvalue`), applied by the
+  optimizer to what trainop hands it, after trainop's transforms (`keras_clip`, which models
+  base_optimizer.py's `_clip_gradients`); its `loss_scale_factor` changes nothing.
 * Update: plain SGD, `w <- w - lr * g`, exact; the global step counts applied updates.
   (`tf_keras.optimizers.SGD` keeps a momentum buffer even at momentum 0, `m <- 0 * m - lr * g,
   w <- w + m`, so an inf it applied once turns NaN at the next update: the reference does so.)
@@ -32,11 +39,13 @@ definitions:
 * Several steps a call (`steps_per_call=2`): the steps in order, the losses returned as a
   float32 vector; a step that raises ends its call, compiled (`jit_compile=True`) or not.
 * Summaries: `train/loss` and `train/global_gradient_norm` (of the gradients before the
-  transform) at the global step before each applied update.
+  transform) at the global step before each applied update (0, 1, ..., an int32 global step's
+  too).
 
 What is drawn (`configs`, a `Config` that prints readably): 1 to 3 variables, each dense, an
 embedding looked up with or without repeated ids, or unused, each float16, bfloat16, float32 or
-float64; the loss dtype; no transform, one, or a chain of 2 or 3, with edge parameters (1e-6,
+float64, a dense one also complex64 or complex128 (its a and b complex, NaN or inf put in
+either part); the loss dtype; no transform, one, or a chain of 2 or 3, with edge parameters (1e-6,
 1e6, inf, 0, negative multipliers); the check mode and `max_consecutive` (None, 0, 1, 3); 1 to
 4 batches on a grid of quarters (exact in every dtype), about half of them holding a NaN, inf
 or -inf (in the loss, or in a gradient only); the execution: a `tf.compat.v1` Graph and
@@ -45,20 +54,31 @@ arguments), `jit_compile=True`, `steps_per_call=2`, both, and `accumulation_step
 of them; the optimizer family, SGD in each, where the reference is exact:
 `tf.compat.v1.train.GradientDescentOptimizer`, `keras.optimizers.SGD`, `tf_keras.optimizers.SGD`
 and `tf_keras.optimizers.legacy.SGD` (each applies to all four dtypes); the learning rate (a
-power of two, exact in every dtype). Each example builds its train op afresh.
+power of two, exact in every dtype); for `keras.optimizers.SGD`, `clipnorm`, `global_clipnorm`
+or `clipvalue` (0.3, 2 or 50) and `loss_scale_factor` (None or 128); the global step: trainop's
+default (int64) or a `tf.Variable(0, dtype=tf.int64 or tf.int32)` passed as `global_step`.
+Each example builds its train op afresh.
 
-Compared: the weights (within 1e-2 of the variable's scale for float16, 2e-2 for bfloat16, 1e-5
-for float32, 1e-10 for float64; the least precise of them all after a global-norm clip, whose
-factor they share), the loss each call returns (or that it raises), the global step and the
-guard's counters; in `test_summaries_match_the_reference` also the summaries, read back from
-the event files.
+Compared: the weights (within 1e-2 of the variable's scale for float16, 2e-2 for bfloat16, 1e-5 for
+float32 and complex64, 1e-10 for float64 and complex128; the least precise of them all after a
+global-norm clip, whose factor they share), the loss each call returns (or that it raises), the
+global step and the guard's counters; in `test_summaries_match_the_reference` also the summaries,
+read back from the event files.
 
-Refused by design, drawn, and the refusal asserted (a ValueError saying why, nothing changed):
-a multiplier naming a variable that has no gradient, a transform freezing every variable,
-`jit_compile=True` with a summary writer. Not drawn: `clip_by_value` bounds on one side of 0
-(an `IndexedSlices` gradient is clipped in the rows it names, where the dense gradient's other
-rows, 0, would become the bound: no plain reference for both), and `jit_compile` or
-`steps_per_call` in graph mode (refused: the Session runs the graph it is given).
+Refused by design, drawn, and the refusal asserted (a ValueError or TypeError saying why, nothing
+changed): a multiplier naming a variable that has no gradient, a transform freezing every variable,
+`jit_compile=True` with a summary writer, `clip_by_value` of a complex gradient. With a complex
+variable, the losses and norms are compared as complex numbers are: not finite in the same places
+(which of inf or NaN a product with an inf part makes is NumPy's or Eigen's own). Not drawn, Keras's
+own limits (Keras 3.15): Keras's clipping with a complex variable (a TypeError: its clip ops take no
+complex dtype), `global_clipnorm` with variables of different dtypes (a ValueError stacking their
+norms), Keras's clipping of an embedding whose ids repeat unless accumulated (Keras clips the slices
+apart; accumulated gradients are dense), `loss_scale_factor` with an embedding unless accumulated
+(Keras divides the gradients with `/`, which IndexedSlices lacks: a TypeError, see issue 13). Not
+drawn either: `clip_by_value` bounds on one side of 0 (an `IndexedSlices` gradient is clipped in the
+rows it names, where the dense gradient's other rows, 0, would become the bound: no plain reference
+for both), and `jit_compile` or `steps_per_call` in graph mode (refused: the Session runs the graph
+it is given).
 
 `test_mirrored_matches_one_device`: `MirroredStrategy` over two logical CPUs, in a child process
 (`tests/programs/reference_mirrored_child.py`), for each loss spelling (a Keras 3 loss object,
@@ -108,31 +128,57 @@ def _max_examples(ci_examples: int) -> int:
 
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+# A dense variable may also be complex (an embedding or an unused variable is not).
+COMPLEX_DTYPES = ("complex64", "complex128")
 NUMPY_DTYPES = {
     "float16": np.float16,
     "bfloat16": tf.bfloat16.as_numpy_dtype,
     "float32": np.float32,
     "float64": np.float64,
+    "complex64": np.complex64,
+    "complex128": np.complex128,
 }
+# The dtype of a complex dtype's parts (and of a complex variable's real loss term).
+REAL_PART = {"complex64": "float32", "complex128": "float64"}
 # Per dtype: the largest difference from the reference, relative to the variable's scale.
-TOLERANCE = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-10}
+TOLERANCE = {
+    "float16": 1e-2,
+    "bfloat16": 2e-2,
+    "float32": 1e-5,
+    "float64": 1e-10,
+    "complex64": 1e-5,
+    "complex128": 1e-10,
+}
 FAMILIES = ("v1", "keras", "tf_keras", "tf_keras_legacy")
 TABLE_ROWS = 4
 TABLE_WIDTH = 2
 
 
-def make_sgd(family: str, learning_rate: float) -> Any:
+def make_sgd(
+    family: str,
+    learning_rate: float,
+    keras_clip: tuple[str, float] | None = None,
+    loss_scale_factor: float | None = None,
+) -> Any:
+    """SGD of `family`; a Keras 3 one with its clipping option `keras_clip` ((name, value):
+    clipnorm, global_clipnorm or clipvalue) and its `loss_scale_factor`."""
+    keras_options: dict[str, Any] = dict([keras_clip]) if keras_clip else {}
+    if loss_scale_factor is not None:
+        keras_options["loss_scale_factor"] = loss_scale_factor
+    assert family == "keras" or not keras_options
     return {
         "v1": lambda: tf.compat.v1.train.GradientDescentOptimizer(learning_rate),
-        "keras": lambda: keras.optimizers.SGD(learning_rate),
+        "keras": lambda: keras.optimizers.SGD(learning_rate, **keras_options),
         "tf_keras": lambda: tf_keras.optimizers.SGD(learning_rate),
         "tf_keras_legacy": lambda: tf_keras.optimizers.legacy.SGD(learning_rate),
     }[family]()
 
 
 def rounded(x: Any, dtype: str) -> np.ndarray:
-    """`x` rounded to `dtype` (inf where it overflows), as float64."""
+    """`x` rounded to `dtype` (inf where it overflows), as float64 (complex128 if complex)."""
     with np.errstate(over="ignore", invalid="ignore"):
+        if dtype in COMPLEX_DTYPES:
+            return np.asarray(x, np.complex128).astype(NUMPY_DTYPES[dtype]).astype(np.complex128)
         return np.asarray(x, np.float64).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
 
 
@@ -191,6 +237,13 @@ class Config:
     family: str
     learning_rate: float
     summaries: bool
+    # "default" (trainop finds or creates the graph's, int64), or the dtype of the
+    # `tf.Variable(0, dtype=...)` passed as `global_step`: "int64" or "int32".
+    global_step: str
+    # A Keras 3 SGD's clipping option, (name, value): clipnorm, global_clipnorm or clipvalue.
+    keras_clip: tuple[str, float] | None
+    # A Keras 3 SGD's loss_scale_factor.
+    loss_scale_factor: float | None
     # Per batch, per variable: (a, b, c) for a dense one, (ids, t) for an embedding, () unused.
     batches: tuple[tuple[tuple, ...], ...]
 
@@ -207,6 +260,12 @@ class Config:
             for name in ("steps_per_call", "accumulation_steps")
             if getattr(self, name) != 1
         ]
+        if self.keras_clip:
+            execution.append(f"{self.keras_clip[0]}={self.keras_clip[1]}")
+        if self.loss_scale_factor is not None:
+            execution.append(f"loss_scale_factor={self.loss_scale_factor}")
+        if self.global_step != "default":
+            execution.append(f"global_step=tf.Variable(0, dtype=tf.{self.global_step})")
         if self.summaries:
             execution.append("summaries")
         lines = ["Config("]
@@ -236,13 +295,29 @@ def _grid_tuple(draw: Any, shape: tuple[int, ...]) -> tuple:
     return tuple(_grid_tuple(draw, shape[1:]) for _ in range(shape[0]))
 
 
-def _draw_variable(draw: Any, index: int, kind: str) -> Var:
-    dtype = draw(st.sampled_from(DTYPES))
+COMPLEX_GRID = st.tuples(GRID, GRID).map(lambda parts: complex(*parts))
+
+
+def _complex_tuple(draw: Any, size: int) -> tuple:
+    return tuple(draw(COMPLEX_GRID) for _ in range(size))
+
+
+def _draw_variable(
+    draw: Any, index: int, kind: str, dtypes: tuple[str, ...], repeats: bool = True
+) -> Var:
+    """A variable of one of `dtypes` (complex ones only for a dense variable); an embedding's
+    ids repeat only if `repeats`."""
+    dtype = draw(
+        st.sampled_from(dtypes if kind == "dense" else tuple(d for d in dtypes if d in DTYPES))
+    )
     name = f"v{index}"
     if kind == "dense":
-        return Var(name, kind, dtype, _grid_tuple(draw, (draw(st.integers(1, 3)),)))
+        size = draw(st.integers(1, 3))
+        if dtype in COMPLEX_DTYPES:
+            return Var(name, kind, dtype, _complex_tuple(draw, size))
+        return Var(name, kind, dtype, _grid_tuple(draw, (size,)))
     if kind == "sparse":
-        repeated = draw(st.booleans())
+        repeated = draw(st.booleans()) if repeats else False
         lookups = draw(st.integers(2, 4) if repeated else st.integers(1, 3))
         initial = _grid_tuple(draw, (TABLE_ROWS, TABLE_WIDTH))
         return Var(name, kind, dtype, initial, lookups, repeated)
@@ -250,6 +325,10 @@ def _draw_variable(draw: Any, index: int, kind: str) -> Var:
 
 
 def _draw_inputs(draw: Any, var: Var) -> tuple:
+    if var.kind == "dense" and var.dtype in COMPLEX_DTYPES:
+        # a and b complex; c real (the loss's linear term is real(c * w)).
+        size = var.shape[0]
+        return _complex_tuple(draw, size), _complex_tuple(draw, size), _grid_tuple(draw, (size,))
     if var.kind == "dense":
         return tuple(_grid_tuple(draw, var.shape) for _ in range(3))
     if var.kind == "sparse":
@@ -271,8 +350,15 @@ def _poisoned(draw: Any, variables: tuple[Var, ...], inputs: list[tuple]) -> lis
     i = draw(st.sampled_from(used))
     # A dense variable's a, b or c (c: a finite loss with a NaN gradient); an embedding's t.
     which = draw(st.integers(0, 2)) if variables[i].kind == "dense" else 1
-    values = np.array(inputs[i][which], np.float64)
-    values.flat[draw(st.integers(0, values.size - 1))] = poison
+    values = np.array(inputs[i][which])
+    values = values.astype(np.complex128 if np.iscomplexobj(values) else np.float64)
+    k = draw(st.integers(0, values.size - 1))
+    if np.iscomplexobj(values) and draw(st.booleans()):
+        values.flat[k] = complex(values.flat[k].real, poison)  # in the imaginary part
+    elif np.iscomplexobj(values):
+        values.flat[k] = complex(poison, values.flat[k].imag)
+    else:
+        values.flat[k] = poison
     entry = list(inputs[i])
     entry[which] = (
         tuple(values.tolist()) if values.ndim == 1 else tuple(map(tuple, values.tolist()))
@@ -311,7 +397,43 @@ def configs(draw: Any, summaries: bool = False) -> Config:
             lambda kinds: any(k != "unused" for k in kinds)
         )
     )
-    variables = tuple(_draw_variable(draw, i, kind) for i, kind in enumerate(kinds))
+    # Every family applies SGD to complex variables (checked: tf.compat.v1's
+    # GradientDescentOptimizer, keras.optimizers.SGD, tf_keras.optimizers.SGD and its legacy
+    # one all update w <- w - lr * g with complex64 and complex128).
+    family = draw(st.sampled_from(FAMILIES))
+    accumulation_steps = draw(st.sampled_from([1, 2]))
+    keras_clip, loss_scale_factor = None, None
+    if family == "keras":
+        keras_clip = draw(
+            st.sampled_from([None, None, "clipnorm", "global_clipnorm", "clipvalue"]).flatmap(
+                lambda name: (
+                    st.just(None)
+                    if name is None
+                    else st.tuples(st.just(name), st.sampled_from([0.3, 2.0, 50.0]))
+                )
+            )
+        )
+    # Not with an embedding's IndexedSlices gradient (unless accumulated: then dense): Keras
+    # 3.15's apply divides each gradient by loss_scale_factor with `/`, which IndexedSlices
+    # lacks (a TypeError, Keras's own apply_gradients included; reported, issue 13).
+    if family == "keras" and ("sparse" not in kinds or accumulation_steps > 1):
+        loss_scale_factor = draw(st.sampled_from([None, 128.0]))
+    # Keras's clipping refuses complex gradients (tf.clip_by_norm, tf.minimum, tf.clip_by_value
+    # take no complex dtype: a TypeError from Keras, not trainop's), so none is drawn with it.
+    dtypes = DTYPES if keras_clip else DTYPES + COMPLEX_DTYPES
+    # Keras clips an IndexedSlices gradient slice by slice (a repeated id's slices clipped
+    # apart, the norm of all the slices, not of the rows they add up to): the reference, on
+    # the dense gradient, models Keras's clipping only of ids that do not repeat, unless the
+    # gradients are accumulated (then dense).
+    repeats = not keras_clip or accumulation_steps > 1
+    variables: list[Var] = []
+    for i, kind in enumerate(kinds):
+        variables.append(_draw_variable(draw, i, kind, dtypes, repeats))
+        if keras_clip and keras_clip[0] == "global_clipnorm":
+            # Keras measures the global norm by stacking the gradients' norms, each in its
+            # own dtype: a ValueError from Keras when they differ. One dtype for all.
+            dtypes = (variables[0].dtype,)
+    variables = tuple(variables)
     mode, jit_compile, steps_per_call = draw(st.sampled_from(EXECUTIONS))
     check = draw(st.sampled_from(["True", "skip", "False"]))
     n_batches = draw(st.sampled_from([2, 4]) if steps_per_call == 2 else st.integers(1, 4))
@@ -328,10 +450,13 @@ def configs(draw: Any, summaries: bool = False) -> Config:
         mode=mode,
         jit_compile=jit_compile,
         steps_per_call=steps_per_call,
-        accumulation_steps=draw(st.sampled_from([1, 2])),
-        family=draw(st.sampled_from(FAMILIES)),
+        accumulation_steps=accumulation_steps,
+        family=family,
         learning_rate=draw(st.sampled_from([0.125, 0.25, 0.5])),
         summaries=summaries,
+        global_step=draw(st.sampled_from(["default", "int64", "int32"])),
+        keras_clip=keras_clip,
+        loss_scale_factor=loss_scale_factor,
         batches=tuple(batches),
     )
 
@@ -384,7 +509,25 @@ def forward(config: Config, weights: list[np.ndarray], batch: tuple) -> tuple:
             def r(x: Any, var: Var = var) -> np.ndarray:
                 return rounded(x, var.dtype)
 
-            if var.kind == "dense":
+            if var.kind == "dense" and var.dtype in COMPLEX_DTYPES:
+                # 0.5 * real(sum(r * conj(r))) + sum(real(where(isfinite(c), c * w, 0))), c
+                # real: TensorFlow's gradient (the conjugate Wirtinger derivative, twice
+                # dL/d conj(w): 2z for |z|^2) is conj(a) * r + c.
+                part = REAL_PART[var.dtype]
+                a, b = r(inputs[0]), r(inputs[1])
+                c = rounded(inputs[2], part)
+                residual = r(r(a * w) - b)
+                finite = np.isfinite(c)
+                linear = rounded(np.real(np.where(finite, r(c * w), 0.0)), part)
+                squares = rounded(np.real(r(residual * np.conj(residual))), part)
+                term = rounded(
+                    rounded(0.5 * rounded(np.sum(squares), part), part)
+                    + rounded(np.sum(linear), part),
+                    part,
+                )
+                grad = r(r(np.conj(a) * residual) + np.where(finite, c, np.nan))
+                grads.append(Grad(grad, np.ones(w.shape[0], bool)))
+            elif var.kind == "dense":
                 a, b, c = (r(x) for x in inputs)
                 residual = r(r(a * w) - b)
                 finite = np.isfinite(c)
@@ -415,7 +558,8 @@ def forward(config: Config, weights: list[np.ndarray], batch: tuple) -> tuple:
 
 def _norm(grads: list[Grad | None]) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
-        return float(np.sqrt(sum(np.sum(g.dense**2) for g in grads if g is not None)))
+        # A complex gradient by its moduli.
+        return float(np.sqrt(sum(np.sum(np.abs(g.dense) ** 2) for g in grads if g is not None)))
 
 
 def transform(config: Config, grads: list[Grad | None]) -> list[Grad | None]:
@@ -435,6 +579,10 @@ def transform(config: Config, grads: list[Grad | None]) -> list[Grad | None]:
             grads = result
         elif t.kind == "clip_by_value":
             low, high = t.args
+            if any(
+                g is not None and v.dtype in COMPLEX_DTYPES for g, v in zip(grads, config.variables)
+            ):
+                raise Refused("`clip_by_value` cannot clip a complex gradient")
             grads = [
                 None if g is None else g.map(lambda x: np.clip(x, low, high), dtype)  # noqa: B023
                 for g, dtype in zip(grads, dtypes)
@@ -460,6 +608,54 @@ def transform(config: Config, grads: list[Grad | None]) -> list[Grad | None]:
     if all(g is None for g in grads):
         raise Refused("left no gradient to apply")
     return grads
+
+
+def keras_clip(config: Config, grads: list[Grad | None]) -> list[Grad | None]:
+    """What a Keras 3 SGD's clipping option does to the gradients trainop hands it (after
+    trainop's transforms; base_optimizer.py's `_clip_gradients`), each in its dtype. An
+    `IndexedSlices` gradient's values are clipped: the rows it names (ids that do not repeat,
+    see `configs`). `clipnorm`: tf.clip_by_norm, `g * c / max(norm, c)` (an inf norm makes
+    the finite values 0, the infinite NaN; a NaN norm makes them all NaN). `global_clipnorm`:
+    `g * (c * min(1 / norm, 1 / c) + (norm - norm))`, NaN if the norm is not finite (one dtype
+    for all, see `configs`). `clipvalue`: element-wise to [-c, c], NaN staying NaN."""
+    if config.keras_clip is None:
+        return grads
+    name, c = config.keras_clip
+    dtypes = [v.dtype for v in config.variables]
+
+    def squares(g: Grad, dtype: str) -> float:
+        return float(rounded(np.sum(rounded(g.dense * g.dense, dtype)), dtype))
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if name == "clipvalue":
+            return [
+                None if g is None else g.map(lambda x: np.clip(x, -c, c), d)
+                for g, d in zip(grads, dtypes)
+            ]
+        if name == "clipnorm":
+            result = []
+            for g, d in zip(grads, dtypes):
+                if g is None:
+                    result.append(None)
+                    continue
+                l2sum = squares(g, d)
+                norm = float(rounded(np.sqrt(l2sum), d)) if l2sum > 0 else l2sum
+                bound = float(rounded(c, d))
+                divisor = np.maximum(norm, bound)  # NaN if the norm is
+                mask = g.rows.reshape((-1,) + (1,) * (g.dense.ndim - 1))
+                clipped = rounded(rounded(g.dense * bound, d) / divisor, d)
+                result.append(Grad(np.where(mask, clipped, g.dense), g.rows))
+            return result
+        present = [(g, d) for g, d in zip(grads, dtypes) if g is not None]
+        d = present[0][1]
+        norm = float(rounded(np.sqrt(rounded(sum(squares(g, d) for g, d in present), d)), d))
+        norm = np.float64(norm)  # 1 / 0 = inf
+        factor = float(c * np.minimum(1.0 / norm, 1.0 / c) + (norm - norm))
+        # `v * scale` makes an IndexedSlices gradient dense: a NaN scale reaches every row.
+        return [
+            None if g is None else Grad(g.dense, np.ones_like(g.rows)).scaled(factor, d)
+            for g, d in zip(grads, dtypes)
+        ]
 
 
 def _all_finite(grads: list[Grad | None]) -> bool:
@@ -492,7 +688,7 @@ def _reference(config: Config) -> Outcome:
     )
 
     weights = [rounded(v.initial, v.dtype) for v in config.variables]
-    scales = [float(np.max(np.abs(w))) for w in weights]
+    scales = [float(np.max(np.abs(w))) for w in weights]  # a complex weight by its modulus
     lr = config.learning_rate
     step, skipped, consecutive = 0, 0, 0
     sums: list[Any] = [None] * len(weights)
@@ -510,6 +706,7 @@ def _reference(config: Config) -> Outcome:
         nonlocal step
         summaries["train/loss"].append((step, loss))
         summaries["train/global_gradient_norm"].append((step, _norm(grads)))
+        transformed = keras_clip(config, transformed)
         for i, (var, g) in enumerate(zip(config.variables, transformed)):
             if g is not None:
                 with np.errstate(over="ignore", invalid="ignore"):
@@ -607,7 +804,15 @@ def _loss(config: Config, variables: list[Any], inputs: list[tuple]) -> tf.Tenso
     terms = []
     for var, v, x in zip(config.variables, variables, inputs):
         dtype = tf.as_dtype(var.dtype)
-        if var.kind == "dense":
+        if var.kind == "dense" and dtype.is_complex:
+            a, b = (tf.cast(t, dtype) for t in x[:2])
+            c = tf.cast(x[2], dtype.real_dtype)
+            residual = a * v - b
+            linear = tf.where(tf.math.is_finite(c), tf.cast(c, dtype) * v, tf.zeros_like(v))
+            term = 0.5 * tf.reduce_sum(
+                tf.math.real(residual * tf.math.conj(residual))
+            ) + tf.reduce_sum(tf.math.real(linear))
+        elif var.kind == "dense":
             a, b, c = (tf.cast(t, dtype) for t in x)
             residual = a * v - b
             linear = tf.where(tf.math.is_finite(c), c * v, tf.zeros_like(c))
@@ -630,6 +835,8 @@ def _arrays(config: Config, batches: list[tuple]) -> list[np.ndarray]:
             continue
         for j in range(len(batches[0][i])):
             dtype = np.int32 if var.kind == "sparse" and j == 0 else np.float64
+            if var.dtype in COMPLEX_DTYPES and j < 2:
+                dtype = np.complex128
             values = [np.array(batch[i][j], dtype) for batch in batches]
             flat.append(values[0] if len(values) == 1 else np.stack(values))
     return flat
@@ -664,7 +871,26 @@ def _create_kwargs(config: Config, variables: list[Any], guard: Any) -> dict[str
 
 
 def _initial(var: Var) -> tf.Tensor:
-    return tf.cast(tf.constant(var.initial, tf.float64), var.dtype)
+    wide = tf.complex128 if var.dtype in COMPLEX_DTYPES else tf.float64
+    return tf.cast(tf.constant(var.initial, wide), var.dtype)
+
+
+def _global_step_kwargs(config: Config) -> dict[str, Any]:
+    """`global_step=` a fresh `tf.Variable(0, dtype=...)`, or nothing (trainop's default)."""
+    if config.global_step == "default":
+        return {}
+    return dict(global_step=tf.Variable(0, dtype=config.global_step, name="global_step"))
+
+
+def _optimizer(config: Config) -> Any:
+    return make_sgd(
+        config.family, config.learning_rate, config.keras_clip, config.loss_scale_factor
+    )
+
+
+def _weights(values: Any) -> np.ndarray:
+    values = np.asarray(values)
+    return values.astype(np.complex128 if np.iscomplexobj(values) else np.float64)
 
 
 def run_trainop(config: Config, logdir: str | None) -> Outcome:
@@ -682,11 +908,14 @@ def _run_eager(config: Config, logdir: str | None) -> Outcome:
     writer = tf.summary.create_file_writer(logdir) if logdir else None
     losses: list[np.ndarray | None] = []
     refused = None
+    step_kwargs: dict[str, Any] = {}
     with writer.as_default() if writer else contextlib.nullcontext():
         try:
+            step_kwargs = _global_step_kwargs(config)
             train_op = trainop.create_train_op(
                 lambda *flat: _loss(config, variables, _unflatten(config, flat)),
-                make_sgd(config.family, config.learning_rate),
+                _optimizer(config),
+                **step_kwargs,
                 **_create_kwargs(config, variables, guard),
             )
             spc = config.steps_per_call
@@ -696,13 +925,15 @@ def _run_eager(config: Config, logdir: str | None) -> Outcome:
                     losses.append(np.atleast_1d(np.asarray(train_op(*arrays), np.float64)))
                 except tf.errors.InvalidArgumentError:
                     losses.append(None)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             refused = _last_line(error)
     if writer:
         writer.close()
-    global_step = tf.compat.v1.train.get_global_step()
+    global_step = step_kwargs.get("global_step")
+    if global_step is None:
+        global_step = tf.compat.v1.train.get_global_step()
     return Outcome(
-        weights=[np.asarray(v.numpy(), np.float64) for v in variables],
+        weights=[_weights(v.numpy()) for v in variables],
         global_step=0 if global_step is None else int(global_step.numpy()),
         losses=losses,
         skipped=(
@@ -721,7 +952,10 @@ def _run_graph(config: Config, logdir: str | None) -> Outcome:
         guard = (
             trainop.SkipNonFiniteSteps(config.max_consecutive) if config.check == "skip" else None
         )
-        global_step = tf.compat.v1.train.get_or_create_global_step()
+        step_kwargs = _global_step_kwargs(config)
+        global_step = step_kwargs.get("global_step")
+        if global_step is None:
+            global_step = tf.compat.v1.train.get_or_create_global_step()
         placeholders = [
             tf.compat.v1.placeholder(a.dtype, a.shape) for a in _arrays(config, [config.batches[0]])
         ]
@@ -731,10 +965,11 @@ def _run_graph(config: Config, logdir: str | None) -> Outcome:
             with writer.as_default() if writer else contextlib.nullcontext():
                 train_op = trainop.create_train_op(
                     _loss(config, variables, _unflatten(config, placeholders)),
-                    make_sgd(config.family, config.learning_rate),
+                    _optimizer(config),
+                    **step_kwargs,
                     **_create_kwargs(config, variables, guard),
                 )
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             refused = _last_line(error)
         session.run(tf.compat.v1.global_variables_initializer())
         if writer:
@@ -751,7 +986,7 @@ def _run_graph(config: Config, logdir: str | None) -> Outcome:
         counters = [guard.skipped_steps, guard.consecutive_skipped_steps] if guard else []
         weights, step, counts = session.run([variables, global_step, counters])
     return Outcome(
-        weights=[np.asarray(w, np.float64) for w in weights],
+        weights=[_weights(w) for w in weights],
         global_step=int(step),
         losses=losses,
         skipped=tuple(int(c) for c in counts) if guard else None,
@@ -779,7 +1014,17 @@ def _read(logdir: str | None) -> dict[str, list[tuple[int, float]]] | None:
 
 
 def _close(got: Any, want: Any, tolerance: float) -> bool:
-    """Whether `got` is within `tolerance` of `want`, with NaN and inf in the same places."""
+    """Whether `got` is within `tolerance` of `want`, with NaN and inf in the same places
+    (complex: not finite, in either part, in the same places: which part turns inf or NaN is
+    the complex arithmetic's own)."""
+    if np.iscomplexobj(got) or np.iscomplexobj(want):
+        got, want = np.asarray(got, np.complex128), np.asarray(want, np.complex128)
+        if got.shape != want.shape:
+            return False
+        if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+            return False
+        finite = np.isfinite(got)
+        return bool(np.all(np.abs(got[finite] - want[finite]) <= tolerance))
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:
         return False
@@ -824,8 +1069,18 @@ def compare(config: Config, got: Outcome, want: Outcome) -> list[str]:
             f"guard's (skipped_steps, consecutive_skipped_steps): expected {want.skipped}, "
             f"got {got.skipped}"
         )
+    # Which of inf or NaN a complex product with an inf part makes is the arithmetic's own
+    # (NumPy's plain formula, Eigen's C99 recovery): with a complex variable, the losses and
+    # norms are compared as complex numbers, not finite in the same places (see `_close`).
+    has_complex = any(v.dtype in COMPLEX_DTYPES for v in config.variables)
+
+    def loose(x: Any) -> Any:
+        return np.asarray(x, np.complex128) if has_complex else x
+
     for i, (g, w, tolerance) in enumerate(zip(got.losses, want.losses, want.loss_tolerances)):
-        if (g is None) != (w is None) or (w is not None and not _close(g, w, tolerance)):
+        if (g is None) != (w is None) or (
+            w is not None and not _close(loose(g), loose(w), tolerance)
+        ):
             describe = lambda x: "an error" if x is None else x.tolist()  # noqa: E731
             problems.append(f"call {i}: expected {describe(w)}, got {describe(g)}")
     if want.summaries is not None:
@@ -836,7 +1091,9 @@ def compare(config: Config, got: Outcome, want: Outcome) -> list[str]:
             written = got.summaries[tag]
             steps_match = [s for s, _ in written] == [s for s, _ in expected]
             values_match = steps_match and all(
-                _close(g, w, norm_tolerance * max(1.0, abs(w)) if np.isfinite(w) else 0.0)
+                _close(
+                    loose(g), loose(w), norm_tolerance * max(1.0, abs(w)) if np.isfinite(w) else 0.0
+                )
                 for (_, g), (_, w) in zip(written, expected)
             )
             if not values_match:
