@@ -250,3 +250,17 @@ def test_eager_train_step_refuses_an_optimizer_whose_compute_gradients_it_would_
         trainop.create_train_step(square(w), optimizer, global_step=None)
     np.testing.assert_array_equal(w.numpy(), W0)
     assert optimizer.calls == []
+
+
+def test_keras_loss_scale_factor_with_an_embedding_trains_as_plain_sgd():
+    """Keras divides the gradients by its loss_scale_factor with `/`, which IndexedSlices lack
+    (Keras's own apply_gradients fails): trainop hands them over dense."""
+    table = tf.Variable(np.ones((4, 2), np.float32))
+    step = trainop.create_train_op(
+        lambda ids: tf.reduce_sum(tf.gather(table, ids) ** 2),
+        keras.optimizers.SGD(0.25, loss_scale_factor=128.0),
+        global_step=None,
+    )
+    step(tf.constant([1, 1, 3]))
+    # d/dtable: 2 * 2 * 1 for row 1 (looked up twice), 2 for row 3; SGD 0.25.
+    np.testing.assert_allclose(table.numpy()[:, 0], [1.0, 0.0, 1.0, 0.5])

@@ -73,12 +73,12 @@ variable, the losses and norms are compared as complex numbers are: not finite i
 own limits (Keras 3.15): Keras's clipping with a complex variable (a TypeError: its clip ops take no
 complex dtype), `global_clipnorm` with variables of different dtypes (a ValueError stacking their
 norms), Keras's clipping of an embedding whose ids repeat unless accumulated (Keras clips the slices
-apart; accumulated gradients are dense), `loss_scale_factor` with an embedding unless accumulated
-(Keras divides the gradients with `/`, which IndexedSlices lacks: a TypeError, see issue 13). Not
-drawn either: `clip_by_value` bounds on one side of 0 (an `IndexedSlices` gradient is clipped in the
-rows it names, where the dense gradient's other rows, 0, would become the bound: no plain reference
-for both), and `jit_compile` or `steps_per_call` in graph mode (refused: the Session runs the graph
-it is given).
+apart; accumulated gradients are dense), `loss_scale_factor` with Keras's clipping of an embedding
+(Keras divides the gradients with `/`, which IndexedSlices lack, so trainop hands them over dense,
+and Keras then clips the dense gradient). Not drawn either: `clip_by_value` bounds on one side of 0
+(an `IndexedSlices` gradient is clipped in the rows it names, where the dense gradient's other
+rows, 0, would become the bound: no plain reference for both), and `jit_compile` or
+`steps_per_call` in graph mode (refused: the Session runs the graph it is given).
 
 `test_mirrored_matches_one_device`: `MirroredStrategy` over two logical CPUs, in a child process
 (`tests/programs/reference_mirrored_child.py`), for each loss spelling (a Keras 3 loss object,
@@ -413,10 +413,10 @@ def configs(draw: Any, summaries: bool = False) -> Config:
                 )
             )
         )
-    # Not with an embedding's IndexedSlices gradient (unless accumulated: then dense): Keras
-    # 3.15's apply divides each gradient by loss_scale_factor with `/`, which IndexedSlices
-    # lacks (a TypeError, Keras's own apply_gradients included; reported, issue 13).
-    if family == "keras" and ("sparse" not in kinds or accumulation_steps > 1):
+    # With an embedding too: Keras 3.15's apply divides each gradient by loss_scale_factor with
+    # `/`, which IndexedSlices lack, so trainop hands them over dense; Keras then clips the
+    # dense gradient, where the reference models its clipping of slices: not both.
+    if family == "keras" and ("sparse" not in kinds or accumulation_steps > 1 or not keras_clip):
         loss_scale_factor = draw(st.sampled_from([None, 128.0]))
     # Keras's clipping refuses complex gradients (tf.clip_by_norm, tf.minimum, tf.clip_by_value
     # take no complex dtype: a TypeError from Keras, not trainop's), so none is drawn with it.

@@ -423,8 +423,17 @@ class OptimizerAdapter:
             pairs = list(grads_and_vars)
         factor = self.loss_scale_factor()
         if factor is not None:
-            # The optimizer divides them by its loss_scale_factor (see `loss_scale_factor`).
-            pairs = [(_gradients.scale(g, factor), v) for g, v in pairs]
+            # The optimizer divides them by its loss_scale_factor (see `loss_scale_factor`),
+            # with `/`, which IndexedSlices lack: those are handed over dense.
+            pairs = [
+                (
+                    _gradients.scale(
+                        tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, factor
+                    ),
+                    v,
+                )
+                for g, v in pairs
+            ]
 
         if self.family == FAMILY_V1:
             return self.optimizer.apply_gradients(pairs, global_step=global_step)
