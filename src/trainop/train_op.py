@@ -194,6 +194,7 @@ def _check_loss_tensor(total_loss: Any, through_total_loss_fn: bool) -> None:
         )
 
 
+@tf.autograph.experimental.do_not_convert
 def _variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> list[Any]:
     """`variables_to_train` (called and checked, if a callable), else the trainable variables
     that `tape` saw the loss read.
@@ -223,6 +224,9 @@ def _variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> 
 _KERAS_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
+# Plain Python, called while a step is traced: autograph must not convert it (on the objects
+# that gc.get_referrers returns, its converted calls are unsafe).
+@tf.autograph.experimental.do_not_convert
 def _keras_owners(tf_variables: list[Any]) -> list[Any]:
     """Each of `tf_variables`, or the Keras 3 variable that wraps it (as `_value`) if any.
 
