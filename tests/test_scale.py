@@ -293,7 +293,9 @@ def test_compiled_default_check_still_raises_and_changes_nothing(steps_per_call)
     assert np.isfinite(w.numpy()).all()
 
 
-def test_compiled_skip_guard_stops_after_max_consecutive():
+def _compiled_guarded_square():
+    """w = 1 trained on x * w^2 by a compiled step with a skip guard allowing 1 bad step in a
+    row; returns (w, guard, train_op)."""
     w = tf.Variable(1.0)
     guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
     train_op = trainop.create_train_op(
@@ -303,6 +305,11 @@ def test_compiled_skip_guard_stops_after_max_consecutive():
         check_numerics=guard,
         jit_compile=True,
     )
+    return w, guard, train_op
+
+
+def test_compiled_skip_guard_stops_after_max_consecutive():
+    w, guard, train_op = _compiled_guarded_square()
     train_op(tf.constant(np.nan))  # skipped
     with pytest.raises(tf.errors.InvalidArgumentError, match="after 1 skipped steps in a row"):
         train_op(tf.constant(np.nan))
@@ -464,15 +471,7 @@ def test_the_stop_flag_is_no_part_of_the_guards_checkpoint(tmp_path):
     old.consecutive_skipped_steps = tf.Variable(1, dtype=tf.int64)
     old_path = tf.train.Checkpoint(guard=old).save(str(tmp_path / "old"))
 
-    w = tf.Variable(1.0)
-    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
-    train_op = trainop.create_train_op(
-        lambda x: x * w * w,
-        make_optimizer("keras", "sgd", 0.1),
-        global_step=None,
-        check_numerics=guard,
-        jit_compile=True,
-    )
+    w, guard, train_op = _compiled_guarded_square()
     tf.train.Checkpoint(guard=guard).restore(old_path).assert_consumed()
     assert (int(guard.skipped_steps), int(guard.consecutive_skipped_steps)) == (3, 1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="after 1 skipped steps in a row"):
