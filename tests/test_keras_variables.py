@@ -130,3 +130,35 @@ def test_skipped_step_applies_no_constraint(family):
 
     for v, expected in zip(model.weights, before):
         np.testing.assert_array_equal(v.numpy(), expected, err_msg=v.path)
+
+
+def test_accumulated_update_with_constraint_applies_every_mean():
+    """A tf_keras optimizer, a Keras 3 constraint, accumulation over two calls: every variable
+    takes its mean gradient. The accumulator's sums were read in the branch that also resets
+    them, and Grappler could drop the order of read and reset: the bias of the second layer,
+    whose constraint-free update nothing else waits for, took a mean of zero about half the
+    time. Repeated, as the fault was a race."""
+    x, zeros = np.zeros((2, 1), "float32"), np.zeros((2, 2), "float32")
+    target = zeros.copy()
+    target[1, 1] = 0.25
+    expected_bias = [0.0, LEARNING_RATE * 0.25 / 2]  # -lr * the mean of 0 and -0.25
+    for _ in range(12):
+        constrained = keras.layers.Dense(
+            2,
+            use_bias=False,
+            kernel_initializer="zeros",
+            kernel_constraint=keras.constraints.NonNeg(),
+        )
+        free = keras.layers.Dense(2, kernel_initializer="zeros")
+
+        def loss_fn(x, t, constrained=constrained, free=free):
+            return 0.5 * tf.reduce_sum(tf.square(constrained(x))) + 0.5 * tf.reduce_sum(
+                tf.square(free(x) - t)
+            )
+
+        train_op = trainop.create_train_op(
+            loss_fn, make_optimizer("tf_keras", learning_rate=LEARNING_RATE), accumulation_steps=2
+        )
+        train_op(x, zeros)
+        train_op(x, target)
+        np.testing.assert_allclose(free.bias.numpy(), expected_bias, rtol=0, atol=1e-7)

@@ -100,14 +100,21 @@ class GradientAccumulator:
                 added.append(total.assign_add(tf.cast(grad, total.dtype), read_value=False))
         with tf.control_dependencies(added):
             calls = count.assign_add(1)
+            # The sums are read here, not in the branch that resets them: as inputs of the
+            # cond, they are read before any op of the branch runs. Read in the branch, only
+            # an automatic control dependency ordered each read before its reset, and
+            # Grappler's dependency optimizer can drop it (it did, as redundant through an
+            # IdentityN that a later pass removed: a mean of zero was applied, at random).
+            totals = [total.read_value() for total in sums]
+            loss_total = loss_sum.read_value()
 
         def apply_means() -> tf.Tensor:
             mean_of = {
-                optimizers.variable_key(v): tf.cast(total.read_value() / self.steps, grad.dtype)
-                for total, (grad, v) in zip(sums, pairs)
+                optimizers.variable_key(v): tf.cast(value / self.steps, grad.dtype)
+                for value, (grad, v) in zip(totals, pairs)
             }
             means = [(mean_of.get(optimizers.variable_key(v)), v) for _, v in grads_and_vars]
-            mean_loss = tf.cast(loss_sum.read_value() / self.steps, loss.dtype)
+            mean_loss = tf.cast(loss_total / self.steps, loss.dtype)
             with tf.control_dependencies(apply(means, mean_loss)):
                 reset = [total.assign(tf.zeros_like(total), read_value=False) for total in sums]
                 reset.append(loss_sum.assign(tf.zeros_like(loss_sum), read_value=False))
