@@ -264,3 +264,19 @@ def test_keras_loss_scale_factor_with_an_embedding_trains_as_plain_sgd():
     step(tf.constant([1, 1, 3]))
     # d/dtable: 2 * 2 * 1 for row 1 (looked up twice), 2 for row 3; SGD 0.25.
     np.testing.assert_allclose(table.numpy()[:, 0], [1.0, 0.0, 1.0, 0.5])
+
+
+@pytest.mark.parametrize("loss_scale", [128.0, "dynamic"])
+def test_v1_mixed_precision_loss_scale_optimizer_trains_as_its_minimize(runner, loss_scale):
+    """tf.compat.v1's MixedPrecisionLossScaleOptimizer scales the loss in `compute_gradients`
+    and unscales there: the step equals plain SGD, w - 0.1 * 2w (its own `minimize` too)."""
+    inner = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+    optimizer = tf.compat.v1.mixed_precision.MixedPrecisionLossScaleOptimizer(inner, loss_scale)
+    assert trainop.optimizers.OptimizerAdapter(optimizer).computes_gradients
+    w = runner.variable(W0, "w")
+    step = runner.train_op(square(w), optimizer)
+    step()
+    step()
+    expected = W0 - 0.1 * 2 * W0
+    expected = expected - 0.1 * 2 * expected
+    np.testing.assert_allclose(runner.read(w), expected, rtol=1e-6)
