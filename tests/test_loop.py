@@ -74,7 +74,7 @@ def test_a_killed_run_resumes_and_reproduces_the_uninterrupted_losses(tmp_path):
     assert sorted(_losses(resumed_out)) == list(range(31, 61))
     # The same batches, in the same order, on the same weights and optimizer state.
     assert _losses(resumed_out) == {step: expected[step] for step in range(31, 61)}
-    assert "result 60 None" in resumed_out
+    assert "result 60 max_steps" in resumed_out
 
 
 def _pump(stream, lines):
@@ -141,7 +141,7 @@ def test_hooks_run_at_their_cadence_with_the_loss_of_that_step():
     np.testing.assert_allclose(
         [loss for _, loss in seen], [initial * 0.8 ** (2 * (s - 1)) for s, _ in seen], 1e-4
     )
-    assert (result.global_step, result.steps_run, result.stopped_by) == (30, 30, None)
+    assert (result.global_step, result.steps_run, result.stopped_by) == (30, 30, "max_steps")
 
 
 def test_a_hook_can_stop_training_and_the_stop_is_saved(tmp_path):
@@ -322,6 +322,7 @@ def test_a_train_op_that_does_not_count_the_step_is_stopped():
         ({"max_steps": 5, "save_every_n_steps": 1.5}, ValueError, "`save_every_n_steps`"),
         ({"dataset": 3}, TypeError, "`dataset` must be a tf.data.Dataset"),
         ({"max_steps": 5, "global_step": 1.0}, TypeError, "`global_step` must be"),
+        ({"max_steps": 5, "restore_data_position": "no"}, TypeError, "`restore_data_position`"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
@@ -494,3 +495,107 @@ def test_batches_as_dicts_and_losses_as_structures():
 def test_an_eager_tensor_is_not_a_train_op():
     with pytest.raises(TypeError, match="An eager tensor is a value already computed"):
         trainop.train(tf.constant(1.0), max_steps=1)
+
+
+# --- Why the loop stopped, and resuming with another input pipeline ----------------------------
+
+
+def _counting_step():
+    """A train op adding each batch (a float) to `total`, its global step, and `total`."""
+    total = tf.Variable(0.0)
+    step = tf.Variable(0, dtype=tf.int64)
+    w = tf.Variable(0.0)
+
+    def loss_fn(x):
+        total.assign_add(x)
+        return (w - x) ** 2
+
+    train_op = trainop.create_train_op(loss_fn, make_optimizer("keras", "sgd", 0.1), step)
+    return train_op, step, total, w
+
+
+@pytest.mark.parametrize("max_steps", [None, 10_000])
+def test_the_end_of_the_data_is_a_reason_to_stop_and_is_logged(caplog, max_steps):
+    train_op, step, total, _ = _counting_step()
+    dataset = tf.data.Dataset.range(8).map(lambda i: tf.cast(i, tf.float32))
+    with caplog.at_level("INFO", logger="trainop"):
+        result = trainop.train(
+            train_op, dataset, max_steps=max_steps, global_step=step, progress=False
+        )
+    assert (result.stopped_by, result.global_step, result.steps_run) == ("end_of_data", 8, 8)
+    assert float(total.numpy()) == sum(range(8))
+    lines = [r for r in caplog.records if "ran out" in r.getMessage()]
+    assert len(lines) == 1
+    # Short of max_steps, a warning (shown by default); the expected end, a note.
+    assert lines[0].levelname == ("INFO" if max_steps is None else "WARNING")
+    assert "global step 8" in lines[0].getMessage()
+
+
+def test_reaching_max_steps_is_the_reason_even_when_resumed_there(tmp_path):
+    train_op, step, _, w = _counting_step()
+    kwargs = dict(logdir=str(tmp_path), checkpoint={"w": w}, global_step=step, progress=False)
+    first = trainop.train(train_op, [1.0] * 20, max_steps=5, **kwargs)
+    again = trainop.train(train_op, [1.0] * 20, max_steps=5, **kwargs)
+    assert (first.stopped_by, again.stopped_by, again.steps_run) == ("max_steps", "max_steps", 0)
+
+
+def test_a_graph_input_running_out_ends_the_loop():
+    with tf.Graph().as_default():
+        x = tf.compat.v1.data.make_one_shot_iterator(
+            tf.data.Dataset.from_tensor_slices([1.0, 2.0, 3.0])
+        ).get_next()
+        w = tf.compat.v1.get_variable("w", initializer=0.0, use_resource=True)
+        train_op = trainop.create_train_op(
+            (w - x) ** 2, tf.compat.v1.train.GradientDescentOptimizer(0.5)
+        )
+        with tf.compat.v1.Session() as session:
+            result = trainop.train(train_op, max_steps=100, progress=False, session=session)
+            # Each step moves w to the batch: w - 0.5 * 2 (w - x) = x.
+            assert session.run(w) == 3.0
+    assert (result.stopped_by, result.global_step, result.steps_run) == ("end_of_data", 3, 3)
+
+
+def _pipeline(changed):
+    dataset = tf.data.Dataset.range(100).map(lambda i: tf.cast(i, tf.float32))
+    if changed:
+        dataset = dataset.shuffle(4, seed=1)
+    return dataset
+
+
+def test_resuming_with_a_changed_pipeline_says_what_to_do_and_keeps_the_checkpoint(tmp_path):
+    train_op, step, total, w = _counting_step()
+    kwargs = dict(logdir=str(tmp_path), checkpoint={"w": w}, global_step=step, progress=False)
+    trainop.train(train_op, _pipeline(changed=False), max_steps=4, **kwargs)
+    saved = sorted(os.listdir(tmp_path))
+    w_saved = float(w.numpy())
+
+    with pytest.raises(ValueError) as raised:
+        trainop.train(train_op, _pipeline(changed=True), max_steps=8, **kwargs)
+    message = str(raised.value)
+    assert message.startswith("`dataset` is not the input pipeline that saved")
+    assert "start a new `logdir`" in message and "restore_data_position=False" in message
+    assert sorted(os.listdir(tmp_path)) == saved
+    assert int(step.numpy()) == 4 and float(w.numpy()) == w_saved
+
+    # Without the data position: the rest resumes, and the new pipeline is read from its start
+    # (0 + 1 + 2 + 3 of the first run, then the first four of the shuffled one).
+    shuffled = [float(x) for x in _pipeline(changed=True).take(4)]
+    result = trainop.train(
+        train_op, _pipeline(changed=True), max_steps=8, restore_data_position=False, **kwargs
+    )
+    assert result.resumed_from == str(tmp_path / "ckpt-4")
+    assert (result.global_step, result.steps_run) == (8, 4)
+    assert float(total.numpy()) == 0 + 1 + 2 + 3 + sum(shuffled)
+
+
+def test_a_counted_position_is_not_skipped_without_restore_data_position(tmp_path):
+    train_op, step, total, w = _counting_step()
+    kwargs = dict(logdir=str(tmp_path), checkpoint={"w": w}, global_step=step, progress=False)
+    batches = [float(i) for i in range(10)]
+    trainop.train(train_op, batches, max_steps=3, **kwargs)
+    total.assign(0.0)
+    trainop.train(train_op, batches, max_steps=5, restore_data_position=False, **kwargs)
+    assert float(total.numpy()) == 0 + 1  # from the start, not from batch 3
+    total.assign(0.0)
+    trainop.train(train_op, batches, max_steps=7, **kwargs)
+    assert float(total.numpy()) == 2 + 3  # the position saved at step 5 (two batches read)

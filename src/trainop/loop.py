@@ -29,6 +29,10 @@ from trainop.train_op import USE_GLOBAL_STEP, integer_variable, is_use_global_st
 
 logger = logging.getLogger("trainop")
 
+# `TrainResult.stopped_by` when the global step reached `max_steps`, and when the data ran out.
+MAX_STEPS = "max_steps"
+END_OF_DATA = "end_of_data"
+
 # A global step that stays put for this many calls in a row means the train op does not count
 # the step the loop reads (a skip guard raises long before).
 _MAX_CALLS_WITHOUT_PROGRESS = 1000
@@ -84,8 +88,9 @@ class TrainResult:
       global_step: the global step at the end.
       loss: the loss of the last step run, or None if none ran.
       steps_run: the calls of the train op in this run.
-      stopped_by: 'SIGTERM' or 'SIGINT' if a signal stopped the run, 'StopTraining: <its
-        message>' if a hook did, else None.
+      stopped_by: why the run ended: 'max_steps' (the global step reached it), 'end_of_data'
+        (`dataset` ran out, or a graph's input raised `tf.errors.OutOfRangeError`), 'SIGTERM'
+        or 'SIGINT' (a signal), or 'StopTraining: <its message>' (a hook).
       resumed_from: the checkpoint restored at the start, or None.
       last_checkpoint: the newest checkpoint at the end (written by this run or restored).
     """
@@ -93,7 +98,7 @@ class TrainResult:
     global_step: int
     loss: float | None
     steps_run: int
-    stopped_by: str | None
+    stopped_by: str
     resumed_from: str | None
     last_checkpoint: str | None
 
@@ -275,6 +280,7 @@ class _Checkpoints:
         directory: str,
         max_to_keep: int,
         session: Any,
+        restore_data_position: bool = True,
     ):
         extra = {"global_step": global_step}
         if batches.trackable is not None:
@@ -287,6 +293,9 @@ class _Checkpoints:
             )
         self.checkpoint = tf.train.Checkpoint(**objects, **extra)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
+        # What a resume restores: all of it, or all but the data position.
+        self._without_data = tf.train.Checkpoint(**objects, global_step=global_step)
+        self._restored = self.checkpoint if restore_data_position else self._without_data
         self._session = session
         self._batches = batches
         self._finite_ops: dict[tuple[int, ...], Any] = {}
@@ -350,9 +359,7 @@ class _Checkpoints:
             oldest one's values: training must not go on from them).
         """
         for path in reversed(self.manager.checkpoints):
-            status = self.checkpoint.restore(path)
-            if self._session is not None:
-                status.run_restore_ops(self._session)
+            self._restore(path)
             bad = self.non_finite_variables()
             if not bad:
                 return path
@@ -363,6 +370,37 @@ class _Checkpoints:
                 f"{self.manager.checkpoints}. Remove them (or pick another logdir) to start over."
             )
         return None
+
+    def _restore(self, path: str) -> None:
+        """Restores `path`; the data position too, unless `restore_data_position` was False.
+
+        Raises:
+          ValueError: if the data position cannot be restored into the dataset given (its
+            pipeline is not the one that saved it) while the rest of the checkpoint can.
+        """
+        try:
+            self._run_restore(self._restored, path)
+        except (tf.errors.OpError, ValueError) as error:
+            if self._restored is self._without_data:
+                raise
+            try:
+                self._run_restore(self._without_data, path)
+            except (tf.errors.OpError, ValueError):
+                raise error from None
+            logger.debug("Restoring the data position from %s failed: %s", path, error)
+            raise ValueError(
+                f"`dataset` is not the input pipeline that saved {path} (its definition "
+                "changed), so its position there cannot be restored: start a new `logdir`, or "
+                "pass `restore_data_position=False` to resume from the checkpoint and read "
+                "`dataset` from its start."
+            ) from None
+
+    def _run_restore(self, checkpoint: tf.train.Checkpoint, path: str) -> None:
+        status = checkpoint.restore(path)
+        if checkpoint is self._without_data:
+            status.expect_partial()  # The data position is in the file, and left there.
+        if self._session is not None:
+            status.run_restore_ops(self._session)
 
 
 def _is_optimizer(value: Any) -> bool:
@@ -417,6 +455,7 @@ def train(
     progress: bool | None = None,
     global_step: Any = USE_GLOBAL_STEP,
     session: Any = None,
+    restore_data_position: bool = True,
 ) -> TrainResult:
     """Runs a train op until `max_steps` or the end of `dataset`, saving and resuming.
 
@@ -449,16 +488,22 @@ def train(
       global_step: the integer variable the train op counts in; by default the global step.
       session: graph mode: the `Session` to run in; by default a new one, whose variables the
         loop initializes (or restores).
+      restore_data_position: on resume, also restore where the data was (the `tf.data`
+        iterator's state, or the count of batches consumed, which are then skipped). False:
+        resume everything else, and read `dataset` from its start, for a run whose input
+        pipeline changed since the checkpoint was written.
 
     Returns:
-      A `TrainResult`.
+      A `TrainResult`; its `stopped_by` says why the run ended (also logged, on the `trainop`
+      logger, when the data ran out before `max_steps`).
 
     Raises:
       TypeError: `train_op`, `dataset`, `checkpoint`, `global_step` or a hook is of the wrong
         type.
       ValueError: `max_steps`, `save_every_n_steps` or `max_checkpoints_to_keep` is not a
-        positive integer, there is neither `dataset` nor `max_steps`, or `checkpoint` comes
-        without `logdir`.
+        positive integer, there is neither `dataset` nor `max_steps`, `checkpoint` comes
+        without `logdir`, or, on resume, the checkpoint's data position cannot be restored into
+        `dataset` (a changed input pipeline: see `restore_data_position`).
       FloatingPointError: a checkpoint was due and a variable holds inf or NaN: nothing is
         written, and the checkpoints already written are kept.
       RuntimeError: the global step did not move in 1,000 calls of the train op.
@@ -485,6 +530,11 @@ def train(
         check_count("max_steps", max_steps)
     check_count("save_every_n_steps", save_every_n_steps)
     check_count("max_checkpoints_to_keep", max_checkpoints_to_keep)
+    if not isinstance(restore_data_position, bool):
+        raise TypeError(
+            "`restore_data_position` must be True or False. "
+            f"Received: restore_data_position={restore_data_position!r:.200}"
+        )
     hooks = list(hooks)
     for hook in hooks:
         if not isinstance(hook, Hook):
@@ -529,7 +579,15 @@ def train(
     step_variable = _resolve_step_variable(global_step, None)
     batches = _Batches(dataset)
     saver = (
-        _Checkpoints(checkpoint, step_variable, batches, logdir, max_checkpoints_to_keep, None)
+        _Checkpoints(
+            checkpoint,
+            step_variable,
+            batches,
+            logdir,
+            max_checkpoints_to_keep,
+            None,
+            restore_data_position=restore_data_position,
+        )
         if checkpoint is not None
         else None
     )
@@ -656,7 +714,9 @@ def _run(
             while stop.signal_name is None and (max_steps is None or step < max_steps):
                 try:
                     loss = run_step()
-                except StopIteration:
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    # The end of the data, as a MonitoredSession takes an OutOfRangeError.
+                    stopped_by = END_OF_DATA
                     break
                 steps_run += 1
                 previous, step = step, read_step()
@@ -685,6 +745,16 @@ def _run(
     if stop.signal_name is not None:
         stopped_by = stop.signal_name
         logger.warning("Stopped by %s at global step %d.", stop.signal_name, step)
+    elif stopped_by == END_OF_DATA and max_steps is not None:
+        logger.warning(
+            "The data ran out at global step %d, before max_steps=%d: training stopped there.",
+            step,
+            max_steps,
+        )
+    elif stopped_by == END_OF_DATA:
+        logger.info("The data ran out at global step %d: training stopped there.", step)
+    elif stopped_by is None:
+        stopped_by = MAX_STEPS
     return TrainResult(
         global_step=step,
         loss=_as_float(_first_loss(loss)),
