@@ -1,45 +1,100 @@
 """The `trainop` command (also `python -m trainop`): `trainop demo` and `trainop bench`.
 
 A module beside the `trainop` package rather than inside it: importing anything from `trainop`
-imports TensorFlow first, and `trainop --help` or a mistyped option should answer at once,
-without TensorFlow's start-up messages.
+imports TensorFlow first, and `trainop --help`, a mistyped option or a missing extra should
+answer at once, without TensorFlow's start-up messages. Each command parses its options and
+checks (with `importlib.util.find_spec`, importing nothing) that what it needs is installed
+before it imports TensorFlow or trains anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-EXIT_BAD_OPTION = 2
+# The exit statuses. 2 is argparse's for a bad option; a missing extra shares it because in both
+# cases nothing ran and the command line or the install needs fixing, which a script can tell
+# from 1, a demo that ran to the end and missed its stated target.
+EXIT_TARGET_MISSED = 1
+EXIT_CANNOT_START = 2
+SIGNAL_NUMBERS = {"SIGINT": 2, "SIGTERM": 15}
+EXIT_STATUSES = (
+    "Exit status: 0 done (for the demo: its stated target reached); 1 the demo missed its "
+    "stated target; 2 nothing ran: a bad option, or something the command needs is not "
+    "installed (the message names the pip install to run); 130 or 143 stopped by Ctrl-C or "
+    "SIGTERM, after saving a checkpoint."
+)
 DEMO_STEPS = {"digits": 1500, "cartpole": 25_000}
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """A module a command imports, and the extra of trainop that installs it."""
+
+    module: str
+    name: str
+    extra: str
+
+
+TENSORFLOW = Requirement("tensorflow", "TensorFlow", "cpu")
+TQDM = Requirement("tqdm", "tqdm", "demo")
+DEMO_REQUIREMENTS = {
+    "digits": [
+        TENSORFLOW,
+        Requirement("sklearn", "scikit-learn", "demo"),
+        Requirement("matplotlib", "matplotlib", "demo"),
+    ],
+    "cartpole": [
+        TENSORFLOW,
+        Requirement("gymnasium", "Gymnasium", "demo"),
+        Requirement("matplotlib", "matplotlib", "demo"),
+    ],
+}
+DEMO_NAMES = {"digits": "the digits demo", "cartpole": "the CartPole demo"}
+# The extras that install TensorFlow, the first one recommended (as `import trainop` does).
+TENSORFLOW_EXTRAS = ("cpu", "tensorflow", "gpu")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """An `ArgumentParser` whose errors are one line, and exit with status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_OPTION, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_CANNOT_START, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
+class CommandParser(OneLineErrorParser):
+    """The parser of a command (`trainop demo`): its own errors name it, unknown options too.
+
+    argparse hands a subcommand's unknown options up to the top parser, whose error would name
+    `trainop` instead of `trainop demo`.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0: {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer of at least `minimum`, one message for any other."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
+        return value
+
+    return parse
 
 
 def _parser() -> OneLineErrorParser:
@@ -47,18 +102,27 @@ def _parser() -> OneLineErrorParser:
         prog="trainop",
         description="trainop: the training step of a TensorFlow model in one call. "
         "`trainop demo` trains a model end to end; `trainop bench` runs the benchmark suite.",
+        epilog=EXIT_STATUSES,
     )
-    commands = parser.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
+    # Not required=True: argparse would then report the missing command before an unknown
+    # option (`trainop --bogus`); main() reports a missing command itself.
+    commands = parser.add_subparsers(
+        dest="command", metavar="{demo,bench}", parser_class=CommandParser
+    )
     demo = commands.add_parser(
         "demo",
         help="train a real model end to end with create_train_op and train",
+        # A description is shown as written (argparse formats only one holding "%(prog)"), so
+        # its percent sign is not doubled, unlike those of `help=`.
         description="Trains a real model end to end with trainop.create_train_op and "
         "trainop.train, on data that needs no download, and leaves TensorBoard logs, "
         "checkpoints and a plot (training.png) in its output directory. digits (default): a "
-        "small convolutional network on scikit-learn's 8x8 digits, to at least 95%% test "
+        "small convolutional network on scikit-learn's 8x8 digits, to at least 95% test "
         "accuracy in under a minute on 2 CPU cores. cartpole: a DQN on Gymnasium's "
         "CartPole-v1, to an average return of at least 195. Run again with the same "
-        "--outdir, it resumes from the last checkpoint.",
+        "--outdir, it resumes from the last checkpoint. Needs the demo extra: "
+        "pip install 'trainop[demo]'.",
+        epilog=EXIT_STATUSES,
     )
     demo.add_argument("--task", choices=sorted(DEMO_STEPS), default="digits")
     demo.add_argument(
@@ -66,11 +130,11 @@ def _parser() -> OneLineErrorParser:
     )
     demo.add_argument(
         "--steps",
-        type=_positive_int,
+        type=_int_at_least(1),
         default=None,
         help="global step to train to (default: 1500 for digits, 25000 for cartpole)",
     )
-    demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
     demo.add_argument(
         "--no-progress", action="store_true", help="no progress bar (off anyway without a tty)"
     )
@@ -82,6 +146,62 @@ def _parser() -> OneLineErrorParser:
         add_help=False,
     )
     return parser
+
+
+def missing_message(purpose: str, requirements: Sequence[Requirement]) -> str | None:
+    """What to install for `purpose`, in one sentence; None if everything is installed.
+
+    Args:
+      purpose: what needs the requirements ('the digits demo').
+      requirements: the modules it imports.
+
+    Returns:
+      A sentence naming the missing modules and the `pip install 'trainop[...]'` that installs
+      them, or None.
+
+    Example:
+      >>> missing_message("the demo", [Requirement("no_such_module", "Nothing", "demo")])
+      "the demo needs Nothing, which is not installed: run `pip install 'trainop[demo]'`"
+    """
+    missing = [r for r in requirements if importlib.util.find_spec(r.module) is None]
+    if not missing:
+        return None
+    names = [r.name for r in missing]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    extras = [TENSORFLOW_EXTRAS[0]] if TENSORFLOW in missing else []
+    extras += sorted({r.extra for r in missing} - set(TENSORFLOW_EXTRAS))
+    install = f"run `pip install 'trainop[{','.join(extras)}]'`"
+    if TENSORFLOW in missing:
+        others = [",".join([tf_extra, *extras[1:]]) for tf_extra in TENSORFLOW_EXTRAS[1:]]
+        install += f" (or `trainop[{others[0]}]`, `trainop[{others[1]}]`)"
+    verb = "is" if len(missing) == 1 else "are"
+    return f"{purpose} needs {listed}, which {verb} not installed: {install}"
+
+
+def _cannot_start(prog: str, message: str) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CANNOT_START)
+
+
+def _prepare(argv: Sequence[str]) -> Callable[[], int]:
+    """Parses `argv` and checks what the command needs; returns the command to run.
+
+    Exits with status 0 after --help, and with status 2 (printing one line) on a bad option or
+    when something to install is missing. Imports neither TensorFlow nor `trainop`.
+    """
+    if argv and argv[0] == "bench":
+        return _prepare_bench(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("the following arguments are required: {demo,bench}")
+    requirements = list(DEMO_REQUIREMENTS[args.task])
+    if not args.no_progress and sys.stderr.isatty():
+        requirements.append(TQDM)
+    message = missing_message(DEMO_NAMES[args.task], requirements)
+    if message is not None:
+        _cannot_start("trainop demo", message)
+    return lambda: _demo(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -97,9 +217,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     value = f"{result.value:.1%}" if result.metric == "test accuracy" else f"{result.value:.1f}"
     target = f"{result.target:.0%}" if result.metric == "test accuracy" else f"{result.target:.0f}"
-    signal_numbers = {"SIGINT": 2, "SIGTERM": 15}
-    if result.stopped_by in signal_numbers:
-        print(f"Stopped by {result.stopped_by} at global step {result.global_step}.")
+    # A signal's "Stopped by SIGINT at global step N." is the loop's warning: not printed again.
     print(
         f"{result.metric}: {value} at global step {result.global_step} "
         f"(stated target: at least {target}: {'reached' if result.reached else 'NOT reached'})"
@@ -108,42 +226,64 @@ def _demo(args: argparse.Namespace) -> int:
         f"Output in {result.outdir}: TensorBoard logs (tensorboard --logdir {result.outdir}), "
         f"checkpoints (ckpt-*), plot {result.plot}"
     )
-    if result.stopped_by in signal_numbers:
-        return 128 + signal_numbers[result.stopped_by]
-    return 0 if result.reached else 1
+    if result.stopped_by in SIGNAL_NUMBERS:
+        return 128 + SIGNAL_NUMBERS[result.stopped_by]
+    return 0 if result.reached else EXIT_TARGET_MISSED
 
 
-def _bench(argv: Sequence[str]) -> int:
+def _prepare_bench(argv: Sequence[str]) -> Callable[[], int]:
     root = pathlib.Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "suite.py").is_file():
-        print(
-            "trainop bench: error: the benchmark suite is in the benchmarks/ directory of a "
-            "source checkout of trainop, and this trainop is installed without it: clone the "
-            "repository and `pip install -e .` there.",
-            file=sys.stderr,
+        _cannot_start(
+            "trainop bench",
+            "the benchmark suite is in the benchmarks/ directory of a source checkout of "
+            "trainop, and this trainop is installed without it: clone the repository and "
+            "`pip install -e .` there.",
         )
-        return EXIT_BAD_OPTION
-    sys.path.insert(0, str(root))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     from benchmarks import options
 
     args = options.parse(argv, prog="trainop bench", parser_class=OneLineErrorParser)
-    from benchmarks import suite
+    message = missing_message("the benchmark suite", [TENSORFLOW])
+    if message is not None:
+        _cannot_start("trainop bench", message)
 
-    suite.main(args=args)
-    return 0
+    def bench() -> int:
+        from benchmarks import suite
+
+        # The suite's exit status (130 after Ctrl-C), where its main returns one.
+        return suite.main(args=args) or 0
+
+    return bench
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command; returns its exit status."""
+    """Runs the command; returns its exit status (see `EXIT_STATUSES`)."""
     # TensorFlow's C++ start-up messages, unless the user asks for them.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
-    args = _parser().parse_args(argv)
-    return _demo(args)
+    run = _prepare(list(sys.argv[1:] if argv is None else argv))
+    return run()
 
 
 def console_main() -> Any:
     """The console script's entry point."""
     sys.exit(main())
+
+
+def check_python_dash_m() -> None:
+    """`python -m trainop`: parses and checks the command line before TensorFlow is imported.
+
+    `python -m trainop` imports the package `trainop`, and so TensorFlow, before it runs
+    `trainop/__main__.py`: the package calls this first, so that --help, a bad option and a
+    missing extra answer as they do for `trainop` (at once, and without TensorFlow installed),
+    and TensorFlow starts quietly. Does nothing unless Python is locating `trainop` for `-m`
+    (while it does, `sys.argv[0]` is '-m').
+    """
+    if sys.argv[:1] != ["-m"] or len(sys.orig_argv) < len(sys.argv):
+        return
+    # The module named after -m: what precedes the module's own arguments.
+    module = sys.orig_argv[-len(sys.argv)].removeprefix("-m")
+    if module in ("trainop", "trainop.__main__"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _prepare(sys.argv[1:])

@@ -5,6 +5,15 @@ and TF-Slim programs move to current TensorFlow with one changed import. Every p
 importable from `trainop` itself; the submodules are internal.
 """
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:
+    # Python is locating a module to run with -m. For `python -m trainop`, the command checks its
+    # command line and what it needs before TensorFlow is imported, as `trainop` does.
+    from trainop_cli import check_python_dash_m as _check_python_dash_m
+
+    _check_python_dash_m()
+
 try:
     import tensorflow as _tf
 except ImportError:

@@ -6,8 +6,8 @@
   `create_train_op` as an update op.
 
 Each leaves in its output directory the TensorBoard events, the checkpoints and `training.png`,
-a plot of the loss and of the accuracy or return, drawn from the event files (so a resumed run
-plots its whole history).
+a plot of the loss and of the accuracy (in percent) or return, drawn from the event files (so a
+resumed run plots its whole history).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import trainop
 DIGITS_TARGET_ACCURACY = 0.95
 CARTPOLE_TARGET_RETURN = 195.0
 PLOT_FILE = "training.png"
+# A series of at most this many points is drawn with markers: the evaluations, a short run.
+MARKED_POINTS = 50
 # Where `trainop.train` saves the global step in a checkpoint.
 _STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -90,6 +92,15 @@ def digits(
         f"({len(train)} training and {len(test)} test images) to global step {steps}, "
         f"with trainop.create_train_op and trainop.train. Output: {outdir}"
     )
+    resumed = _latest_checkpoint(outdir)
+    if resumed is not None:
+        path, step = resumed
+        plan = (
+            "already trained; evaluating"
+            if step >= steps
+            else f"training on to global step {steps}"
+        )
+        say(f"Resuming from {path} at global step {step}: {plan}.")
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
@@ -140,7 +151,7 @@ def digits(
         global_step=global_step,
     )
     final = accuracy()
-    plot = plot_training(outdir, "eval/accuracy", "test accuracy")
+    plot = plot_training(outdir, "eval/accuracy", "test accuracy", percent=True)
     return DemoResult(
         "test accuracy",
         final,
@@ -170,31 +181,77 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
-def plot_training(logdir: str, metric_tag: str, metric_label: str) -> str:
-    """Plots `train/loss` and `metric_tag` from the events of `logdir`; returns the PNG path."""
+def _latest_checkpoint(outdir: str) -> tuple[str, int] | None:
+    """The newest checkpoint in `outdir` and its global step, or None."""
+    latest = tf.train.latest_checkpoint(outdir)
+    if latest is None:
+        return None
+    return latest, int(tf.train.load_checkpoint(latest).get_tensor(_STEP_KEY))
+
+
+def plot_training(logdir: str, metric_tag: str, metric_label: str, *, percent: bool = False) -> str:
+    """Plots `train/loss` and `metric_tag` from the events of `logdir`; returns the PNG path.
+
+    Args:
+      logdir: the directory of the event files, where the plot goes.
+      metric_tag: the tag of the metric, plotted beside the loss.
+      metric_label: the metric's title.
+      percent: the metric is a fraction, plotted in percent.
+
+    Returns:
+      The path of the PNG file.
+    """
+    figure = training_figure(read_scalars(logdir), metric_tag, metric_label, percent=percent)
+    from matplotlib import pyplot as plt
+
+    path = os.path.join(logdir, PLOT_FILE)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def training_figure(
+    series: dict[str, list[tuple[int, float]]],
+    metric_tag: str,
+    metric_label: str,
+    *,
+    percent: bool = False,
+) -> Any:
+    """The figure `plot_training` saves: the training loss and the metric, by global step.
+
+    A series of at most `MARKED_POINTS` points is drawn with markers, so that a few evaluations
+    (two, of a short CartPole run) are visible.
+
+    Args:
+      series: (step, value) points by tag, as `read_scalars` returns them.
+      metric_tag: the tag of the metric, plotted beside `train/loss`.
+      metric_label: the metric's title.
+      percent: the metric is a fraction, plotted in percent ("(%)" is added to its title).
+
+    Returns:
+      A matplotlib `Figure` of two axes; close it with `matplotlib.pyplot.close`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    series = read_scalars(logdir)
     figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    for axes, tag, label in [
-        (loss_axes, "train/loss", "training loss"),
-        (metric_axes, metric_tag, metric_label),
+    metric_scale = 100.0 if percent else 1.0
+    for axes, tag, label, scale in [
+        (loss_axes, "train/loss", "training loss", 1.0),
+        (metric_axes, metric_tag, f"{metric_label} (%)" if percent else metric_label, metric_scale),
     ]:
         points = series.get(tag, [])
         if points:
             steps, values = zip(*points)
-            axes.plot(steps, values)
+            marker = "o" if len(points) <= MARKED_POINTS else None
+            axes.plot(steps, [scale * value for value in values], marker=marker)
         axes.set_xlabel("global step")
         axes.set_title(label)
         axes.grid(alpha=0.3)
     figure.tight_layout()
-    path = os.path.join(logdir, PLOT_FILE)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def cartpole(
@@ -293,19 +350,28 @@ def cartpole(
             # DQN's greedy policy swings: stop at a policy that does what was promised.
             raise trainop.StopTraining(f"average return {average:.1f}")
 
-    latest = tf.train.latest_checkpoint(outdir)
-    if latest is not None:
+    resumed = _latest_checkpoint(outdir)
+    if resumed is not None:
         # The experience cannot be replayed: a policy that already does what was promised is
         # not trained further, and another one goes on with fresh experience.
-        tf.train.Checkpoint(q=q).restore(latest).expect_partial()
+        path, step = resumed
+        tf.train.Checkpoint(q=q).restore(path).expect_partial()
         average = evaluate_return()
         if average >= CARTPOLE_TARGET_RETURN:
-            step = int(tf.train.load_checkpoint(latest).get_tensor(_STEP_KEY))
-            say(f"The checkpoint in {outdir} already reaches it: not training further.")
+            say(
+                f"Resuming from {path} at global step {step}: its greedy policy already "
+                f"averages a return of {average:.1f}, at least {CARTPOLE_TARGET_RETURN:.0f}: "
+                "not training further."
+            )
             plot = plot_training(outdir, "eval/return", "average return (greedy, 20 episodes)")
             return DemoResult(
                 "average return", average, CARTPOLE_TARGET_RETURN, step, outdir, plot, None
             )
+        say(
+            f"Resuming from {path} at global step {step}: its greedy policy averages a return "
+            f"of {average:.1f}, short of {CARTPOLE_TARGET_RETURN:.0f}: training on to global step "
+            f"{steps}."
+        )
 
     result = trainop.train(
         train_op,
