@@ -43,7 +43,9 @@ class DemoResult:
       global_step: the global step at the end.
       outdir: the output directory.
       plot: the path of the plot.
-      stopped_by: the signal that stopped training early, or None.
+      stopped_by: why training ended, as `trainop.TrainResult.stopped_by` says ('max_steps',
+        'end_of_data', 'SIGINT', 'SIGTERM' or a hook's 'StopTraining: ...'); None if the
+        demo trained no further (CartPole resumed at its target).
     """
 
     metric: str
