@@ -2,11 +2,6 @@
 
 import sys
 
-from benchmarks import options
+from benchmarks import command
 
-# Parsed before the suite (and TensorFlow) is imported: --help and bad options answer at once.
-args = options.parse(sys.argv[1:])
-
-from benchmarks.suite import main  # noqa: E402
-
-main(args=args)
+sys.exit(command.main(sys.argv[1:]))

@@ -11,7 +11,73 @@ import math
 from collections.abc import Sequence
 
 MODEL_NAMES = ("tiny", "mlp", "conv")
+SECTION_NAMES = ("speed", "build", "steady")
 DESCRIPTION = "trainop's benchmark suite: speed, build time and steady state, in one process."
+EPILOG = (
+    "Each table is printed as soon as it is measured; a progress bar goes to stderr when it is "
+    "a terminal. Ctrl-C prints the tables measured so far, with the rows of the one under way, "
+    "and exits with status 130."
+)
+
+
+def build_parser(
+    prog: str = "python -m benchmarks",
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """The suite's argument parser, without the checks across options that `parse` adds."""
+    parser = parser_class(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument(
+        "--models",
+        metavar="NAMES",
+        default=",".join(MODEL_NAMES),
+        help="the speed section's models, comma-separated, of tiny, mlp, conv (default: all)",
+    )
+    parser.add_argument(
+        "--sections",
+        metavar="NAMES",
+        default=",".join(SECTION_NAMES),
+        help="the sections to run, comma-separated, of speed (a table per model), build (build "
+        "time), steady (steady state); always in that order (default: all)",
+    )
+    parser.add_argument(
+        "--blocks-scale",
+        metavar="F",
+        type=float,
+        default=1.0,
+        help="scales every model's number of timed blocks (default 1: about 5 minutes)",
+    )
+    parser.add_argument(
+        "--steady-steps",
+        metavar="N",
+        type=int,
+        default=10_000,
+        help="steps of the eager train op in the steady-state section (default %(default)s)",
+    )
+    parser.add_argument(
+        "--build-variables",
+        metavar="N",
+        type=int,
+        default=1000,
+        help="variables of the model whose train op's build is timed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        metavar="N",
+        type=int,
+        default=1,
+        help="TensorFlow's intra-op and inter-op thread counts (default %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: a few blocks, 200 steady-state steps, 50 variables",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def parse(
@@ -22,42 +88,39 @@ def parse(
     """Parses the suite's options; exits with status 2 on a bad one.
 
     Returns:
-      The options, with `models` as a list of names and `--quick` applied.
+      The options, with `models` and `sections` as lists of names and `--quick` applied.
     """
-    parser = parser_class(prog=prog, description=DESCRIPTION)
-    parser.add_argument(
-        "--models", default=",".join(MODEL_NAMES), help="comma-separated, of tiny, mlp, conv"
-    )
-    parser.add_argument(
-        "--blocks-scale",
-        type=float,
-        default=1.0,
-        help="scales every model's number of timed blocks (default 1: about 5 minutes)",
-    )
-    parser.add_argument("--steady-steps", type=int, default=10_000)
-    parser.add_argument("--build-variables", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a smoke run: a few blocks, 200 steady-state steps, 50 variables",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    parser = build_parser(prog, parser_class)
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODEL_NAMES]
-    if (
-        unknown
-        or not args.models
-        or not (0 < args.blocks_scale < math.inf)
-        or min(args.steady_steps, args.build_variables) < 10
-        or args.threads < 1
-    ):
-        parser.error(
-            f"--models must name some of {', '.join(MODEL_NAMES)}; --blocks-scale must be "
-            "positive and finite; --steady-steps and --build-variables at least 10; --threads "
-            "at least 1"
-        )
+    received_models, received_sections = args.models, args.sections
+    args.models, args.sections = _names(args.models), _names(args.sections)
+    checks = [
+        (
+            args.models and set(args.models) <= set(MODEL_NAMES),
+            f"--models must name some of {', '.join(MODEL_NAMES)}; received {received_models!r}",
+        ),
+        (
+            args.sections and set(args.sections) <= set(SECTION_NAMES),
+            f"--sections must name some of {', '.join(SECTION_NAMES)}; "
+            f"received {received_sections!r}",
+        ),
+        (
+            0 < args.blocks_scale < math.inf,
+            f"--blocks-scale must be positive and finite; received {args.blocks_scale}",
+        ),
+        (
+            args.steady_steps >= 10,
+            f"--steady-steps must be at least 10; received {args.steady_steps}",
+        ),
+        (
+            args.build_variables >= 10,
+            f"--build-variables must be at least 10; received {args.build_variables}",
+        ),
+        (args.threads >= 1, f"--threads must be at least 1; received {args.threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
     if args.quick:
         args.blocks_scale, args.steady_steps, args.build_variables = 0.02, 200, 50
     return args

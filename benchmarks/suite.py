@@ -14,6 +14,10 @@ process, with TensorFlow pinned to one thread, it reports:
 
 The models are plain functions of their variables, so that every variant, eager or
 `tf.compat.v1` graph, trains the very same computation from the same initial values.
+
+Each table is printed as soon as its section is done, with a progress bar on stderr when it is
+a terminal. Ctrl-C prints the rows measured so far of the section under way and exits with
+status 130 (`--sections` and `--models` choose what runs).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,13 +40,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import trainop  # noqa: E402
-from benchmarks import options, peers  # noqa: E402
+from benchmarks import options, peers, progress  # noqa: E402
 from benchmarks.bench_core import (  # noqa: E402
     machine_info,
     set_threads,
     summarize,
     write_json,
 )
+from benchmarks.command import EXIT_INTERRUPTED  # noqa: E402
 
 LEARNING_RATE = 1e-3
 CLIP_NORM = 1.0
@@ -281,50 +287,75 @@ def make_variants(model: Model, seed: int) -> tuple[list[Variant], list[str]]:
     return variants, notes
 
 
-# --- Timing ------------------------------------------------------------------------------------
+# --- Sections ----------------------------------------------------------------------------------
+#
+# Each section fills its record as it goes (speed: the rounds of blocks done, summarized when
+# the timing ends or is stopped; build time: one train op at a time; steady state: every 100
+# steps), so that a run stopped by Ctrl-C can still print the rows measured so far.
 
 
-def time_variants(
-    variants: list[Variant], blocks: int, steps_per_block: int, warmup_steps: int
-) -> dict[str, list[float]]:
-    """Per variant, the time per step of each block, blocks interleaved round-robin."""
+def _run_block(variant: Variant, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        variant.step()
+    variant.sync()
+    return time.perf_counter() - start
 
-    def run_block(variant: Variant, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            variant.step()
-        variant.sync()
-        return time.perf_counter() - start
 
+def speed_summaries(
+    variants: list[Variant], times: dict[str, list[float]], rounds: int
+) -> dict[str, Any]:
+    """Per variant, the summary of its first `rounds` block times and its ratios to the baseline.
+
+    Returns:
+      Variant name to summary (see `bench_core.summarize`) with `time_ratio`,
+      `paired_median_ratio` and `description`; empty if `rounds` is 0.
+    """
+    if rounds == 0:
+        return {}
+    baseline = times[BASELINE][:rounds]
+    baseline_median = statistics.median(baseline)
+    summaries = {}
     for variant in variants:
-        run_block(variant, warmup_steps)
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for round_index in range(blocks):
-        shift = round_index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            times[variant.name].append(run_block(variant, steps_per_block) / steps_per_block)
-    return times
-
-
-def speed(model: Model, blocks: int, steps_per_block: int, seed: int) -> dict[str, Any]:
-    variants, notes = make_variants(model, seed)
-    times = time_variants(variants, blocks, steps_per_block, warmup_steps=max(3, blocks // 10))
-    results = {}
-    for variant in variants:
-        summary = summarize(times[variant.name])
-        paired = statistics.median(c / b for c, b in zip(times[variant.name], times[BASELINE]))
-        summary["time_ratio"] = (
-            summary["median_s_per_step"] / summarize(times[BASELINE])["median_s_per_step"]
+        per_step = times[variant.name][:rounds]
+        summary = summarize(per_step)
+        summary["time_ratio"] = summary["median_s_per_step"] / baseline_median
+        summary["paired_median_ratio"] = statistics.median(
+            c / b for c, b in zip(per_step, baseline)
         )
-        summary["paired_median_ratio"] = paired
         summary["description"] = variant.description
-        results[variant.name] = summary
-    return {
-        "blocks": blocks,
-        "steps_per_block": steps_per_block,
-        "variants": results,
-        "notes": notes,
-    }
+        summaries[variant.name] = summary
+    return summaries
+
+
+def speed(
+    model: Model, blocks: int, steps_per_block: int, seed: int, record: dict[str, Any], bar: Any
+) -> None:
+    """Times every variant of `model` in interleaved blocks, the order rotating every round.
+
+    `record["rounds_done"]` counts the rounds of blocks as they finish; `record["variants"]`
+    gets the summaries of the rounds done when the timing ends, or is interrupted.
+    """
+    bar.set_postfix_str("building the variants")
+    variants, record["notes"] = make_variants(model, seed)
+    bar.reset(total=len(variants) + blocks)
+    for variant in variants:
+        bar.set_postfix_str(f"warm-up: {variant.name}")
+        _run_block(variant, max(3, blocks // 10))
+        bar.update()
+    bar.set_postfix_str("timed rounds")
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    try:
+        for round_index in range(blocks):
+            shift = round_index % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                times[variant.name].append(_run_block(variant, steps_per_block) / steps_per_block)
+            record["rounds_done"] = round_index + 1
+            bar.update()
+    finally:
+        # Summarized once, and not between the rounds: less garbage for the collector to
+        # collect during a timed block.
+        record["variants"] = speed_summaries(variants, times, record["rounds_done"])
 
 
 def _rss_mb() -> float:
@@ -335,8 +366,16 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def steady_state(steps: int, seed: int) -> dict[str, Any]:
-    """Memory and traces of the eager train op over `steps` steps of the tiny model."""
+STEADY_STATE_STEPS_PER_READING = 100
+
+
+def steady_state(steps: int, seed: int, record: dict[str, Any], bar: Any) -> None:
+    """Memory and traces of the eager train op over `steps` steps of the tiny model.
+
+    Every `STEADY_STATE_STEPS_PER_READING` steps, `record` gets the steps done, the global step,
+    the RSS and the trace count at that point (the `_at_end` keys); after the first
+    `record["warmup_steps"]` steps, also the RSS and trace count then (`_after_warmup`).
+    """
     model = MODELS["tiny"]
     params = [tf.Variable(v) for v in model.initial_values(seed)]
     x, y = (tf.constant(t) for t in model.batch(seed))
@@ -346,27 +385,36 @@ def steady_state(steps: int, seed: int) -> dict[str, Any]:
         keras.optimizers.Adam(LEARNING_RATE),
         variables_to_train=params,
     )
-    warmup = max(1, steps // 10)
-    for _ in range(warmup):
-        train_op(x, y)
-    params[0].numpy()
-    rss_start, traces_start = _rss_mb(), train_op.experimental_get_tracing_count()
-    for _ in range(steps - warmup):
-        train_op(x, y)
-    params[0].numpy()
-    return {
-        "steps": steps,
-        "rss_mb_after_warmup": rss_start,
-        "rss_mb_at_end": _rss_mb(),
-        "rss_growth_mb": _rss_mb() - rss_start,
-        "traces_after_warmup": traces_start,
-        "traces_at_end": train_op.experimental_get_tracing_count(),
-        "global_step": int(tf.compat.v1.train.get_global_step()),
-    }
+    global_step = tf.compat.v1.train.get_global_step()
+    bar.reset(total=steps)
+
+    def train_until(step: int) -> None:
+        while record["steps_done"] < step:
+            n = min(STEADY_STATE_STEPS_PER_READING, step - record["steps_done"])
+            for _ in range(n):
+                train_op(x, y)
+            record.update(
+                steps_done=record["steps_done"] + n,
+                global_step=int(global_step),  # reading it waits for the steps
+                rss_mb_at_end=_rss_mb(),
+                traces_at_end=train_op.experimental_get_tracing_count(),
+            )
+            bar.update(n)
+
+    bar.set_postfix_str("warm-up")
+    train_until(record["warmup_steps"])
+    record["rss_mb_after_warmup"] = record["rss_mb_at_end"]
+    record["traces_after_warmup"] = record["traces_at_end"]
+    bar.set_postfix_str("")
+    train_until(steps)
+    record["rss_growth_mb"] = record["rss_mb_at_end"] - record["rss_mb_after_warmup"]
 
 
-def build_time(num_variables: int) -> dict[str, float]:
-    """Seconds to build (and in eager mode trace and run once) a train op of many variables."""
+def build_time(num_variables: int, record: dict[str, Any], bar: Any) -> None:
+    """Seconds to build (and in eager mode trace and run once) a train op of many variables.
+
+    `record` gets one entry per train op, its name to its seconds, as each is built.
+    """
     shapes = [(16,)] * num_variables
 
     def loss_of(params):
@@ -377,12 +425,13 @@ def build_time(num_variables: int) -> dict[str, float]:
         fn()
         return time.perf_counter() - start
 
-    results = {}
+    def eager(make: Callable[[list], Callable[[], Any]]) -> Callable[[], float]:
+        def build() -> float:
+            params = [tf.Variable(tf.ones(s)) for s in shapes]
+            tf.compat.v1.get_default_graph().clear_collection(tf.compat.v1.GraphKeys.GLOBAL_STEP)
+            return timed(lambda: make(params)())
 
-    def eager(make: Callable[[list], Callable[[], Any]]) -> float:
-        params = [tf.Variable(tf.ones(s)) for s in shapes]
-        tf.compat.v1.get_default_graph().clear_collection(tf.compat.v1.GraphKeys.GLOBAL_STEP)
-        return timed(lambda: make(params)())
+        return build
 
     def hand_written(params):
         optimizer = tf.compat.v1.train.AdamOptimizer(LEARNING_RATE)
@@ -396,12 +445,23 @@ def build_time(num_variables: int) -> dict[str, float]:
 
         return step
 
-    results["baseline (tf.function, first call)"] = eager(hand_written)
-    results["trainop eager (build + first call)"] = eager(
-        lambda params: trainop.create_train_op(
-            lambda: loss_of(params), tf.compat.v1.train.AdamOptimizer(LEARNING_RATE)
-        )
-    )
+    def graph(create: Callable) -> Callable[[], float]:
+        def build() -> float:
+            with tf.Graph().as_default():
+                params = [tf.compat.v1.get_variable(f"v{i}", s) for i, s in enumerate(shapes)]
+                loss = loss_of(params)
+                return timed(lambda: create(loss, tf.compat.v1.train.AdamOptimizer(LEARNING_RATE)))
+
+        return build
+
+    builds = {
+        "baseline (tf.function, first call)": eager(hand_written),
+        "trainop eager (build + first call)": eager(
+            lambda params: trainop.create_train_op(
+                lambda: loss_of(params), tf.compat.v1.train.AdamOptimizer(LEARNING_RATE)
+            )
+        ),
+    }
     if peers.find_wheel("tf_agents"):
         eager_utils = peers.import_tf_agents_utils("eager_utils")
 
@@ -417,108 +477,220 @@ def build_time(num_variables: int) -> dict[str, float]:
                 )
             )
 
-        results["tf_agents create_train_step (tf.function, first call)"] = eager(tf_agents)
-
-    def graph(create: Callable) -> float:
-        with tf.Graph().as_default():
-            params = [tf.compat.v1.get_variable(f"v{i}", s) for i, s in enumerate(shapes)]
-            loss = loss_of(params)
-            return timed(lambda: create(loss, tf.compat.v1.train.AdamOptimizer(LEARNING_RATE)))
-
-    results["trainop graph (build)"] = graph(trainop.create_train_op)
+        builds["tf_agents create_train_step (tf.function, first call)"] = eager(tf_agents)
+    builds["trainop graph (build)"] = graph(trainop.create_train_op)
     if peers.find_wheel("tf_slim"):
-        results["tf_slim graph (build)"] = graph(
+        builds["tf_slim graph (build)"] = graph(
             peers.import_tf_slim("training.training").create_train_op
         )
-    return results
+    bar.reset(total=len(builds))
+    for name, build in builds.items():
+        bar.set_postfix_str(name)
+        record[name] = build()
+        bar.update()
 
 
 # --- Report ------------------------------------------------------------------------------------
 
 
-def format_report(results: dict[str, Any]) -> str:
-    lines = []
-    for model_name, model_results in results["speed"].items():
-        model = MODELS[model_name]
-        lines += [
-            f"### {model_name}: batch {model.batch_size}, "
-            f"{model_results['blocks']} blocks x {model_results['steps_per_block']} steps",
-            "",
-            "| variant | ms/step | steps/s | IQR % | time ratio | paired ratio | what |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for name, r in model_results["variants"].items():
-            lines.append(
-                f"| {name} | {1e3 * r['median_s_per_step']:.3f} | {r['steps_per_s']:.0f} "
-                f"| {r['iqr_pct_of_median']:.0f} | {r['time_ratio']:.3f} "
-                f"| {r['paired_median_ratio']:.3f} | {r['description']} |"
+def speed_table(model: Model, record: dict[str, Any], interrupted: bool) -> str:
+    """The speed section's `record` for `model` as markdown: one row per variant."""
+    heading = (
+        f"### {model.name}: batch {model.batch_size}, "
+        f"{record['blocks']} blocks x {record['steps_per_block']} steps"
+    )
+    if interrupted:
+        heading += f" (interrupted: {record['rounds_done']} of them measured)"
+    lines = [
+        heading,
+        "",
+        "| variant | ms/step | steps/s | IQR % | time ratio | paired ratio | what |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in record["variants"].items():
+        lines.append(
+            f"| {name} | {1e3 * r['median_s_per_step']:.3f} | {r['steps_per_s']:.0f} "
+            f"| {r['iqr_pct_of_median']:.0f} | {r['time_ratio']:.3f} "
+            f"| {r['paired_median_ratio']:.3f} | {r['description']} |"
+        )
+    return "\n".join(lines + [f"- {note}" for note in record["notes"]])
+
+
+def build_time_table(num_variables: int, record: dict[str, Any], interrupted: bool) -> str:
+    """The build-time section's `record` as markdown: one row per train op built."""
+    heading = f"### Build time, {num_variables} variables"
+    if interrupted:
+        heading += " (interrupted: the train ops built so far)"
+    lines = [heading, "", "| train op | seconds |", "|---|---:|"]
+    return "\n".join(lines + [f"| {name} | {seconds:.2f} |" for name, seconds in record.items()])
+
+
+def steady_state_table(record: dict[str, Any], interrupted: bool) -> str:
+    """The steady-state section's `record` as a heading and one sentence."""
+    heading = f"### Steady state, {record['steps']} steps of the eager train op (tiny model)"
+    done = record["steps_done"]
+    if interrupted:
+        heading += f" (interrupted after {done} steps)"
+    if "traces_after_warmup" not in record:
+        return f"{heading}\n\nInterrupted during the warm-up of {record['warmup_steps']} steps."
+    now = f"after {done} steps" if interrupted else "at the end"
+    growth = record["rss_mb_at_end"] - record["rss_mb_after_warmup"]
+    return (
+        f"{heading}\n\n"
+        f"RSS {record['rss_mb_after_warmup']:.1f} MB after warm-up, "
+        f"{record['rss_mb_at_end']:.1f} MB {now} (growth {growth:+.1f} MB); "
+        f"traces {record['traces_after_warmup']} after warm-up, {record['traces_at_end']} {now}; "
+        f"global step {record['global_step']}."
+    )
+
+
+# --- The suite ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One table of the report.
+
+    Attributes:
+      title: what the progress bar and an interruption call it.
+      key: where `record` goes in the results: `("speed", "tiny")`, `("build_time",)`...
+      record: the section's results, filled in place by `measure(record, bar)` as it goes;
+        what is known beforehand (the number of blocks, of steps) is there from the start.
+      measure: measures, updating the progress bar `bar` (see `benchmarks.progress.bar`).
+      table: `table(record, interrupted)`, the record as markdown, however far it got.
+    """
+
+    title: str
+    key: tuple[str, ...]
+    record: dict[str, Any]
+    measure: Callable[[dict[str, Any], Any], None]
+    table: Callable[[dict[str, Any], bool], str]
+
+
+def plan(args: argparse.Namespace, seed: int = 0) -> list[Section]:
+    """The sections that the options `args` (see `benchmarks.options`) ask for, in order."""
+    sections = []
+    if "speed" in args.sections:
+        for name in args.models:
+            model = MODELS[name]
+            blocks = max(2, round(model.blocks * args.blocks_scale))
+            steps = max(2, round(model.steps_per_block * min(1.0, args.blocks_scale * 10)))
+            sections.append(
+                Section(
+                    f"speed, {name}",
+                    ("speed", name),
+                    {
+                        "blocks": blocks,
+                        "steps_per_block": steps,
+                        "rounds_done": 0,
+                        "variants": {},
+                        "notes": [],
+                    },
+                    functools.partial(speed, model, blocks, steps, seed),
+                    functools.partial(speed_table, model),
+                )
             )
-        lines += [f"- {note}" for note in model_results["notes"]] + [""]
-    build = results["build_time"]
-    lines += [
-        f"### Build time, {results['config']['build_variables']} variables",
-        "",
-        "| train op | seconds |",
-        "|---|---:|",
-    ]
-    lines += [f"| {name} | {seconds:.2f} |" for name, seconds in build.items()] + [""]
-    steady = results["steady_state"]
-    lines += [
-        f"### Steady state, {steady['steps']} steps of the eager train op (tiny model)",
-        "",
-        f"RSS {steady['rss_mb_after_warmup']:.1f} MB after warm-up, "
-        f"{steady['rss_mb_at_end']:.1f} MB at the end "
-        f"(growth {steady['rss_growth_mb']:+.1f} MB); traces {steady['traces_after_warmup']} "
-        f"after warm-up, {steady['traces_at_end']} at the end; "
-        f"global step {steady['global_step']}.",
-    ]
-    return "\n".join(lines)
+    if "build" in args.sections:
+        sections.append(
+            Section(
+                "build time",
+                ("build_time",),
+                {},
+                functools.partial(build_time, args.build_variables),
+                functools.partial(build_time_table, args.build_variables),
+            )
+        )
+    if "steady" in args.sections:
+        steps = args.steady_steps
+        sections.append(
+            Section(
+                "steady state",
+                ("steady_state",),
+                {"steps": steps, "warmup_steps": max(1, steps // 10), "steps_done": 0},
+                functools.partial(steady_state, steps, seed),
+                steady_state_table,
+            )
+        )
+    return sections
 
 
-def run(
-    models: Sequence[str],
-    blocks_scale: float,
-    steady_steps: int,
-    build_variables: int,
-    threads: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Runs the whole suite and returns its results (see the module docstring)."""
-    set_threads(threads)
-    keras.utils.set_random_seed(seed)
-    speeds = {}
-    for name in models:
-        model = MODELS[name]
-        blocks = max(2, round(model.blocks * blocks_scale))
-        steps = max(2, round(model.steps_per_block * min(1.0, blocks_scale * 10)))
-        speeds[name] = speed(model, blocks, steps, seed)
-    return {
-        "config": {
-            "models": list(models),
-            "blocks_scale": blocks_scale,
-            "threads": threads,
-            "build_variables": build_variables,
-            "learning_rate": LEARNING_RATE,
-        },
-        "speed": speeds,
-        "build_time": build_time(build_variables),
-        "steady_state": steady_state(steady_steps, seed),
-    }
+def _store(results: dict[str, Any], section: Section) -> None:
+    *path, last = section.key
+    place = results
+    for key in path:
+        place = place.setdefault(key, {})
+    place[last] = section.record
 
 
-def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> None:
-    """Runs the suite and prints its report: on the command line `argv`, or parsed `args`."""
+def run_sections(sections: Sequence[Section], results: dict[str, Any]) -> Section | None:
+    """Measures each section in turn, printing its table as soon as it is done.
+
+    Each section's record goes into `results` (at its `key`) when the section starts. Ctrl-C
+    stops the run: the section under way prints the rows it has, marked as interrupted.
+
+    Returns:
+      The section that Ctrl-C interrupted, or None if all of them ran.
+    """
+    pending = list(sections)
+    try:
+        while pending:
+            section = pending[0]
+            _store(results, section)
+            index = len(sections) - len(pending) + 1
+            with progress.bar(f"[{index}/{len(sections)}] {section.title}") as bar:
+                section.measure(section.record, bar)
+            # Done before printing: from here on, Ctrl-C interrupts the next section.
+            pending.pop(0)
+            print(section.table(section.record, False) + "\n", flush=True)
+    except KeyboardInterrupt:
+        if not pending:  # after the last table: everything was measured and printed
+            return None
+        section = pending[0]
+        _store(results, section)
+        print(section.table(section.record, True) + "\n", flush=True)
+        return section
+    return None
+
+
+def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """Runs the suite and prints its report: on the command line `argv`, or parsed `args`.
+
+    Each table is printed when its section is done. Ctrl-C (SIGINT) stops the run: the tables
+    so far, the rows of the section under way, a line saying so, and `--json` still written.
+
+    Returns:
+      The exit status: 0, or 130 when interrupted.
+    """
     if args is None:
         args = options.parse(argv)
-    results = run(
-        args.models, args.blocks_scale, args.steady_steps, args.build_variables, args.threads
-    )
+    seed = 0
+    set_threads(args.threads)
+    keras.utils.set_random_seed(seed)
     info = machine_info()
     print(
         f"trainop benchmarks: {info['cpu_model'] or info['processor']}, {info['cpu_count']} "
         f"CPUs, TensorFlow {info['tensorflow']} pinned to {args.threads} thread(s), "
-        f"Keras {info['keras']}\n"
+        f"Keras {info['keras']}\n",
+        flush=True,
     )
-    print(format_report(results))
+    results: dict[str, Any] = {
+        "config": {
+            "models": args.models,
+            "sections": args.sections,
+            "blocks_scale": args.blocks_scale,
+            "threads": args.threads,
+            "build_variables": args.build_variables,
+            "learning_rate": LEARNING_RATE,
+        },
+    }
+    interrupted = run_sections(plan(args, seed), results)
+    if interrupted:
+        results["interrupted_during"] = interrupted.title
+        print(
+            f"Interrupted (Ctrl-C) during {interrupted.title}: the tables above are what was "
+            "measured.",
+            flush=True,
+        )
     if args.json:
         write_json(args.json, results, info)
+    return EXIT_INTERRUPTED if interrupted else 0
