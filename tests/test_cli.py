@@ -305,3 +305,43 @@ def test_cartpole_demo_reaches_its_stated_return_and_does_not_train_past_it(tmp_
     assert again.returncode == 0
     assert "at least 195: not training further." in again.stdout
     assert line in again.stdout
+
+
+def test_bench_interrupted_prints_what_it_measured_and_exits_130():
+    """`trainop bench` passes the suite's Ctrl-C status through: the build table, measured
+    before the signal, is printed, and the steady-state run under way is marked interrupted."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from trainop_cli import console_main; console_main()",
+            "bench",
+            "--sections",
+            "build,steady",
+            "--build-variables",
+            "10",
+            "--steady-steps",
+            "100000000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            # The build table ends with a blank line after its rows: steady state is running.
+            if not line.strip() and lines[-2].startswith("|"):
+                break
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    stdout = "".join(lines) + rest
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "### Build time, 10 variables" in stdout
+    assert "Interrupted (Ctrl-C) during" in stdout
