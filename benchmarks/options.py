@@ -15,8 +15,9 @@ SECTION_NAMES = ("speed", "build", "steady")
 DESCRIPTION = "trainop's benchmark suite: speed, build time and steady state, in one process."
 EPILOG = (
     "Each table is printed as soon as it is measured; a progress bar goes to stderr when it is "
-    "a terminal. Ctrl-C prints the tables measured so far, with the rows of the one under way, "
-    "and exits with status 130."
+    "a terminal. Ctrl-C prints the tables measured so far, with the rows of the one under way. "
+    "Exit status: 0 done; 2 nothing ran: a bad option, or TensorFlow is not installed (the "
+    "message names the pip install to run); 130 stopped by Ctrl-C."
 )
 
 

@@ -51,7 +51,8 @@ def test_help_says_what_each_command_does():
     # A description is shown as written: its percent sign is not doubled.
     assert "95% test accuracy" in demo.stdout.replace("\n", " ") and "%%" not in demo.stdout
     assert "--models" in bench.stdout and "--quick" in bench.stdout
-    for help_text in (top.stdout, demo.stdout):
+    for help_text in (top.stdout, demo.stdout, bench.stdout):
+        help_text = " ".join(help_text.split())
         assert "Exit status: 0 done" in help_text and "2 nothing ran" in help_text
 
 

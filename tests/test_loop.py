@@ -531,12 +531,17 @@ def test_the_end_of_the_data_is_a_reason_to_stop_and_is_logged(caplog, max_steps
     assert "global step 8" in lines[0].getMessage()
 
 
-def test_reaching_max_steps_is_the_reason_even_when_resumed_there(tmp_path):
+def test_reaching_max_steps_is_the_reason_even_when_resumed_there(tmp_path, caplog):
     train_op, step, _, w = _counting_step()
     kwargs = dict(logdir=str(tmp_path), checkpoint={"w": w}, global_step=step, progress=False)
     first = trainop.train(train_op, [1.0] * 20, max_steps=5, **kwargs)
-    again = trainop.train(train_op, [1.0] * 20, max_steps=5, **kwargs)
+    with caplog.at_level("WARNING", logger="trainop"):
+        again = trainop.train(train_op, [1.0] * 20, max_steps=5, **kwargs)
     assert (first.stopped_by, again.stopped_by, again.steps_run) == ("max_steps", "max_steps", 0)
+    # A run that resumes with nothing left to do says so (a silent return looks like a hang
+    # that ended, or a run that did not resume).
+    [record] = [r for r in caplog.records if r.name == "trainop" and "Resumed" in r.getMessage()]
+    assert record.getMessage().startswith(f"Resumed from {tmp_path / 'ckpt-5'} at global step 5")
 
 
 def test_a_graph_input_running_out_ends_the_loop():

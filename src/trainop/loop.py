@@ -755,6 +755,13 @@ def _run(
         logger.info("The data ran out at global step %d: training stopped there.", step)
     elif stopped_by is None:
         stopped_by = MAX_STEPS
+        if resumed_from is not None and steps_run == 0:
+            logger.warning(
+                "Resumed from %s at global step %d, which is max_steps: nothing to train. "
+                "Raise max_steps to train on, or use a new logdir to start over.",
+                resumed_from,
+                step,
+            )
     return TrainResult(
         global_step=step,
         loss=_as_float(_first_loss(loss)),
