@@ -11,7 +11,10 @@ directory and `tempfile`'s directory are the test's own, so that what a block wr
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,11 +56,9 @@ def _test_id(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-@pytest.mark.parametrize("section", _SECTIONS, ids=[_test_id(title) for title in _SECTIONS])
-def test_readme_section_runs(section, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    document = _SYBIL.parse(README)  # a new namespace
+def run_section(section: str) -> dict:
+    """Runs the README section titled `section` in a new namespace; returns the namespace."""
+    document = _SYBIL.parse(README)
     document.namespace.update(keras=keras, tf=tf, trainop=trainop)
     try:
         for example in _examples_by_section(document)[section]:
@@ -65,3 +66,46 @@ def test_readme_section_runs(section, tmp_path, monkeypatch):
     finally:
         # The README restores it after its mixed-precision example; this is for one that fails.
         keras.mixed_precision.set_global_policy("float32")
+    return document.namespace
+
+
+@pytest.mark.parametrize("section", _SECTIONS, ids=[_test_id(title) for title in _SECTIONS])
+def test_readme_section_runs(section, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run_section(section)
+
+
+# The strategy section again, where `MirroredStrategy()` has two replicas: two logical CPUs
+# stand in for "every GPU of the machine" (they must be made before TensorFlow starts, hence
+# a process of its own). Its hidden check then compares two replicas with one device.
+_TWO_REPLICAS = """
+import sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+mirrored = tf.distribute.MirroredStrategy
+tf.distribute.MirroredStrategy = lambda devices=None, **kwargs: mirrored(
+    devices or ["/cpu:0", "/cpu:1"], **kwargs
+)
+sys.path.insert(0, sys.argv[1])
+import test_readme
+
+namespace = test_readme.run_section(sys.argv[2])
+print("replicas", namespace["strategy"].num_replicas_in_sync)
+"""
+
+
+def test_readme_strategy_section_on_two_replicas_equals_one_device(tmp_path):
+    [section] = [title for title in _SECTIONS if "tf.distribute" in title]
+    result = subprocess.run(
+        [sys.executable, "-c", _TWO_REPLICAS, str(Path(__file__).parent), section],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["replicas", "2"]
