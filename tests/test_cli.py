@@ -41,6 +41,18 @@ def _trainop(*args, timeout=300, module=False, missing=()):
     )
 
 
+def _start_trainop(*args):
+    """Starts the `trainop` console script's code with `args`, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from trainop_cli import console_main; console_main()", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
 def test_help_says_what_each_command_does():
     top = _trainop("--help")
     demo = _trainop("demo", "--help")
@@ -239,19 +251,7 @@ def test_the_plot_shows_accuracy_in_percent_and_marks_a_short_series():
 
 def test_ctrl_c_stops_the_demo_and_it_says_so_once(tmp_path):
     outdir = tmp_path / "digits"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from trainop_cli import console_main; console_main()",
-            *["demo", "--steps", "1000000", "--outdir", str(outdir), "--no-progress"],
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    process = _start_trainop("demo", "--steps", "1000000", "--outdir", str(outdir), "--no-progress")
     try:
         deadline = time.monotonic() + 120
         # The loop writes its event file just before it installs its signal handlers.
@@ -311,24 +311,14 @@ def test_cartpole_demo_reaches_its_stated_return_and_does_not_train_past_it(tmp_
 def test_bench_interrupted_prints_what_it_measured_and_exits_130():
     """`trainop bench` passes the suite's Ctrl-C status through: the build table, measured
     before the signal, is printed, and the steady-state run under way is marked interrupted."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from trainop_cli import console_main; console_main()",
-            "bench",
-            "--sections",
-            "build,steady",
-            "--build-variables",
-            "10",
-            "--steady-steps",
-            "100000000",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    process = _start_trainop(
+        "bench",
+        "--sections",
+        "build,steady",
+        "--build-variables",
+        "10",
+        "--steady-steps",
+        "100000000",
     )
     try:
         lines = []
