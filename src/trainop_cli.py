@@ -205,10 +205,10 @@ def _prepare(argv: Sequence[str]) -> Callable[[], int]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trainop import demo
+    from trainop import _demo
 
     outdir = os.path.abspath(args.outdir or f"trainop-demo-{args.task}")
-    run = demo.digits if args.task == "digits" else demo.cartpole
+    run = _demo.digits if args.task == "digits" else _demo.cartpole
     result = run(
         outdir,
         steps=args.steps or DEMO_STEPS[args.task],

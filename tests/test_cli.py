@@ -13,7 +13,7 @@ import time
 import pytest
 
 import trainop_cli
-from trainop import demo
+from trainop import _demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WITHOUT_MODULES = ROOT / "tests" / "programs" / "without_modules.py"
@@ -205,15 +205,15 @@ def test_the_demo_needs_tqdm_only_for_its_progress_bar(monkeypatch, tmp_path):
 def test_a_rerun_of_the_digits_demo_says_that_it_resumed(tmp_path):
     outdir = str(tmp_path / "digits")
     first, again, further = [], [], []
-    demo.digits(outdir, steps=20, progress=False, say=first.append)
-    result = demo.digits(outdir, steps=20, progress=False, say=again.append)
+    _demo.digits(outdir, steps=20, progress=False, say=first.append)
+    result = _demo.digits(outdir, steps=20, progress=False, say=again.append)
     assert not any("Resuming" in line for line in first)
     checkpoint = os.path.join(outdir, "ckpt-20")
     assert again[1:] == [
         f"Resuming from {checkpoint} at global step 20: already trained; evaluating."
     ]
     assert result.global_step == 20
-    result = demo.digits(outdir, steps=30, progress=False, say=further.append)
+    result = _demo.digits(outdir, steps=30, progress=False, say=further.append)
     assert further[1:] == [
         f"Resuming from {checkpoint} at global step 20: training on to global step 30."
     ]
@@ -224,13 +224,13 @@ def test_the_plot_shows_accuracy_in_percent_and_marks_a_short_series():
     from matplotlib import pyplot as plt
 
     loss = [(step, 1.0 / step) for step in range(10, 1510, 10)]
-    digits = demo.training_figure(
+    digits = _demo.training_figure(
         {"train/loss": loss, "eval/accuracy": [(100, 0.9), (200, 0.955)]},
         "eval/accuracy",
         "test accuracy",
         percent=True,
     )
-    cartpole = demo.training_figure(
+    cartpole = _demo.training_figure(
         {"eval/return": [(1000, 150.0), (2000, 200.0)]}, "eval/return", "average return"
     )
     try:

@@ -225,9 +225,9 @@ def test_v1_overridden_compute_gradients_with_a_transform(runner):
 
 
 def test_v1_plain_optimizer_is_not_routed_through_compute_gradients():
-    adapter = trainop.optimizers.OptimizerAdapter(tf.compat.v1.train.AdamOptimizer(0.1))
+    adapter = trainop._optimizers.OptimizerAdapter(tf.compat.v1.train.AdamOptimizer(0.1))
     assert not adapter.computes_gradients
-    assert trainop.optimizers.OptimizerAdapter(DoublingSGD(0.1)).computes_gradients
+    assert trainop._optimizers.OptimizerAdapter(DoublingSGD(0.1)).computes_gradients
 
 
 def test_v1_compute_gradients_for_other_variables_is_refused():
@@ -272,7 +272,7 @@ def test_v1_mixed_precision_loss_scale_optimizer_trains_as_its_minimize(runner, 
     and unscales there: the step equals plain SGD, w - 0.1 * 2w (its own `minimize` too)."""
     inner = tf.compat.v1.train.GradientDescentOptimizer(0.1)
     optimizer = tf.compat.v1.mixed_precision.MixedPrecisionLossScaleOptimizer(inner, loss_scale)
-    assert trainop.optimizers.OptimizerAdapter(optimizer).computes_gradients
+    assert trainop._optimizers.OptimizerAdapter(optimizer).computes_gradients
     w = runner.variable(W0, "w")
     step = runner.train_op(square(w), optimizer)
     step()

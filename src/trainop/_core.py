@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _gradients, accumulation, numerics, optimizers, summaries
+from trainop import _accumulation, _gradients, _optimizers, numerics, summaries
 
 logger = logging.getLogger("trainop")
 
@@ -45,7 +45,7 @@ def compute_gradients(
     variables: Sequence[Any],
     gate_gradients: int,
     aggregation_method: int | None,
-    adapter: optimizers.OptimizerAdapter | None = None,
+    adapter: _optimizers.OptimizerAdapter | None = None,
 ) -> list[tuple[Any, Any]]:
     """Returns (gradient, variable) pairs, as `tf.compat.v1.train.Optimizer` computes them.
 
@@ -58,7 +58,7 @@ def compute_gradients(
         )
     grads = tf.gradients(
         total_loss,
-        [optimizers.as_tf_variable(v) for v in variables],
+        [_optimizers.as_tf_variable(v) for v in variables],
         gate_gradients=(gate_gradients == GATE_OP),
         aggregation_method=aggregation_method,
     )
@@ -84,14 +84,14 @@ def check_transformed(
             "`transform_grads_fn` must return a list of (gradient, variable) pairs. "
             f"Received: {type(transformed).__name__} {transformed!r:.200}"
         )
-    expected = sorted(optimizers.variable_key(v) for _, v in grads_and_vars)
-    received = sorted(optimizers.variable_key(v) for _, v in transformed)
+    expected = sorted(_optimizers.variable_key(v) for _, v in grads_and_vars)
+    received = sorted(_optimizers.variable_key(v) for _, v in transformed)
     if expected != received:
-        names = [optimizers.variable_name(v) for _, v in transformed]
+        names = [_optimizers.variable_name(v) for _, v in transformed]
         raise ValueError(
             "`transform_grads_fn` must return a pair for each variable it was given, and no "
             "other. Expected variables: "
-            f"{[optimizers.variable_name(v) for _, v in grads_and_vars]}. Received: {names}"
+            f"{[_optimizers.variable_name(v) for _, v in grads_and_vars]}. Received: {names}"
         )
     for grad, var in transformed:
         if grad is None:
@@ -103,13 +103,13 @@ def check_transformed(
         if not shape.is_compatible_with(var.shape) or grad.dtype != var.dtype:
             raise ValueError(
                 "`transform_grads_fn` returned a gradient that does not fit its variable "
-                f"{optimizers.variable_name(var)} ({var.dtype.name} {var.shape}): "
+                f"{_optimizers.variable_name(var)} ({var.dtype.name} {var.shape}): "
                 f"{grad.dtype.name} {shape}"
             )
     return [tuple(pair) for pair in transformed]
 
 
-def _summary_step(global_step: Any, adapter: optimizers.OptimizerAdapter) -> Any:
+def _summary_step(global_step: Any, adapter: _optimizers.OptimizerAdapter) -> Any:
     """The step summaries are written at: the global step, else the optimizer's counter, else
     `tf.summary.experimental.get_step()`; None if there is none."""
     if global_step is not None:
@@ -123,7 +123,7 @@ def report_missing_gradients(
     grads_and_vars: list[tuple[Any, Any]], reported: set[str], policy: str
 ) -> None:
     """Logs, once per train op, or raises for, the variables the loss gives no gradient."""
-    missing = [optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
+    missing = [_optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
     if missing and policy == "raise":
         raise ValueError(
             "`total_loss` gives no gradient to these `variables_to_train` "
@@ -157,7 +157,7 @@ def _present_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any,
 
 def step_gradients(
     total_loss: tf.Tensor,
-    adapter: optimizers.OptimizerAdapter,
+    adapter: _optimizers.OptimizerAdapter,
     variables: Sequence[Any],
     gate_gradients: int,
     aggregation_method: int | None,
@@ -197,7 +197,7 @@ def step_gradients(
 @tf.autograph.experimental.do_not_convert
 def build_step(
     total_loss: tf.Tensor,
-    adapter: optimizers.OptimizerAdapter,
+    adapter: _optimizers.OptimizerAdapter,
     variables: Sequence[Any],
     *,
     global_step: tf.Variable | None,
@@ -210,7 +210,7 @@ def build_step(
     reported_missing: set[str] | None = None,
     missing_gradients: str = "log",
     summarize_every_n_steps: int | None = None,
-    accumulator: accumulation.GradientAccumulator | None = None,
+    accumulator: _accumulation.GradientAccumulator | None = None,
     grads_and_vars: list[tuple[Any, Any]] | None = None,
     all_replicas_finite: tf.Tensor | None = None,
     apply_gradients: Callable[[list[tuple[Any, Any]], bool], list[Any]] | None = None,

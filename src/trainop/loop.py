@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import optimizers
+from trainop import _optimizers
 from trainop._checks import check_count
 from trainop.train_op import USE_GLOBAL_STEP, integer_variable, is_use_global_step
 
@@ -314,7 +314,7 @@ class _Checkpoints:
                 slots = node.variables
                 candidates += list(slots() if callable(slots) else slots)
             for candidate in candidates:
-                variable = optimizers.as_tf_variable(candidate)
+                variable = _optimizers.as_tf_variable(candidate)
                 if isinstance(variable, tf.Variable) and variable.dtype.is_floating:
                     found.setdefault(id(variable), variable)
         return list(found.values())
@@ -331,7 +331,7 @@ class _Checkpoints:
             finite = self._session.run(self._finite_ops[key])
         else:
             finite = [bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables]
-        return [optimizers.variable_name(v) for v, ok in zip(variables, finite) if not ok]
+        return [_optimizers.variable_name(v) for v, ok in zip(variables, finite) if not ok]
 
     def save(self, step: int) -> str:
         """Writes a checkpoint numbered `step`.
@@ -405,7 +405,7 @@ class _Checkpoints:
 
 def _is_optimizer(value: Any) -> bool:
     try:
-        optimizers.optimizer_family(value)
+        _optimizers.optimizer_family(value)
     except TypeError:
         return False
     return True

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _core, _gradients, _replica_loss, accumulation, numerics, optimizers, summaries
+from trainop import (
+    _accumulation,
+    _core,
+    _gradients,
+    _optimizers,
+    _replica_loss,
+    numerics,
+    summaries,
+)
 from trainop._checks import check_count
 
 logger = logging.getLogger("trainop")
@@ -131,7 +139,7 @@ def is_use_global_step(value: Any) -> bool:
 
 def integer_variable(global_step: Any, expected: str) -> tf.Variable:
     """`global_step` as an integer `tf.Variable`; a TypeError saying what was `expected` else."""
-    variable = optimizers.as_tf_variable(global_step)
+    variable = _optimizers.as_tf_variable(global_step)
     if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
         raise TypeError(
             f"`global_step` must be {expected}. Received: global_step={global_step!r:.200}"
@@ -145,14 +153,14 @@ def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
     A variable listed twice (`actor.trainable_variables + critic.trainable_variables` with a
     shared encoder) is trained once.
     """
-    if optimizers.is_variable(variables):
+    if _optimizers.is_variable(variables):
         variables = [variables]
     variables = tf.nest.flatten(variables)
     if not variables:
         raise ValueError("`variables_to_train` is empty: there is nothing to train.")
     graph_trainable = {id(v) for v in tf.compat.v1.trainable_variables()} if in_graph else set()
     for v in variables:
-        if not optimizers.is_variable(v):
+        if not _optimizers.is_variable(v):
             raise TypeError(
                 "`variables_to_train` must hold variables. "
                 f"Received an element of type {type(v).__name__}: {v!r:.200}"
@@ -160,13 +168,13 @@ def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
         if not (v.trainable or id(v) in graph_trainable):
             raise ValueError(
                 "`variables_to_train` holds a variable that is not trainable: "
-                f"{optimizers.variable_name(v)}. Create it with trainable=True or leave it out."
+                f"{_optimizers.variable_name(v)}. Create it with trainable=True or leave it out."
             )
     seen: set[int] = set()
     unique = []
     for v in variables:
-        if optimizers.variable_key(v) not in seen:
-            seen.add(optimizers.variable_key(v))
+        if _optimizers.variable_key(v) not in seen:
+            seen.add(_optimizers.variable_key(v))
             unique.append(v)
     return unique
 
@@ -237,7 +245,7 @@ def _keras_owners(tf_variables: list[Any]) -> list[Any]:
     very `tf.Variable`. Found wrappers are remembered (weakly, checked again on each use), so
     a step that reads the same variables again scans nothing.
     """
-    keras_variable = optimizers._keras3_variable_type()
+    keras_variable = _optimizers._keras3_variable_type()
     if keras_variable is None or not tf_variables:
         return list(tf_variables)
     owners: dict[int, Any] = {}
@@ -309,7 +317,7 @@ def _graph_update_ops(update_ops: Any) -> list[Any]:
 
 def _create_graph_train_op(
     total_loss: tf.Tensor,
-    adapter: optimizers.OptimizerAdapter,
+    adapter: _optimizers.OptimizerAdapter,
     global_step: tf.Variable | None,
     update_ops: Any,
     variables_to_train: Any,
@@ -350,7 +358,7 @@ def _create_graph_train_op(
 
 def _create_eager_train_op(
     loss_fn: Callable[..., Any],
-    adapter: optimizers.OptimizerAdapter,
+    adapter: _optimizers.OptimizerAdapter,
     global_step: tf.Variable | None,
     update_ops: Any,
     variables_to_train: Any,
@@ -508,7 +516,7 @@ def _replicated_strategy(global_step: tf.Variable | None) -> Any:
 def _across_replicas(
     loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
     strategy: Any,
-    adapter: optimizers.OptimizerAdapter,
+    adapter: _optimizers.OptimizerAdapter,
     global_step: tf.Variable | None,
     settings: dict[str, Any],
     before_update: Callable[[], list[Any]],
@@ -843,8 +851,8 @@ def _prepare(
     missing_gradients: Any,
     summarize_every_n_steps: Any,
     accumulation_steps: Any = 1,
-) -> tuple[optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
-    adapter = optimizers.OptimizerAdapter(optimizer)
+) -> tuple[_optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
+    adapter = _optimizers.OptimizerAdapter(optimizer)
     _check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
     check_count("accumulation_steps", accumulation_steps)
     _check_callable_or_none("transform_grads_fn", transform_grads_fn)
@@ -864,7 +872,7 @@ def _prepare(
             None if summarize_every_n_steps is None else int(summarize_every_n_steps)
         ),
         accumulator=(
-            accumulation.GradientAccumulator(int(accumulation_steps))
+            _accumulation.GradientAccumulator(int(accumulation_steps))
             if accumulation_steps > 1
             else None
         ),
@@ -1120,7 +1128,7 @@ class _PreparedStep:
 
     def __init__(
         self,
-        adapter: optimizers.OptimizerAdapter,
+        adapter: _optimizers.OptimizerAdapter,
         global_step: tf.Variable | None,
         settings: dict[str, Any],
     ):
@@ -1128,15 +1136,15 @@ class _PreparedStep:
         self.global_step = global_step
         self.settings = settings
         self.reported_missing: set[str] = set()
-        # The variables the optimizer's state was built for, by `optimizers.variable_key`; kept,
+        # The variables the optimizer's state was built for, by `_optimizers.variable_key`; kept,
         # so that no other variable is given the key of one gone.
         self.built: dict[int, Any] = {}
         self.updates: collections.OrderedDict = collections.OrderedDict()
 
     def build(self, variables: list[Any]) -> None:
-        if any(optimizers.variable_key(v) not in self.built for v in variables):
+        if any(_optimizers.variable_key(v) not in self.built for v in variables):
             self.adapter.build(variables)
-            self.built.update((optimizers.variable_key(v), v) for v in variables)
+            self.built.update((_optimizers.variable_key(v), v) for v in variables)
 
     def compiled_update(
         self,
@@ -1223,7 +1231,7 @@ def _eager_loss_and_gradients(
             minimized = total_loss * tf.cast(loss_scale, total_loss.dtype)
         else:
             minimized = total_loss
-    grads = tape.gradient(minimized, [optimizers.as_tf_variable(v) for v in variables])
+    grads = tape.gradient(minimized, [_optimizers.as_tf_variable(v) for v in variables])
     if loss_scale is not None:
         grads = [_gradients.scale(g, loss_scale, divide=True) for g in grads]
     return loss_value, total_loss, list(zip(grads, variables))
