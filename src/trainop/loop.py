@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from trainop import _optimizers
+from trainop import _checkpoints, _console, _data
 from trainop._checks import check_count
 from trainop.train_op import USE_GLOBAL_STEP, integer_variable, is_use_global_step
 
@@ -123,292 +118,6 @@ def _as_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return float(array.reshape(-1)[-1]) if array.size else None
-
-
-# --- Data --------------------------------------------------------------------------------------
-
-
-class _Batches:
-    """The batches to train on, and their position in a checkpoint.
-
-    * A `tf.data.Dataset`: its iterator is saved in the checkpoint (its position, shuffle
-      buffers included). One whose state cannot be saved (`from_generator`, `py_function`) is
-      counted instead, and a resumed run skips what was consumed.
-    * An iterable that can be iterated again (a list, a `Sequence`): counted, and skipped on
-      resume.
-    * An iterator (a generator): counted, but never skipped: it is where its owner left it, and
-      a fresh one cannot be replayed anyway (an environment's experience).
-    """
-
-    def __init__(self, dataset: Any):
-        self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
-        self.consumed = 0
-        self._skip_on_resume = False
-        self.trackable: Any = self.position
-        if dataset is None:
-            self._iterator: Iterator[Any] = itertools.repeat(())
-            self.trackable = None
-        elif isinstance(dataset, tf.data.Dataset):
-            self._iterator = iter(dataset)
-            if _iterator_state_saves(self._iterator):
-                self.trackable = self._iterator
-            else:
-                self._skip_on_resume = True
-        else:
-            self._iterator = iter(dataset)
-            self._skip_on_resume = self._iterator is not dataset
-
-    def resumed(self) -> None:
-        """Skips the batches consumed before the checkpoint, where that replays them."""
-        if self.trackable is self.position:
-            self.consumed = int(self.position.numpy())
-            if self._skip_on_resume:
-                self._iterator = itertools.islice(self._iterator, self.consumed, None)
-
-    def __next__(self) -> Any:
-        batch = next(self._iterator)
-        self.consumed += 1
-        return batch
-
-    def before_save(self) -> None:
-        self.position.assign(self.consumed)
-
-
-def _iterator_state_saves(iterator: Any) -> bool:
-    """Whether a `tf.data` iterator's state can go into a checkpoint."""
-    try:
-        iterator._serialize_to_tensors()  # What a checkpoint write calls.
-    except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
-        return False
-    return True
-
-
-def _call(train_op: Callable[..., Any], batch: Any) -> Any:
-    if isinstance(batch, tuple):
-        return train_op(*batch)
-    if isinstance(batch, Mapping):
-        return train_op(**batch)
-    return train_op(batch)
-
-
-# --- Signals -----------------------------------------------------------------------------------
-
-
-class _StopRequest:
-    """Turns SIGTERM and a first Ctrl-C into a request to stop after the current step."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name is not None:
-            if name == "SIGINT":
-                raise KeyboardInterrupt  # Ctrl-C after a first signal: stop now
-            return
-        self.signal_name = name
-        logger.warning("%s received: stopping after this step and saving a checkpoint.", name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            # Python delivers signals to the main thread only.
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in previous:
-            signal.signal(s, self._handle)
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-# --- Progress ----------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A tqdm bar of the global step, with the loss, refreshed twice a second at most."""
-
-    def __init__(self, enabled: bool | None, start: int, total: int | None):
-        if enabled is None:
-            enabled = sys.stderr.isatty()
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                logger.warning("Progress bar off: tqdm is not installed (pip install tqdm).")
-            else:
-                self._bar = tqdm(
-                    total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr
-                )
-        self._last_refresh = 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return self._bar is not None
-
-    def update(self, step: int, loss: Callable[[], float | None]) -> None:
-        if self._bar is None:
-            return
-        self._bar.update(step - self._bar.n)
-        now = time.monotonic()
-        if now - self._last_refresh >= 0.5:
-            self._last_refresh = now
-            value = loss()
-            if value is not None:
-                self._bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-# --- Checkpoints -------------------------------------------------------------------------------
-
-
-class _Checkpoints:
-    """A `CheckpointManager` that writes only checkpoints whose variables are all finite."""
-
-    def __init__(
-        self,
-        objects: Mapping[str, Any],
-        global_step: tf.Variable,
-        batches: _Batches,
-        directory: str,
-        max_to_keep: int,
-        session: Any,
-        restore_data_position: bool = True,
-    ):
-        extra = {"global_step": global_step}
-        if batches.trackable is not None:
-            extra["data"] = batches.trackable
-        clashing = sorted(set(objects) & set(extra))
-        if clashing:
-            raise ValueError(
-                f"`checkpoint` must not use the names {clashing}: the loop saves the global step "
-                "and the data position under them."
-            )
-        self.checkpoint = tf.train.Checkpoint(**objects, **extra)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
-        # What a resume restores: all of it, or all but the data position.
-        self._without_data = tf.train.Checkpoint(**objects, global_step=global_step)
-        self._restored = self.checkpoint if restore_data_position else self._without_data
-        self._session = session
-        self._batches = batches
-        self._finite_ops: dict[tuple[int, ...], Any] = {}
-
-    def float_variables(self) -> list[tf.Variable]:
-        """Every float variable the checkpoint saves, optimizer slots included.
-
-        Gathered at each call: a model built on its first call and an optimizer's slots appear
-        after training starts.
-        """
-        found: dict[int, tf.Variable] = {}
-        for node in tf.train.TrackableView(self.checkpoint).descendants():
-            candidates = [node]
-            # Slot variables are saved through their optimizer, not as its children.
-            if _is_optimizer(node):
-                slots = node.variables
-                candidates += list(slots() if callable(slots) else slots)
-            for candidate in candidates:
-                variable = _optimizers.as_tf_variable(candidate)
-                if isinstance(variable, tf.Variable) and variable.dtype.is_floating:
-                    found.setdefault(id(variable), variable)
-        return list(found.values())
-
-    def non_finite_variables(self) -> list[str]:
-        """The names of the checkpoint's variables that hold inf or NaN."""
-        variables = self.float_variables()
-        if not variables:
-            return []
-        if self._session is not None:
-            key = tuple(id(v) for v in variables)
-            if key not in self._finite_ops:
-                self._finite_ops[key] = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
-            finite = self._session.run(self._finite_ops[key])
-        else:
-            finite = [bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables]
-        return [_optimizers.variable_name(v) for v, ok in zip(variables, finite) if not ok]
-
-    def save(self, step: int) -> str:
-        """Writes a checkpoint numbered `step`.
-
-        Raises:
-          FloatingPointError: if a variable holds inf or NaN; nothing is written, and the
-            checkpoints already written are kept.
-        """
-        bad = self.non_finite_variables()
-        if bad:
-            raise FloatingPointError(
-                f"Not saving a checkpoint at global step {step}: these variables hold inf or "
-                f"NaN: {bad[:10]}{' ...' if len(bad) > 10 else ''}. The checkpoints already "
-                f"written are kept: {self.manager.checkpoints}"
-            )
-        if self._session is None:
-            self._batches.before_save()
-        return self.manager.save(checkpoint_number=step)
-
-    def restore_latest_finite(self) -> str | None:
-        """Restores the newest checkpoint whose variables are all finite; returns its path.
-
-        Raises:
-          FloatingPointError: if every checkpoint holds inf or NaN (the variables now hold the
-            oldest one's values: training must not go on from them).
-        """
-        for path in reversed(self.manager.checkpoints):
-            self._restore(path)
-            bad = self.non_finite_variables()
-            if not bad:
-                return path
-            logger.warning("Checkpoint %s holds inf or NaN in %s: trying an older one.", path, bad)
-        if self.manager.checkpoints:
-            raise FloatingPointError(
-                f"Every checkpoint in {self.manager.directory} holds inf or NaN: "
-                f"{self.manager.checkpoints}. Remove them (or pick another logdir) to start over."
-            )
-        return None
-
-    def _restore(self, path: str) -> None:
-        """Restores `path`; the data position too, unless `restore_data_position` was False.
-
-        Raises:
-          ValueError: if the data position cannot be restored into the dataset given (its
-            pipeline is not the one that saved it) while the rest of the checkpoint can.
-        """
-        try:
-            self._run_restore(self._restored, path)
-        except (tf.errors.OpError, ValueError) as error:
-            if self._restored is self._without_data:
-                raise
-            try:
-                self._run_restore(self._without_data, path)
-            except (tf.errors.OpError, ValueError):
-                raise error from None
-            logger.debug("Restoring the data position from %s failed: %s", path, error)
-            raise ValueError(
-                f"`dataset` is not the input pipeline that saved {path} (its definition "
-                "changed), so its position there cannot be restored: start a new `logdir`, or "
-                "pass `restore_data_position=False` to resume from the checkpoint and read "
-                "`dataset` from its start."
-            ) from None
-
-    def _run_restore(self, checkpoint: tf.train.Checkpoint, path: str) -> None:
-        status = checkpoint.restore(path)
-        if checkpoint is self._without_data:
-            status.expect_partial()  # The data position is in the file, and left there.
-        if self._session is not None:
-            status.run_restore_ops(self._session)
-
-
-def _is_optimizer(value: Any) -> bool:
-    try:
-        _optimizers.optimizer_family(value)
-    except TypeError:
-        return False
-    return True
 
 
 # --- The loop ----------------------------------------------------------------------------------
@@ -577,9 +286,9 @@ def train(
         raise ValueError("Pass `dataset`, `max_steps` or both: there is nothing to stop the loop.")
 
     step_variable = _resolve_step_variable(global_step, None)
-    batches = _Batches(dataset)
+    batches = _data.Batches(dataset)
     saver = (
-        _Checkpoints(
+        _checkpoints.Checkpoints(
             checkpoint,
             step_variable,
             batches,
@@ -600,7 +309,7 @@ def train(
         if writer is not None:
             stack.enter_context(writer.as_default())
         return _run(
-            lambda: _call(train_op, next(batches)),
+            lambda: _data.call_with_batch(train_op, next(batches)),
             read_step=lambda: int(step_variable.numpy()),
             saver=saver,
             resumed_from=resumed_from,
@@ -628,12 +337,12 @@ def _train_graph(
     with graph.as_default():
         step_variable = _resolve_step_variable(global_step, graph)
         read_step_tensor = step_variable.read_value()
-        batches = _Batches(None)
+        batches = _data.Batches(None)
         owns_session = session is None
         if owns_session:
             session = tf.compat.v1.Session(graph=graph)
         saver = (
-            _Checkpoints(
+            _checkpoints.Checkpoints(
                 checkpoint, step_variable, batches, logdir, max_checkpoints_to_keep, session
             )
             if checkpoint is not None
@@ -687,7 +396,7 @@ def _run(
     run_step: Callable[[], Any],
     *,
     read_step: Callable[[], int],
-    saver: _Checkpoints | None,
+    saver: _checkpoints.Checkpoints | None,
     resumed_from: str | None,
     max_steps: int | None,
     save_every_n_steps: int,
@@ -700,8 +409,8 @@ def _run(
     last_checkpoint = resumed_from
     loss = None
     steps_run = calls_without_progress = 0
-    bar = _Progress(progress, start, max_steps)
-    stop = _StopRequest()
+    bar = _console.Progress(progress, start, max_steps)
+    stop = _console.StopRequest()
 
     def save() -> None:
         nonlocal saved_step, last_checkpoint

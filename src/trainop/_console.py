@@ -1,0 +1,86 @@
+"""What the loop shows and hears: its progress bar, and SIGTERM or Ctrl-C as a request to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+logger = logging.getLogger("trainop")
+
+
+class StopRequest:
+    """Turns SIGTERM and a first Ctrl-C into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            if name == "SIGINT":
+                raise KeyboardInterrupt  # Ctrl-C after a first signal: stop now
+            return
+        self.signal_name = name
+        logger.warning("%s received: stopping after this step and saving a checkpoint.", name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only.
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+# --- Progress ----------------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar of the global step, with the loss, refreshed twice a second at most."""
+
+    def __init__(self, enabled: bool | None, start: int, total: int | None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                logger.warning("Progress bar off: tqdm is not installed (pip install tqdm).")
+            else:
+                self._bar = tqdm(
+                    total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr
+                )
+        self._last_refresh = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None
+
+    def update(self, step: int, loss: Callable[[], float | None]) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(step - self._bar.n)
+        now = time.monotonic()
+        if now - self._last_refresh >= 0.5:
+            self._last_refresh = now
+            value = loss()
+            if value is not None:
+                self._bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
