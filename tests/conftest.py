@@ -149,7 +149,7 @@ class GraphRunner(Runner):
 
     def read(self, variable):
         self.initialize()
-        return self.session.run(tf.convert_to_tensor(trainop._optimizers.as_tf_variable(variable)))
+        return self.session.run(tf.convert_to_tensor(trainop._variables.as_tf_variable(variable)))
 
     def assign(self, variable, value):
         self.initialize()

@@ -242,7 +242,7 @@ def test_graph_loss_scale_optimizer_counts_only_the_steps_it_applies(check_numer
         w_value, steps, iterations, scale = session.run(
             [w, global_step]
             + [
-                trainop._optimizers.as_tf_variable(v)
+                trainop._variables.as_tf_variable(v)
                 for v in (optimizer.iterations, optimizer.dynamic_scale)
             ]
         )

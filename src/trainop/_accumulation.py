@@ -12,7 +12,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _gradients, _optimizers
+from trainop import _gradients, _variables
 
 
 class GradientAccumulator:
@@ -36,16 +36,16 @@ class GradientAccumulator:
         self._loss_total: tf.Variable | None = None
 
     def _sum_for(self, variable: Any) -> tf.Variable:
-        key = _optimizers.variable_key(variable)
+        key = _variables.variable_key(variable)
         if key not in self._sums:
-            tf_variable = _optimizers.as_tf_variable(variable)
+            tf_variable = _variables.as_tf_variable(variable)
             # float16 and bfloat16 sums overflow early: they are kept in float32.
             dtype = tf.float32 if tf_variable.dtype.size < 4 else tf_variable.dtype
             with tf.init_scope():
                 self._sums[key] = tf.Variable(
                     tf.zeros(tf_variable.shape, dtype),
                     trainable=False,
-                    name=_optimizers.variable_name(variable).replace(":", "_") + "/gradient_sum",
+                    name=_variables.variable_name(variable).replace(":", "_") + "/gradient_sum",
                 )
         return self._sums[key]
 
@@ -110,10 +110,10 @@ class GradientAccumulator:
 
         def apply_means() -> tf.Tensor:
             mean_of = {
-                _optimizers.variable_key(v): tf.cast(value / self.steps, grad.dtype)
+                _variables.variable_key(v): tf.cast(value / self.steps, grad.dtype)
                 for value, (grad, v) in zip(totals, pairs)
             }
-            means = [(mean_of.get(_optimizers.variable_key(v)), v) for _, v in grads_and_vars]
+            means = [(mean_of.get(_variables.variable_key(v)), v) for _, v in grads_and_vars]
             mean_loss = tf.cast(loss_total / self.steps, loss.dtype)
             with tf.control_dependencies(apply(means, mean_loss)):
                 reset = [total.assign(tf.zeros_like(total), read_value=False) for total in sums]

@@ -8,7 +8,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _optimizers
+from trainop import _optimizers, _variables
 from trainop._data import Batches
 
 logger = logging.getLogger("trainop")
@@ -59,7 +59,7 @@ class Checkpoints:
                 slots = node.variables
                 candidates += list(slots() if callable(slots) else slots)
             for candidate in candidates:
-                variable = _optimizers.as_tf_variable(candidate)
+                variable = _variables.as_tf_variable(candidate)
                 if isinstance(variable, tf.Variable) and variable.dtype.is_floating:
                     found.setdefault(id(variable), variable)
         return list(found.values())
@@ -76,7 +76,7 @@ class Checkpoints:
             finite = self._session.run(self._finite_ops[key])
         else:
             finite = [bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables]
-        return [_optimizers.variable_name(v) for v, ok in zip(variables, finite) if not ok]
+        return [_variables.variable_name(v) for v, ok in zip(variables, finite) if not ok]
 
     def save(self, step: int) -> str:
         """Writes a checkpoint numbered `step`.

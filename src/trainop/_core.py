@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _accumulation, _gradients, _optimizers, numerics, summaries
+from trainop import _accumulation, _gradients, _optimizers, _variables, numerics, summaries
 
 logger = logging.getLogger("trainop")
 
@@ -58,7 +58,7 @@ def compute_gradients(
         )
     grads = tf.gradients(
         total_loss,
-        [_optimizers.as_tf_variable(v) for v in variables],
+        [_variables.as_tf_variable(v) for v in variables],
         gate_gradients=(gate_gradients == GATE_OP),
         aggregation_method=aggregation_method,
     )
@@ -84,14 +84,14 @@ def check_transformed(
             "`transform_grads_fn` must return a list of (gradient, variable) pairs. "
             f"Received: {type(transformed).__name__} {transformed!r:.200}"
         )
-    expected = sorted(_optimizers.variable_key(v) for _, v in grads_and_vars)
-    received = sorted(_optimizers.variable_key(v) for _, v in transformed)
+    expected = sorted(_variables.variable_key(v) for _, v in grads_and_vars)
+    received = sorted(_variables.variable_key(v) for _, v in transformed)
     if expected != received:
-        names = [_optimizers.variable_name(v) for _, v in transformed]
+        names = [_variables.variable_name(v) for _, v in transformed]
         raise ValueError(
             "`transform_grads_fn` must return a pair for each variable it was given, and no "
             "other. Expected variables: "
-            f"{[_optimizers.variable_name(v) for _, v in grads_and_vars]}. Received: {names}"
+            f"{[_variables.variable_name(v) for _, v in grads_and_vars]}. Received: {names}"
         )
     for grad, var in transformed:
         if grad is None:
@@ -103,7 +103,7 @@ def check_transformed(
         if not shape.is_compatible_with(var.shape) or grad.dtype != var.dtype:
             raise ValueError(
                 "`transform_grads_fn` returned a gradient that does not fit its variable "
-                f"{_optimizers.variable_name(var)} ({var.dtype.name} {var.shape}): "
+                f"{_variables.variable_name(var)} ({var.dtype.name} {var.shape}): "
                 f"{grad.dtype.name} {shape}"
             )
     return [tuple(pair) for pair in transformed]
@@ -123,7 +123,7 @@ def report_missing_gradients(
     grads_and_vars: list[tuple[Any, Any]], reported: set[str], policy: str
 ) -> None:
     """Logs, once per train op, or raises for, the variables the loss gives no gradient."""
-    missing = [_optimizers.variable_name(v) for g, v in grads_and_vars if g is None]
+    missing = [_variables.variable_name(v) for g, v in grads_and_vars if g is None]
     if missing and policy == "raise":
         raise ValueError(
             "`total_loss` gives no gradient to these `variables_to_train` "

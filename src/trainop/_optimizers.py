@@ -1,9 +1,10 @@
 """The optimizer-family adapter.
 
 Everything that differs between optimizer families lives here: how gradients are applied, who
-increments the global step, which iteration counter an optimizer keeps, and how Keras 3
-variables (which are not `tf.Variable`s) are unwrapped. The step pipeline in `_core` calls
-`OptimizerAdapter.apply` and never asks which family it is talking to.
+increments the global step, which iteration counter an optimizer keeps, and which kind of
+variable each family is handed (Keras 3's or the `tf.Variable` inside, see `_variables`). The
+step pipeline in `_core` calls `OptimizerAdapter.apply` and never asks which family it is
+talking to.
 
 Families:
   * `tf.compat.v1.train.Optimizer` subclasses: `apply_gradients(..., global_step=)` counts the
@@ -28,6 +29,12 @@ from typing import Any
 import tensorflow as tf
 
 from trainop import _gradients
+from trainop._variables import (
+    as_tf_variable,
+    keras3_variable_type,
+    variable_key,
+    variable_name,
+)
 
 FAMILY_V1 = "tf.compat.v1.train.Optimizer"
 FAMILY_KERAS = "keras"
@@ -35,48 +42,11 @@ FAMILY_TF_KERAS = "tf_keras"
 FAMILY_TF_KERAS_LEGACY = "tf_keras.optimizers.legacy"
 
 
-def _keras3_variable_type() -> type | None:
-    keras = sys.modules.get("keras")
-    variable_type = getattr(keras, "Variable", None)
-    # Keras 2 (the `keras` package before 3.0) has no `keras.Variable`.
-    return variable_type if isinstance(variable_type, type) else None
-
-
-def as_tf_variable(variable: Any) -> Any:
-    """Returns the `tf.Variable` behind `variable` (a Keras 3 variable wraps one)."""
-    variable_type = _keras3_variable_type()
-    if variable_type is not None and isinstance(variable, variable_type):
-        return variable.value
-    return variable
-
-
-def is_variable(value: Any) -> bool:
-    """Whether `value` is a `tf.Variable` or a Keras 3 variable."""
-    return isinstance(as_tf_variable(value), tf.Variable)
-
-
-def variable_name(variable: Any) -> str:
-    """A variable's name as TF-Slim keys it: `'conv0/weights'`, without the `:0` suffix.
-
-    Keras 3 variables are named by their `path` (`'dense/kernel'`).
-    """
-    path = getattr(variable, "path", None)
-    if isinstance(path, str) and not isinstance(variable, tf.Variable):
-        return path
-    name = variable.name
-    return name[:-2] if name.endswith(":0") else name
-
-
-def variable_key(variable: Any) -> int:
-    """A hashable identity for a variable (TensorFlow 2 variables are not hashable)."""
-    return id(as_tf_variable(variable))
-
-
 def _optimizer_families() -> list[tuple[type, str]]:
     families: list[tuple[type, str]] = [(tf.compat.v1.train.Optimizer, FAMILY_V1)]
     keras = sys.modules.get("keras")
     keras_optimizer = getattr(getattr(keras, "optimizers", None), "Optimizer", None)
-    if _keras3_variable_type() is not None and isinstance(keras_optimizer, type):
+    if keras3_variable_type() is not None and isinstance(keras_optimizer, type):
         families.append((keras_optimizer, FAMILY_KERAS))
     # tf_keras is only ever in use if the caller imported it: never import it here.
     tf_keras = sys.modules.get("tf_keras")

@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _gradients, _optimizers
+from trainop import _gradients, _variables
 
 logger = logging.getLogger("trainop")
 
@@ -146,7 +146,7 @@ def _summary_name(variable: Any, tf1: bool) -> str:
     """
     if not tf1 and isinstance(variable, tf.Variable):
         return variable.name.replace(":", "_")
-    return _optimizers.variable_name(variable)
+    return _variables.variable_name(variable)
 
 
 def _scope(name: str, tf1: bool) -> Any:
@@ -195,7 +195,7 @@ def add_gradients_summaries(
     with _scope("summarize_grads", tf1):
         for grad, var in grads_and_vars:
             if grad is None:
-                logger.info("Variable %s has no gradient", _optimizers.variable_name(var))
+                logger.info("Variable %s has no gradient", _variables.variable_name(var))
                 continue
             rows = _gradients.values(_gradients.summed_rows(grad))
             results += _write(_summary_name(var, tf1) + "_gradient", rows, step)
@@ -230,7 +230,7 @@ def add_variables_summaries(
     results = []
     with _scope("summarize_vars", tf1):
         for _, var in grads_and_vars:
-            values = tf.convert_to_tensor(_optimizers.as_tf_variable(var))
+            values = tf.convert_to_tensor(_variables.as_tf_variable(var))
             results += _write(_summary_name(var, tf1) + "_value", values, step)
     return [_unwrap_eager(r) for r in results]
 

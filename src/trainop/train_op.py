@@ -27,6 +27,7 @@ from trainop import (
     _gradients,
     _optimizers,
     _replica_loss,
+    _variables,
     numerics,
     summaries,
 )
@@ -139,7 +140,7 @@ def is_use_global_step(value: Any) -> bool:
 
 def integer_variable(global_step: Any, expected: str) -> tf.Variable:
     """`global_step` as an integer `tf.Variable`; a TypeError saying what was `expected` else."""
-    variable = _optimizers.as_tf_variable(global_step)
+    variable = _variables.as_tf_variable(global_step)
     if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
         raise TypeError(
             f"`global_step` must be {expected}. Received: global_step={global_step!r:.200}"
@@ -153,14 +154,14 @@ def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
     A variable listed twice (`actor.trainable_variables + critic.trainable_variables` with a
     shared encoder) is trained once.
     """
-    if _optimizers.is_variable(variables):
+    if _variables.is_variable(variables):
         variables = [variables]
     variables = tf.nest.flatten(variables)
     if not variables:
         raise ValueError("`variables_to_train` is empty: there is nothing to train.")
     graph_trainable = {id(v) for v in tf.compat.v1.trainable_variables()} if in_graph else set()
     for v in variables:
-        if not _optimizers.is_variable(v):
+        if not _variables.is_variable(v):
             raise TypeError(
                 "`variables_to_train` must hold variables. "
                 f"Received an element of type {type(v).__name__}: {v!r:.200}"
@@ -168,13 +169,13 @@ def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
         if not (v.trainable or id(v) in graph_trainable):
             raise ValueError(
                 "`variables_to_train` holds a variable that is not trainable: "
-                f"{_optimizers.variable_name(v)}. Create it with trainable=True or leave it out."
+                f"{_variables.variable_name(v)}. Create it with trainable=True or leave it out."
             )
     seen: set[int] = set()
     unique = []
     for v in variables:
-        if _optimizers.variable_key(v) not in seen:
-            seen.add(_optimizers.variable_key(v))
+        if _variables.variable_key(v) not in seen:
+            seen.add(_variables.variable_key(v))
             unique.append(v)
     return unique
 
@@ -245,7 +246,7 @@ def _keras_owners(tf_variables: list[Any]) -> list[Any]:
     very `tf.Variable`. Found wrappers are remembered (weakly, checked again on each use), so
     a step that reads the same variables again scans nothing.
     """
-    keras_variable = _optimizers._keras3_variable_type()
+    keras_variable = _variables.keras3_variable_type()
     if keras_variable is None or not tf_variables:
         return list(tf_variables)
     owners: dict[int, Any] = {}
@@ -1136,15 +1137,15 @@ class _PreparedStep:
         self.global_step = global_step
         self.settings = settings
         self.reported_missing: set[str] = set()
-        # The variables the optimizer's state was built for, by `_optimizers.variable_key`; kept,
+        # The variables the optimizer's state was built for, by `_variables.variable_key`; kept,
         # so that no other variable is given the key of one gone.
         self.built: dict[int, Any] = {}
         self.updates: collections.OrderedDict = collections.OrderedDict()
 
     def build(self, variables: list[Any]) -> None:
-        if any(_optimizers.variable_key(v) not in self.built for v in variables):
+        if any(_variables.variable_key(v) not in self.built for v in variables):
             self.adapter.build(variables)
-            self.built.update((_optimizers.variable_key(v), v) for v in variables)
+            self.built.update((_variables.variable_key(v), v) for v in variables)
 
     def compiled_update(
         self,
@@ -1231,7 +1232,7 @@ def _eager_loss_and_gradients(
             minimized = total_loss * tf.cast(loss_scale, total_loss.dtype)
         else:
             minimized = total_loss
-    grads = tape.gradient(minimized, [_optimizers.as_tf_variable(v) for v in variables])
+    grads = tape.gradient(minimized, [_variables.as_tf_variable(v) for v in variables])
     if loss_scale is not None:
         grads = [_gradients.scale(g, loss_scale, divide=True) for g in grads]
     return loss_value, total_loss, list(zip(grads, variables))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _gradients, _optimizers
+from trainop import _gradients, _variables
 
 GradsAndVars = list[tuple[Any, Any]]
 TransformGradsFn = Callable[[GradsAndVars], GradsAndVars]
@@ -177,7 +177,7 @@ def _multiplier_items(gradient_multipliers: Any) -> list[tuple[Any, Any]]:
     for key, multiplier in items:
         # A multiplier may be negative (gradient ascent), not NaN or infinite.
         _check_multiplier(key, multiplier)
-        if not isinstance(key, (str, re.Pattern)) and not _optimizers.is_variable(key):
+        if not isinstance(key, (str, re.Pattern)) and not _variables.is_variable(key):
             raise TypeError(
                 "`gradient_multipliers` keys must be variables, variable references "
                 "(`v.ref()`), variable names such as 'conv0/weights' or compiled regular "
@@ -188,8 +188,8 @@ def _multiplier_items(gradient_multipliers: Any) -> list[tuple[Any, Any]]:
 
 def _multiplier_for(var: Any, items: list[tuple[Any, Any]]) -> Any:
     """Finds `var`'s multiplier, keyed by the variable itself or by its name."""
-    key = _optimizers.variable_key(var)
-    name = _optimizers.variable_name(var)
+    key = _variables.variable_key(var)
+    name = _variables.variable_name(var)
     for candidate, multiplier in items:
         if isinstance(candidate, str):
             if candidate == name:
@@ -197,7 +197,7 @@ def _multiplier_for(var: Any, items: list[tuple[Any, Any]]) -> Any:
         elif isinstance(candidate, re.Pattern):
             if candidate.fullmatch(name):
                 return multiplier
-        elif _optimizers.variable_key(candidate) == key:
+        elif _variables.variable_key(candidate) == key:
             return multiplier
     return None
 
@@ -298,7 +298,7 @@ def multiply_gradients(
             if grad is None:
                 raise ValueError(
                     "`gradient_multipliers` names a variable that has no gradient: "
-                    f"{_optimizers.variable_name(var)}"
+                    f"{_variables.variable_name(var)}"
                 )
             # Known to be zero: frozen, no gradient at all, so that no optimizer moves it (a
             # zero gradient would still let momentum, Adam's moments or weight decay move it).
@@ -483,7 +483,7 @@ def _noise(t: tf.Tensor, stddev: Any, seed: int | None, var: Any) -> tf.Tensor:
 
 
 def _name_or_none(var: Any) -> str:
-    return _optimizers.variable_name(var) if var is not None else "unnamed"
+    return _variables.variable_name(var) if var is not None else "unnamed"
 
 
 def add_gradient_noise_fn(
@@ -510,7 +510,7 @@ def add_gradient_noise_fn(
         current = step if step is not None else tf.compat.v1.train.get_global_step()
         scale = stddev
         if current is not None:
-            t = tf.cast(tf.convert_to_tensor(_optimizers.as_tf_variable(current)), tf.float32)
+            t = tf.cast(tf.convert_to_tensor(_variables.as_tf_variable(current)), tf.float32)
             scale = stddev / (1.0 + t) ** decay_exponent
         return add_gradient_noise(grads_and_vars, scale, seed)
 
