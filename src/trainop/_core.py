@@ -17,7 +17,15 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _accumulation, _gradients, _optimizers, _variables, numerics, summaries
+from trainop import (
+    _accumulation,
+    _global_step,
+    _gradients,
+    _optimizers,
+    _variables,
+    numerics,
+    summaries,
+)
 
 logger = logging.getLogger("trainop")
 
@@ -107,16 +115,6 @@ def check_transformed(
                 f"{grad.dtype.name} {shape}"
             )
     return [tuple(pair) for pair in transformed]
-
-
-def _summary_step(global_step: Any, adapter: _optimizers.OptimizerAdapter) -> Any:
-    """The step summaries are written at: the global step, else the optimizer's counter, else
-    `tf.summary.experimental.get_step()`; None if there is none."""
-    if global_step is not None:
-        return global_step
-    if adapter.iterations is not None:
-        return adapter.iterations
-    return tf.summary.experimental.get_step()
 
 
 def report_missing_gradients(
@@ -259,7 +257,7 @@ def build_step(
             missing_gradients,
         )
     loss_scale = adapter.loss_scale()
-    step = _summary_step(global_step, adapter)
+    step = _global_step.summary_step(global_step, adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
     # In a tf.compat.v1 graph without a v2 writer, gradient summaries are TF1 summaries that the
     # caller's loop fetches from the SUMMARIES collection: built beside the step, not in it.

@@ -28,7 +28,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _gradients
+from trainop import _global_step, _gradients
 from trainop._variables import (
     as_tf_variable,
     keras3_variable_type,
@@ -427,8 +427,8 @@ class OptimizerAdapter:
             return update if update is not None else tf.no_op()
         with tf.control_dependencies([update] if update is not None else []):
             if before is not None:
-                return count_once(global_step, self.iterations.read_value() > before)
-            return count_once(global_step)
+                return _global_step.count_once(global_step, self.iterations.read_value() > before)
+            return _global_step.count_once(global_step)
 
     def _apply_in_function(self, pairs: list[tuple[Any, Any]]) -> tf.Operation:
         # Keras 3 and current tf_keras optimizers chain their updates only through a
@@ -443,25 +443,3 @@ class OptimizerAdapter:
             return tf.constant(True)
 
         return apply_gradients(grads).op
-
-
-def count_once(counter: tf.Variable, applied: tf.Tensor | None = None) -> Any:
-    """`counter += 1` (if `applied`, a boolean tensor the same on every replica), once per step
-    also when every replica of a strategy runs the step."""
-
-    def increment(applied: tf.Tensor | None) -> Any:
-        if applied is None:
-            return counter.assign_add(1, read_value=False)
-        return counter.assign_add(tf.cast(applied, counter.dtype), read_value=False)
-
-    context = tf.distribute.get_replica_context()
-    if tf.distribute.has_strategy() and context is not None:
-        # In a replica: the increment happens once, in the cross-replica context, with the
-        # first replica's `applied`.
-        if applied is None:
-            return context.merge_call(lambda _: increment(None))
-        return context.merge_call(
-            lambda strategy, applied: increment(strategy.experimental_local_results(applied)[0]),
-            args=(applied,),
-        )
-    return increment(applied)

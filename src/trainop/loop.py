@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _checkpoints, _console, _data
+from trainop import _checkpoints, _console, _data, _global_step
 from trainop._checks import check_count
-from trainop.train_op import USE_GLOBAL_STEP, integer_variable, is_use_global_step
+from trainop._global_step import USE_GLOBAL_STEP
 
 logger = logging.getLogger("trainop")
 
@@ -134,21 +134,6 @@ def _writer(logdir: str) -> Any:
     if logdir not in _WRITERS or not tf.io.gfile.exists(logdir):
         _WRITERS[logdir] = tf.summary.create_file_writer(logdir)
     return _WRITERS[logdir]
-
-
-def _resolve_step_variable(global_step: Any, graph: Any) -> tf.Variable:
-    if is_use_global_step(global_step):
-        variable = tf.compat.v1.train.get_global_step(graph)
-        if variable is None:
-            raise ValueError(
-                "`global_step` is trainop.USE_GLOBAL_STEP but there is no global step: build "
-                "the train op with its default global_step, or pass the variable it counts in."
-            )
-        return variable
-    return integer_variable(
-        global_step,
-        "the integer variable the train op counts steps in, or trainop.USE_GLOBAL_STEP",
-    )
 
 
 def train(
@@ -285,7 +270,7 @@ def train(
     if dataset is None and max_steps is None:
         raise ValueError("Pass `dataset`, `max_steps` or both: there is nothing to stop the loop.")
 
-    step_variable = _resolve_step_variable(global_step, None)
+    step_variable = _global_step.counted_by(global_step, None)
     batches = _data.Batches(dataset)
     saver = (
         _checkpoints.Checkpoints(
@@ -335,7 +320,7 @@ def _train_graph(
     session: Any,
 ) -> TrainResult:
     with graph.as_default():
-        step_variable = _resolve_step_variable(global_step, graph)
+        step_variable = _global_step.counted_by(global_step, graph)
         read_step_tensor = step_variable.read_value()
         batches = _data.Batches(None)
         owns_session = session is None

@@ -18,27 +18,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _gradients, _variables
+from trainop import _global_step, _gradients, _variables
 
 logger = logging.getLogger("trainop")
-
-
-def _resolve_step(step: Any) -> Any:
-    if step is None:
-        step = tf.summary.experimental.get_step()
-    if step is None:
-        # TF-Slim's add_gradients_summaries(grads_and_vars) takes no step: use the global step.
-        step = tf.compat.v1.train.get_global_step()
-    return _int64_step(step)
-
-
-def _int64_step(step: Any) -> Any:
-    """`step` as `tf.summary` takes it: a tensor or variable of another integer type (an int32
-    step counter, as TF-Agents' examples make theirs) is cast to int64."""
-    dtype = getattr(step, "dtype", None)
-    if isinstance(dtype, tf.DType) and dtype != tf.int64:
-        return tf.cast(step, tf.int64)
-    return step
 
 
 def writes_v2_summaries() -> bool:
@@ -189,7 +171,7 @@ def add_gradients_summaries(
       >>> trainop.add_gradients_summaries([(tf.constant([0.6, 0.8]), v)], step=0)
       [False, False]
     """
-    step = _resolve_step(step)
+    step = _global_step.summary_step_or_default(step)
     tf1 = _writes_tf1()
     results = []
     with _scope("summarize_grads", tf1):
@@ -225,7 +207,7 @@ def add_variables_summaries(
       >>> trainop.add_variables_summaries([(None, v)], step=0)
       [False, False]
     """
-    step = _resolve_step(step)
+    step = _global_step.summary_step_or_default(step)
     tf1 = _writes_tf1()
     results = []
     with _scope("summarize_vars", tf1):
@@ -307,7 +289,7 @@ def add_train_summaries(
         return []
 
     in_outer_scope = reentrant_name_scope()
-    step = _int64_step(step)
+    step = _global_step.int64_step(step)
 
     def write() -> tf.Tensor:
         # The condition is decided once, by the cond: the summaries need not decide it again.

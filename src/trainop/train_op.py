@@ -24,6 +24,7 @@ import tensorflow as tf
 from trainop import (
     _accumulation,
     _core,
+    _global_step,
     _gradients,
     _optimizers,
     _replica_loss,
@@ -32,12 +33,10 @@ from trainop import (
     summaries,
 )
 from trainop._checks import check_count
+from trainop._global_step import USE_GLOBAL_STEP
 
 logger = logging.getLogger("trainop")
 
-# The same sentinel value as TF-Agents' and TF-Slim's `_USE_GLOBAL_STEP`, so that programs
-# passing theirs (or a literal 0) keep their meaning.
-USE_GLOBAL_STEP = 0
 
 _GATE_VALUES = (_core.GATE_NONE, _core.GATE_OP, _core.GATE_GRAPH)
 _AGGREGATION_VALUES = (
@@ -104,48 +103,6 @@ def _check_in_a_replica(settings: dict[str, Any]) -> None:
 def _check_callable_or_none(name: str, value: Any) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")
-
-
-def _program_global_step() -> tf.Variable:
-    """`tf.compat.v1.train.get_or_create_global_step()`, also from inside a `tf.function`.
-
-    The global step belongs to the program: to the graph a function is traced from (whose
-    collection holds it), not to the function's own graph.
-    """
-    graph = tf.compat.v1.get_default_graph()
-    while getattr(graph, "outer_graph", None) is not None:
-        graph = graph.outer_graph
-    global_step = tf.compat.v1.train.get_global_step(graph)
-    if global_step is None:
-        with tf.init_scope():
-            global_step = tf.compat.v1.train.get_or_create_global_step()
-        if tf.compat.v1.train.get_global_step(graph) is None:
-            graph.add_to_collection(tf.compat.v1.GraphKeys.GLOBAL_STEP, global_step)
-    return global_step
-
-
-def _resolve_global_step(global_step: Any) -> tf.Variable | None:
-    """Returns the `tf.Variable` to count steps in, or None for no counting."""
-    if global_step is None:
-        return None
-    if is_use_global_step(global_step):
-        global_step = _program_global_step()
-    return integer_variable(global_step, "an integer tf.Variable, trainop.USE_GLOBAL_STEP or None")
-
-
-def is_use_global_step(value: Any) -> bool:
-    """Whether `value` is `USE_GLOBAL_STEP` (0, but not False)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value == USE_GLOBAL_STEP
-
-
-def integer_variable(global_step: Any, expected: str) -> tf.Variable:
-    """`global_step` as an integer `tf.Variable`; a TypeError saying what was `expected` else."""
-    variable = _variables.as_tf_variable(global_step)
-    if not isinstance(variable, tf.Variable) or not variable.dtype.is_integer:
-        raise TypeError(
-            f"`global_step` must be {expected}. Received: global_step={global_step!r:.200}"
-        )
-    return variable
 
 
 def _check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
@@ -878,7 +835,7 @@ def _prepare(
             else None
         ),
     )
-    return adapter, _resolve_global_step(global_step), settings
+    return adapter, _global_step.resolve(global_step), settings
 
 
 def _is_loss_callable(total_loss: Any) -> bool:
@@ -1374,7 +1331,7 @@ def create_train_step(
         (
             optimizer,
             # The variable: a new program global step is a new step to count in.
-            _resolve_global_step(global_step),
+            _global_step.resolve(global_step),
             summarize_gradients,
             gate_gradients,
             aggregation_method,
