@@ -57,7 +57,7 @@ def compiled_updates(optimizer):
     """The compiled updates that `create_train_step` keeps for `optimizer`."""
     return [
         update
-        for prepared, _ in trainop.train_op._STEP_CACHE.values()
+        for prepared, _ in trainop._eager.STEP_CACHE.values()
         if prepared.adapter.optimizer is optimizer
         for update, _ in prepared.updates.values()
     ]

@@ -183,7 +183,7 @@ class SkipNonFiniteSteps(tf.Module):
 
         It is not part of the guard's state: not checkpointed (a checkpoint of the guard holds
         its two counters, as before the flag existed), not in `variables`. The compiled train
-        op that reads it clears it in the same call (see `train_op._CompiledTrainOp`).
+        op that reads it clears it in the same call (see `_compile.CompiledTrainOp`).
         """
         if self._stop.variable is None:
             with tf.init_scope():
@@ -265,7 +265,7 @@ class LossCheckUnderXLA(SkipNonFiniteSteps):
     """`check_numerics=True` under `jit_compile=True`, where XLA compiles `CheckNumerics` and
     `Assert` away: a step whose loss is not finite sets the stop flag on the device, changing
     nothing else, and the compiled train op raises after the call (see
-    `train_op._CompiledTrainOp`)."""
+    `_compile.CompiledTrainOp`)."""
 
     checks_gradients = False
 

@@ -1,0 +1,130 @@
+"""Turning a step into the callable returned: the K-steps loop and XLA, with the wrapper
+that raises the numerics guard's errors after a compiled call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from trainop import (
+    summaries,
+)
+
+logger = logging.getLogger("trainop")
+
+
+def unless_stopped(
+    step_at: Callable[[tf.Tensor, tuple, dict], tf.Tensor], stop: tf.Variable
+) -> Callable[[tf.Tensor, tuple, dict], tf.Tensor]:
+    """`step_at`, run only while `stop` is False: the steps of a call after the one that
+    stopped it run nothing (not even the loss), as they never run uncompiled, where that step
+    raises. Their losses are NaN, never returned: the call raises."""
+
+    def step_unless_stopped(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+        return tf.cond(
+            stop,
+            lambda: tf.constant(np.nan, tf.float32),
+            lambda: tf.cast(step_at(i, args, kwargs), tf.float32),
+        )
+
+    return step_unless_stopped
+
+
+def steps_in_a_loop(
+    step_at: Callable[[tf.Tensor, tuple, dict], tf.Tensor], steps: int
+) -> Callable[..., Any]:
+    """`step_at(i, args, kwargs)` for i in range(`steps`), in a `tf.while_loop`.
+
+    `step_at` runs the step on the i-th batch of the arguments (see `batch_at`); the losses of
+    the steps come back stacked, as float32.
+    """
+
+    def run_steps(*args: Any, **kwargs: Any) -> tf.Tensor:
+        args, kwargs = tf.nest.map_structure(as_tensor_if_array, (args, kwargs))
+        # The loop body opens a name scope ("while/") that would prefix summary tags.
+        in_outer_scope = summaries.reentrant_name_scope()
+
+        def one_step(i: tf.Tensor, losses: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
+            with in_outer_scope():
+                loss = step_at(i, args, kwargs)
+            return i + 1, losses.write(i, tf.cast(loss, tf.float32))
+
+        _, losses = tf.while_loop(
+            lambda i, _: i < steps,
+            one_step,
+            (tf.constant(0), tf.TensorArray(tf.float32, size=steps, element_shape=[])),
+        )
+        return losses.stack()
+
+    return run_steps
+
+
+def batch_at(i: tf.Tensor, steps: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The i-th batch of each tensor argument, which holds `steps` along its first axis."""
+    for leaf in tf.nest.flatten((args, kwargs)):
+        rank = leaf.shape.rank if isinstance(leaf, tf.Tensor) else None
+        if rank is not None and (rank == 0 or leaf.shape[0] not in (None, steps)):
+            raise ValueError(
+                f"`steps_per_call={steps}`: every tensor argument must hold {steps} "
+                f"batches along its first axis (under a tf.distribute strategy, each "
+                f"replica's share). Received a tensor of shape {leaf.shape}"
+            )
+    return tf.nest.map_structure(lambda t: t[i] if isinstance(t, tf.Tensor) else t, (args, kwargs))
+
+
+def as_tensor_if_array(value: Any) -> Any:
+    return tf.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
+
+
+class CompiledTrainOp:
+    """A `jit_compile=True` train op: the `tf.function`, its numerics errors raised by Python.
+
+    XLA compiles `CheckNumerics` and `Assert` away, so under it a step that the numerics guard
+    would fail (a guard made from `check_numerics=True` checks the loss only) sets the guard's
+    stop flag on the device instead, changing nothing, and no later step of the call runs
+    (`SkipNonFiniteSteps.stopping_on_device`). The function returns the flag, read and cleared
+    at its end, and this raises what the uncompiled step would: the steps before the failing
+    one applied, the state otherwise unchanged, as there. It also names XLA's refusal of an op
+    it cannot compile, which comes only when the function first runs. Everything else is the
+    `tf.function`'s (`get_concrete_function`, `experimental_get_tracing_count`, ...).
+    """
+
+    def __init__(self, function: Any, guard: Any, step_name: str = "global step"):
+        self._function = function
+        self._guard = guard
+        # What the step the function returns counts, for the error.
+        self._step_name = step_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        guard = self._guard
+        if guard is None:
+            return self._call(*args, **kwargs)
+        result, stopped, consecutive, step = self._call(*args, **kwargs)
+        if bool(stopped):
+            # A step of -1: there is no counter.
+            raise guard.stopped_error(
+                int(consecutive), self._step_name, int(step) if int(step) >= 0 else None
+            )
+        return result
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._function(*args, **kwargs)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+            message = str(error)
+            if "XLA" not in message or "compil" not in message.lower():
+                raise
+            cause = next((line.strip() for line in message.splitlines() if "XLA" in line), message)
+            raise ValueError(
+                "`jit_compile=True`: XLA cannot compile this train step (an op of the loss, "
+                "a transform or an update op has no XLA kernel). Use jit_compile=False, or "
+                f"move that op out of the step. XLA says: {cause[:500]}"
+            ) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)

@@ -1,0 +1,188 @@
+"""The settings of a train op, checked: every build-time argument check of the two
+front-ends, and the settings they resolve to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from trainop import (
+    _accumulation,
+    _core,
+    _global_step,
+    _optimizers,
+    _variables,
+    numerics,
+)
+from trainop._checks import check_count
+
+logger = logging.getLogger("trainop")
+
+
+GATE_VALUES = (_core.GATE_NONE, _core.GATE_OP, _core.GATE_GRAPH)
+
+
+AGGREGATION_VALUES = (
+    tf.AggregationMethod.ADD_N,  # also tf.AggregationMethod.DEFAULT
+    tf.AggregationMethod.EXPERIMENTAL_TREE,
+    tf.AggregationMethod.EXPERIMENTAL_ACCUMULATE_N,
+)
+
+
+def check_choices(
+    gate_gradients: Any, aggregation_method: Any, summarize_every_n_steps: Any
+) -> None:
+    if type(gate_gradients) is not int or gate_gradients not in GATE_VALUES:
+        raise ValueError(
+            "`gate_gradients` must be tf.compat.v1.train.Optimizer.GATE_NONE (0), GATE_OP (1) or "
+            f"GATE_GRAPH (2). Received: gate_gradients={gate_gradients!r}"
+        )
+    if aggregation_method is not None and (
+        type(aggregation_method) is not int or aggregation_method not in AGGREGATION_VALUES
+    ):
+        raise ValueError(
+            "`aggregation_method` must be None or a tf.AggregationMethod value (ADD_N, "
+            "EXPERIMENTAL_TREE, EXPERIMENTAL_ACCUMULATE_N). "
+            f"Received: aggregation_method={aggregation_method!r}"
+        )
+    check_count("summarize_every_n_steps", summarize_every_n_steps, allow_none=True)
+
+
+def refuse_replicas() -> None:
+    """Raises inside a `tf.distribute` strategy's scope (cross-replica) in graph mode."""
+    if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():
+        # Without strategy.run, optimizers fail deep inside (no replica context) or, worse, the
+        # step would run once on unsplit inputs with the global step and loss scaling wrong.
+        raise ValueError(
+            "create_train_op with a loss Tensor inside a tf.distribute strategy's scope "
+            f"({type(tf.distribute.get_strategy()).__name__}) is not supported: pass the loss "
+            "as a callable in eager mode (the train op then runs it with strategy.run), or "
+            "call create_train_op inside the function you pass to strategy.run."
+        )
+
+
+def check_in_a_replica(settings: dict[str, Any]) -> None:
+    """Raises for what a train op built or called inside `strategy.run` cannot do on every
+    replica."""
+    if not _core.in_a_replica() or tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return
+    for name, asked in [
+        ("check_numerics", isinstance(settings["check_numerics"], numerics.SkipNonFiniteSteps)),
+        ("accumulation_steps", settings["accumulator"] is not None),
+    ]:
+        if asked:
+            # Both apply the update in a tf.cond, which replicas cannot synchronize inside.
+            raise ValueError(
+                f"`{name}`: a train op built or called inside strategy.run cannot skip or "
+                "delay the update on every replica at once. Build it in the strategy's scope "
+                "with the loss as a callable, and call it outside strategy.run: it then runs "
+                "strategy.run itself, and decides for all replicas."
+            )
+
+
+def check_callable_or_none(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")
+
+
+def check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
+    """Returns `variables` as a list, each once, after checking that each is trainable.
+
+    A variable listed twice (`actor.trainable_variables + critic.trainable_variables` with a
+    shared encoder) is trained once.
+    """
+    if _variables.is_variable(variables):
+        variables = [variables]
+    variables = tf.nest.flatten(variables)
+    if not variables:
+        raise ValueError("`variables_to_train` is empty: there is nothing to train.")
+    graph_trainable = {id(v) for v in tf.compat.v1.trainable_variables()} if in_graph else set()
+    for v in variables:
+        if not _variables.is_variable(v):
+            raise TypeError(
+                "`variables_to_train` must hold variables. "
+                f"Received an element of type {type(v).__name__}: {v!r:.200}"
+            )
+        if not (v.trainable or id(v) in graph_trainable):
+            raise ValueError(
+                "`variables_to_train` holds a variable that is not trainable: "
+                f"{_variables.variable_name(v)}. Create it with trainable=True or leave it out."
+            )
+    seen: set[int] = set()
+    unique = []
+    for v in variables:
+        if _variables.variable_key(v) not in seen:
+            seen.add(_variables.variable_key(v))
+            unique.append(v)
+    return unique
+
+
+def check_eager_update_ops(update_ops: Any) -> list[Callable[[], Any]]:
+    if update_ops is None:
+        return []
+    if callable(update_ops):
+        update_ops = [update_ops]
+    if not isinstance(update_ops, (list, tuple)) or not all(callable(op) for op in update_ops):
+        raise TypeError(
+            "`update_ops` must be a list of zero-argument callables in eager mode (there is no "
+            "UPDATE_OPS collection to run). "
+            f"Received: update_ops={update_ops!r:.200}"
+        )
+    return list(update_ops)
+
+
+def check_loss_tensor(total_loss: Any, through_total_loss_fn: bool) -> None:
+    if not isinstance(total_loss, tf.Tensor):
+        raise TypeError(
+            "`total_loss` must return a scalar loss tensor"
+            + (" (through `total_loss_fn`)" if through_total_loss_fn else "")
+            + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
+        )
+
+
+def prepare(
+    optimizer: Any,
+    global_step: Any,
+    transform_grads_fn: Any,
+    summarize_gradients: Any,
+    gate_gradients: Any,
+    aggregation_method: Any,
+    check_numerics: Any,
+    missing_gradients: Any,
+    summarize_every_n_steps: Any,
+    accumulation_steps: Any = 1,
+) -> tuple[_optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
+    adapter = _optimizers.OptimizerAdapter(optimizer)
+    check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
+    check_count("accumulation_steps", accumulation_steps)
+    check_callable_or_none("transform_grads_fn", transform_grads_fn)
+    if missing_gradients not in ("log", "raise"):
+        raise ValueError(
+            "`missing_gradients` must be 'log' or 'raise'. "
+            f"Received: missing_gradients={missing_gradients!r}"
+        )
+    settings = dict(
+        transform_grads_fn=transform_grads_fn,
+        summarize_gradients=bool(summarize_gradients),
+        gate_gradients=gate_gradients,
+        aggregation_method=aggregation_method,
+        check_numerics=numerics.resolve_check_numerics(check_numerics, optimizer),
+        missing_gradients=missing_gradients,
+        summarize_every_n_steps=(
+            None if summarize_every_n_steps is None else int(summarize_every_n_steps)
+        ),
+        accumulator=(
+            _accumulation.GradientAccumulator(int(accumulation_steps))
+            if accumulation_steps > 1
+            else None
+        ),
+    )
+    return adapter, _global_step.resolve(global_step), settings
+
+
+def is_loss_callable(total_loss: Any) -> bool:
+    return callable(total_loss) and not isinstance(total_loss, (tf.Tensor, tf.Variable))

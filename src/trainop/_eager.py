@@ -1,0 +1,417 @@
+"""The eager front-end: the per-replica step (the loss called under a tape, the variables
+it reads found, the eager update ops), composed with the layers of `_distribute` and
+`_compile`; and the step cache of `create_train_step`, which calls the loss eagerly and
+compiles only what follows the gradients.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from trainop import (
+    _compile,
+    _config,
+    _core,
+    _distribute,
+    _gradients,
+    _optimizers,
+    _variables,
+    numerics,
+    summaries,
+)
+
+logger = logging.getLogger("trainop")
+
+
+@tf.autograph.experimental.do_not_convert
+def variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> list[Any]:
+    """`variables_to_train` (called and checked, if a callable), else the trainable variables
+    that `tape` saw the loss read.
+
+    Raises:
+      ValueError: if none is given and the loss read none.
+    """
+    if callable(variables_to_train):
+        return _config.check_variables_to_train(variables_to_train(), in_graph=False)
+    if variables_to_train is not None:
+        return variables_to_train
+    watched = list(tape.watched_variables())
+    # The tape sees the `tf.Variable` inside each Keras 3 variable, whose own `trainable` flag
+    # Keras never updates (`layer.trainable = False` sets the Keras variable's only): the
+    # Keras variable, with its flag and its constraint, is the one to train.
+    variables = [v for v in keras_owners(watched) if v.trainable]
+    if not variables:
+        raise ValueError(
+            "`variables_to_train` is None and the loss reads no trainable variable: there is "
+            "nothing to train."
+            + (" (The variables it reads belong to frozen Keras layers.)" if watched else "")
+        )
+    return variables
+
+
+# id(tf.Variable) -> (the tf.Variable, the Keras 3 variable wrapping it), both weakly held.
+KERAS_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+# Plain Python, called while a step is traced: autograph must not convert it (on the objects
+# that gc.get_referrers returns, its converted calls are unsafe).
+@tf.autograph.experimental.do_not_convert
+def keras_owners(tf_variables: list[Any]) -> list[Any]:
+    """Each of `tf_variables`, or the Keras 3 variable that wraps it (as `_value`) if any.
+
+    A `tf.Variable` holds no reference to the Keras 3 variable that wraps it, and Keras keeps
+    no registry of its variables, so the wrapper is found among the objects that refer to the
+    `tf.Variable` (`gc.get_referrers`, one pass over the heap for all of them). Every live
+    Keras variable is found, whoever holds it; a wrapper is taken only if its `_value` is the
+    very `tf.Variable`. Found wrappers are remembered (weakly, checked again on each use), so
+    a step that reads the same variables again scans nothing.
+    """
+    keras_variable = _variables.keras3_variable_type()
+    if keras_variable is None or not tf_variables:
+        return list(tf_variables)
+    owners: dict[int, Any] = {}
+    unknown = []
+    for v in tf_variables:
+        refs = KERAS_OWNERS.get(id(v))
+        owner = refs[1]() if refs is not None and refs[0]() is v else None
+        if owner is not None and getattr(owner, "_value", None) is v:
+            owners[id(v)] = owner
+        else:
+            unknown.append(v)
+    if unknown:
+        wanted = {id(v): v for v in unknown}
+        dicts = []
+        for referrer in gc.get_referrers(*unknown):
+            if isinstance(referrer, keras_variable):
+                found = getattr(referrer, "_value", None)
+                if found is not None and wanted.get(id(found)) is found:
+                    owners[id(found)] = referrer
+            elif isinstance(referrer, dict):
+                found = referrer.get("_value")
+                if found is not None and wanted.get(id(found)) is found:
+                    dicts.append(referrer)
+        if dicts:
+            # An instance whose `__dict__` has been made refers to its attributes through it.
+            for referrer in gc.get_referrers(*dicts):
+                if isinstance(referrer, keras_variable):
+                    found = getattr(referrer, "_value", None)
+                    if found is not None and wanted.get(id(found)) is found:
+                        owners[id(found)] = referrer
+        for v in unknown:
+            if id(v) in owners:
+                key = id(v)
+                KERAS_OWNERS[key] = (
+                    weakref.ref(v, lambda _, key=key: KERAS_OWNERS.pop(key, None)),
+                    weakref.ref(owners[key]),
+                )
+    return [owners.get(id(v), v) for v in tf_variables]
+
+
+def create_eager_train_op(
+    loss_fn: Callable[..., Any],
+    adapter: _optimizers.OptimizerAdapter,
+    global_step: tf.Variable | None,
+    update_ops: Any,
+    variables_to_train: Any,
+    settings: dict[str, Any],
+    total_loss_fn: Callable[[Any], Any] | None = None,
+    jit_compile: bool = False,
+    steps_per_call: int = 1,
+) -> Callable[..., Any]:
+    update_fns = _config.check_eager_update_ops(update_ops)
+    strategy = _distribute.replicated_strategy(global_step)
+    if variables_to_train is not None and not callable(variables_to_train):
+        variables_to_train = _config.check_variables_to_train(variables_to_train, in_graph=False)
+        adapter.build(variables_to_train)
+    elif strategy is not None:
+        raise ValueError(
+            "`variables_to_train` must be a list of variables under a tf.distribute strategy: "
+            "the optimizer's state is made before the first step, in the strategy's scope. "
+            "Pass model.trainable_variables."
+        )
+    reported_missing: set[str] = set()
+
+    def run_update_ops() -> list[Any]:
+        return [fn() for fn in update_fns]
+
+    def loss_and_variables(*args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
+        """The loss structure, the loss to minimize and the variables to train."""
+        if jit_compile and strategy is None and summaries.writes_v2_summaries():
+            raise ValueError(
+                "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
+                "summary writes. Build and first call the train op without a default writer, "
+                "or with jit_compile=False."
+            )
+        # The trainable variables that the loss reads, should none be given.
+        with tf.GradientTape() as tape:
+            loss = loss_fn(*args, **kwargs)
+            total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
+        _config.check_loss_tensor(total_loss, total_loss_fn is not None)
+        return loss, total_loss, variables_given_or_read(variables_to_train, tape)
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        # Built outside a strategy's scope, the train op may still be called in strategy.run.
+        _config.check_in_a_replica(settings)
+        loss, total_loss, variables = loss_and_variables(*args, **kwargs)
+        trained_loss = _core.build_step(
+            total_loss,
+            adapter,
+            variables,
+            global_step=global_step,
+            before_update=run_update_ops,
+            reported_missing=reported_missing,
+            **settings,
+        )
+        if total_loss_fn is None:
+            return trained_loss
+        # Every stateful op in a tf.function runs before it returns: the structure is
+        # returned as computed, before the update.
+        return loss
+
+    guard = settings["check_numerics"]
+    if strategy is not None:
+        step_fn = _distribute.across_replicas(
+            loss_and_variables,
+            strategy,
+            adapter,
+            global_step,
+            settings,
+            run_update_ops,
+            reported_missing,
+            jit_compile,
+            steps_per_call,
+        )
+        # Only each replica's loss and gradients are compiled: errors need naming, no more.
+        return (
+            _compile.CompiledTrainOp(tf.function(step_fn), None)
+            if jit_compile
+            else tf.function(step_fn)
+        )
+    step_fn = train_step
+    # Under XLA, which compiles Assert away, a step that would raise sets the guard's stop flag
+    # instead (changing nothing), and the call raises once it returns.
+    skips = isinstance(guard, numerics.SkipNonFiniteSteps)
+    stop = guard.stop_flag() if jit_compile and skips else None
+    if steps_per_call > 1:
+
+        def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+            step_args, step_kwargs = _compile.batch_at(i, steps_per_call, args, kwargs)
+            return train_step(*step_args, **step_kwargs)
+
+        step_fn = _compile.steps_in_a_loop(
+            step_at if stop is None else _compile.unless_stopped(step_at, stop), steps_per_call
+        )
+    if not jit_compile:
+        return tf.function(step_fn)
+    if stop is None:
+        return _compile.CompiledTrainOp(tf.function(step_fn, jit_compile=True), None)
+
+    def step_and_counts(*args: Any, **kwargs: Any) -> Any:
+        with guard.stopping_on_device():
+            result = step_fn(*args, **kwargs)
+        # Read after the step's updates (automatic control dependencies keep the order), and
+        # returned: Python reads them from the outputs, not with more ops. The flag is cleared
+        # in the call that set it: between calls it is always False.
+        stopped = stop.read_value()
+        with tf.control_dependencies([stopped]):
+            stop.assign(False, read_value=False)
+        counter = global_step if global_step is not None else adapter.iterations
+        return (
+            result,
+            stopped,
+            guard.consecutive_skipped_steps.read_value(),
+            # The step the stopped step was at (neither it nor the ones after it counted).
+            tf.cast(counter, tf.int64) if counter is not None else tf.constant(-1, tf.int64),
+        )
+
+    step_name = "global step" if global_step is not None else "optimizer step"
+    return _compile.CompiledTrainOp(
+        tf.function(step_and_counts, jit_compile=True), guard, step_name
+    )
+
+
+# What `create_train_step` keeps between its calls in eager mode: per optimizer and settings,
+# the prepared step (the numerics guard it counts in, the optimizer state it built) and its
+# compiled updates, one per set of variables. Never the loss: it is called afresh every time.
+# An entry holds its optimizer and variables, so a weakly keyed cache would never let them go;
+# this one keeps the most recently used few.
+STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+STEP_CACHE_SIZE = 8
+
+
+def identity_key(value: Any, referents: list[Any]) -> Any:
+    """A hashable key for `value`: scalars by type and value, anything else by identity.
+
+    Each object keyed by identity is appended to `referents`, for the cache entry to keep: an
+    object kept alive cannot lend its id to a newer one, which would find a stale entry.
+    """
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(identity_key(v, referents) for v in value))
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        # The type too: True == 1, but they are not the same setting.
+        return (type(value).__name__, value)
+    referents.append(value)
+    return ("id", id(value))
+
+
+def cached_eager_step(
+    cache: collections.OrderedDict,
+    key: Any,
+    referents: list[Any],
+    build: Callable[[], Any],
+    size: int = STEP_CACHE_SIZE,
+) -> Any:
+    """`cache[key]`, built and kept with `referents` if missing; the least recent goes."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key][0]
+    value = build()
+    cache[key] = (value, tuple(referents))
+    if len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+def summary_state_key(referents: list[Any], reads_default_step: bool) -> Any:
+    """What a traced step reads of the `tf.summary` state when a default writer is set: the
+    writer, the recording condition and, if `reads_default_step` (the step has neither a
+    global step nor an optimizer counter to write at), the default step; a Python value among
+    them is traced in as a constant."""
+    if not summaries.writes_v2_summaries():
+        return None
+    # TensorFlow has no public way to read them.
+    from tensorflow.python.ops import summary_ops_v2
+
+    state = summary_ops_v2._summary_state
+    step = state.step if reads_default_step else None
+    return identity_key((state.writer, state.is_recording, step), referents)
+
+
+class PreparedStep:
+    """What `create_train_step` keeps for one optimizer and one set of settings."""
+
+    def __init__(
+        self,
+        adapter: _optimizers.OptimizerAdapter,
+        global_step: tf.Variable | None,
+        settings: dict[str, Any],
+    ):
+        self.adapter = adapter
+        self.global_step = global_step
+        self.settings = settings
+        self.reported_missing: set[str] = set()
+        # The variables the optimizer's state was built for, by `_variables.variable_key`; kept,
+        # so that no other variable is given the key of one gone.
+        self.built: dict[int, Any] = {}
+        self.updates: collections.OrderedDict = collections.OrderedDict()
+
+    def build(self, variables: list[Any]) -> None:
+        if any(_variables.variable_key(v) not in self.built for v in variables):
+            self.adapter.build(variables)
+            self.built.update((_variables.variable_key(v), v) for v in variables)
+
+    def compiled_update(
+        self,
+        variables: list[Any],
+        transformed_variables: list[Any] | None,
+        update_fns: list[Callable[[], Any]],
+    ) -> Callable[..., Any]:
+        """The rest of the step, compiled: `update(total_loss, grads, transformed_grads)`.
+
+        It runs the numerics guard, the summaries, the update ops and the update on the
+        gradients of `variables` (and, after `transform_grads_fn`, of `transformed_variables`)
+        that it is given, and counts the step. With update ops, which are the caller's code
+        traced into it, it is traced afresh on every call.
+        """
+
+        def update(total_loss: tf.Tensor, grads: list[Any], transformed_grads: Any) -> tf.Tensor:
+            settings = dict(self.settings, transform_grads_fn=None)
+            if transformed_variables is not None:
+                # Transformed already, eagerly, on this call's gradients: the step takes them.
+                settings["transform_grads_fn"] = lambda pairs: list(
+                    zip(transformed_grads, transformed_variables)
+                )
+            return _core.build_step(
+                total_loss,
+                self.adapter,
+                variables,
+                global_step=self.global_step,
+                grads_and_vars=list(zip(grads, variables)),
+                before_update=lambda: [fn() for fn in update_fns],
+                reported_missing=self.reported_missing,
+                **settings,
+            )
+
+        def build() -> Callable[..., Any]:
+            # The gradients of an embedding are IndexedSlices whose row count varies.
+            return tf.function(update, reduce_retracing=True)
+
+        if update_fns:
+            return build()
+        referents: list[Any] = []
+        key = (
+            identity_key(variables, referents),
+            identity_key(transformed_variables, referents),
+            summary_state_key(
+                referents, self.global_step is None and self.adapter.iterations is None
+            ),
+        )
+        return cached_eager_step(self.updates, key, referents, build)
+
+
+def eager_loss_and_gradients(
+    loss: Callable[[], Any],
+    total_loss_fn: Callable[[Any], Any],
+    prepared: PreparedStep,
+    variables_to_train: Any,
+) -> tuple[Any, tf.Tensor, list[tuple[Any, Any]]]:
+    """Calls `loss()` now and takes the gradients, with a `tf.GradientTape`, as TF-Agents does.
+
+    Returns the loss structure, the loss to minimize and the (gradient, variable) pairs, the
+    gradients unscaled if the optimizer scales the loss. Nothing has changed yet.
+    """
+    adapter = prepared.adapter
+    if adapter.computes_gradients:
+        # Its minimize calls it; a GradientTape would silently bypass it.
+        raise ValueError(
+            "`optimizer` overrides compute_gradients, which create_train_step in eager mode "
+            "does not call: it takes the gradients with a GradientTape, as TF-Agents does. Use "
+            "create_train_op with the loss as a callable, whose step calls the optimizer's "
+            f"compute_gradients. Received: optimizer={adapter.optimizer!r:.200}"
+        )
+    with tf.GradientTape() as tape:
+        loss_value = loss()
+        total_loss = total_loss_fn(loss_value)
+        with tape.stop_recording():
+            _config.check_loss_tensor(total_loss, through_total_loss_fn=True)
+            _core.check_loss(total_loss)
+            variables = variables_given_or_read(variables_to_train, tape)
+            variables = _config.check_variables_to_train(variables, in_graph=False)
+            prepared.build(variables)
+            loss_scale = adapter.gradient_scale()
+        if loss_scale is not None:
+            # Mixed precision, or a loss_scale_factor: the gradients of the scaled loss,
+            # unscaled (as in the core).
+            minimized = total_loss * tf.cast(loss_scale, total_loss.dtype)
+        else:
+            minimized = total_loss
+    grads = tape.gradient(minimized, [_variables.as_tf_variable(v) for v in variables])
+    if loss_scale is not None:
+        grads = [_gradients.scale(g, loss_scale, divide=True) for g in grads]
+    return loss_value, total_loss, list(zip(grads, variables))
+
+
+def identity(x: Any) -> Any:
+    return x
