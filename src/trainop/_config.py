@@ -4,6 +4,7 @@ front-ends, and the settings they resolve to.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -65,14 +66,14 @@ def refuse_replicas() -> None:
         )
 
 
-def check_in_a_replica(settings: dict[str, Any]) -> None:
+def check_in_a_replica(config: StepConfig) -> None:
     """Raises for what a train op built or called inside `strategy.run` cannot do on every
     replica."""
     if not _core.in_a_replica() or tf.distribute.get_strategy().num_replicas_in_sync == 1:
         return
     for name, asked in [
-        ("check_numerics", isinstance(settings["check_numerics"], numerics.SkipNonFiniteSteps)),
-        ("accumulation_steps", settings["accumulator"] is not None),
+        ("check_numerics", isinstance(config.check_numerics, numerics.SkipNonFiniteSteps)),
+        ("accumulation_steps", config.accumulator is not None),
     ]:
         if asked:
             # Both apply the update in a tf.cond, which replicas cannot synchronize inside.
@@ -144,7 +145,39 @@ def check_loss_tensor(total_loss: Any, through_total_loss_fn: bool) -> None:
         )
 
 
-def prepare(
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepConfig:
+    """The settings of a train op, checked and resolved once, when it is built (`resolve`).
+
+    Attributes:
+      adapter: applies the gradients with the caller's optimizer.
+      global_step: the integer variable counted once per applied update, or None.
+      transform_grads_fn: maps the (gradient, variable) pairs before they are applied, or None.
+      summarize_gradients: whether to write a histogram and a norm per gradient.
+      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
+      aggregation_method: a `tf.AggregationMethod` value, or None.
+      check_numerics: True (an inf or NaN loss raises before anything changes), False, or the
+        `SkipNonFiniteSteps` guard that skips a step whose loss or gradients are not finite.
+      missing_gradients: 'log' or 'raise', for a variable without gradient.
+      summarize_every_n_steps: the train summaries are written at its multiples only; None:
+        at every step.
+      accumulator: sums the gradients of `accumulator.steps` calls and applies their mean, or
+        None.
+    """
+
+    adapter: _optimizers.OptimizerAdapter
+    global_step: tf.Variable | None
+    transform_grads_fn: Callable[[list], list] | None
+    summarize_gradients: bool
+    gate_gradients: int
+    aggregation_method: int | None
+    check_numerics: bool | numerics.SkipNonFiniteSteps
+    missing_gradients: str
+    summarize_every_n_steps: int | None
+    accumulator: _accumulation.GradientAccumulator | None
+
+
+def resolve(
     optimizer: Any,
     global_step: Any,
     transform_grads_fn: Any,
@@ -155,7 +188,13 @@ def prepare(
     missing_gradients: Any,
     summarize_every_n_steps: Any,
     accumulation_steps: Any = 1,
-) -> tuple[_optimizers.OptimizerAdapter, tf.Variable | None, dict[str, Any]]:
+) -> StepConfig:
+    """Checks the arguments shared by `create_train_op` and `create_train_step`, and resolves
+    them: the optimizer's adapter, the global step variable, the numerics guard.
+
+    Raises:
+      ValueError, TypeError: an argument is bad; the error names it.
+    """
     adapter = _optimizers.OptimizerAdapter(optimizer)
     check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
     check_count("accumulation_steps", accumulation_steps)
@@ -165,7 +204,9 @@ def prepare(
             "`missing_gradients` must be 'log' or 'raise'. "
             f"Received: missing_gradients={missing_gradients!r}"
         )
-    settings = dict(
+    return StepConfig(
+        adapter=adapter,
+        global_step=_global_step.resolve(global_step),
         transform_grads_fn=transform_grads_fn,
         summarize_gradients=bool(summarize_gradients),
         gate_gradients=gate_gradients,
@@ -181,7 +222,6 @@ def prepare(
             else None
         ),
     )
-    return adapter, _global_step.resolve(global_step), settings
 
 
 def is_loss_callable(total_loss: Any) -> bool:

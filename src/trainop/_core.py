@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
 from trainop import (
-    _accumulation,
     _global_step,
     _gradients,
     _optimizers,
@@ -28,6 +27,9 @@ from trainop import (
 )
 
 logger = logging.getLogger("trainop")
+
+if TYPE_CHECKING:
+    from trainop._config import StepConfig
 
 GATE_NONE = tf.compat.v1.train.Optimizer.GATE_NONE
 GATE_OP = tf.compat.v1.train.Optimizer.GATE_OP
@@ -195,20 +197,11 @@ def step_gradients(
 @tf.autograph.experimental.do_not_convert
 def build_step(
     total_loss: tf.Tensor,
-    adapter: _optimizers.OptimizerAdapter,
+    config: StepConfig,
     variables: Sequence[Any],
     *,
-    global_step: tf.Variable | None,
-    transform_grads_fn: Callable[[list], list] | None,
-    summarize_gradients: bool,
-    gate_gradients: int,
-    aggregation_method: int | None,
-    check_numerics: bool | numerics.SkipNonFiniteSteps,
     before_update: Callable[[], Sequence[Any]] | None = None,
     reported_missing: set[str] | None = None,
-    missing_gradients: str = "log",
-    summarize_every_n_steps: int | None = None,
-    accumulator: _accumulation.GradientAccumulator | None = None,
     grads_and_vars: list[tuple[Any, Any]] | None = None,
     all_replicas_finite: tf.Tensor | None = None,
     apply_gradients: Callable[[list[tuple[Any, Any]], bool], list[Any]] | None = None,
@@ -217,23 +210,13 @@ def build_step(
 
     Args:
       total_loss: the scalar loss, a tensor of the current graph.
-      adapter: applies the gradients with the caller's optimizer.
+      config: the train op's settings (`_config.StepConfig`): the optimizer's adapter, the
+        global step, the transform, summaries, numerics check and accumulation.
       variables: the variables to train (non-empty).
-      global_step: incremented once when the update is applied, or None.
-      transform_grads_fn: maps the (gradient, variable) pairs before they are applied.
-      summarize_gradients: whether to write a histogram and a norm per gradient.
-      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`.
-      aggregation_method: a `tf.AggregationMethod` value or None.
-      check_numerics: True: an inf or NaN loss raises before anything changes. A
-        `SkipNonFiniteSteps`: a step whose loss or gradients are not finite changes nothing.
       before_update: called, after the numerics check and before the gradients are applied,
         to add the caller's update ops; returns them.
       reported_missing: names of variables without gradient already logged for this train op;
         names logged now are added.
-      missing_gradients: 'log' or 'raise', for variables without gradient.
-      summarize_every_n_steps: write summaries only at steps that are multiples of it.
-      accumulator: if given, this call's gradients are added to it, and the update (transform,
-        summaries, update ops, apply) runs on the mean of every `accumulator.steps` calls.
       grads_and_vars: the gradients, from `step_gradients`, if they are computed already.
       all_replicas_finite: under a `tf.distribute` strategy, whether the gradients of every
         replica are finite: a loss-scale optimizer, which decides on the first replica's
@@ -244,6 +227,7 @@ def build_step(
     Returns:
       `total_loss`, which once evaluated has run the whole step.
     """
+    adapter, global_step = config.adapter, config.global_step
     # Decided before any tf.cond: a cond branch is a function graph even in a v1 graph.
     in_function = tf.inside_function()
     if grads_and_vars is None:
@@ -251,27 +235,29 @@ def build_step(
             total_loss,
             adapter,
             variables,
-            gate_gradients,
-            aggregation_method,
+            config.gate_gradients,
+            config.aggregation_method,
             reported_missing,
-            missing_gradients,
+            config.missing_gradients,
         )
     loss_scale = adapter.loss_scale()
     step = _global_step.summary_step(global_step, adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
     # In a tf.compat.v1 graph without a v2 writer, gradient summaries are TF1 summaries that the
     # caller's loop fetches from the SUMMARIES collection: built beside the step, not in it.
-    tf1_summaries = summarize_gradients and not in_function and not summaries.writes_v2_summaries()
+    tf1_summaries = (
+        config.summarize_gradients and not in_function and not summaries.writes_v2_summaries()
+    )
 
     def transform(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        if transform_grads_fn is None:
+        if config.transform_grads_fn is None:
             return pairs
-        return check_transformed(transform_grads_fn(pairs), pairs)
+        return check_transformed(config.transform_grads_fn(pairs), pairs)
 
     def accumulate() -> list[Any]:
         # The update, its transform and its summaries see the means of the window.
         return [
-            accumulator.add_and_maybe_apply(
+            config.accumulator.add_and_maybe_apply(
                 grads_and_vars,
                 total_loss,
                 lambda means, mean_loss: update(transform(means), means, mean_loss),
@@ -292,8 +278,8 @@ def build_step(
                     transformed,
                     step,
                     learning_rate=adapter.learning_rate,
-                    summarize_gradients=summarize_gradients,
-                    every_n_steps=summarize_every_n_steps,
+                    summarize_gradients=config.summarize_gradients,
+                    every_n_steps=config.summarize_every_n_steps,
                 )
             update_ops = list(before_update()) if before_update is not None else []
             present = _present_gradients(transformed)
@@ -322,15 +308,15 @@ def build_step(
         transformed = transform(grads_and_vars)
         return update(transformed)
 
-    if isinstance(check_numerics, numerics.SkipNonFiniteSteps):
-        check_numerics.check_context()
+    if isinstance(config.check_numerics, numerics.SkipNonFiniteSteps):
+        config.check_numerics.check_context()
         step_name = "global step" if global_step is not None else "optimizer step"
-        if loss_scale is not None or not check_numerics.checks_gradients:
+        if loss_scale is not None or not config.check_numerics.checks_gradients:
             # An overflow of the scaled gradients is the loss-scale optimizer's to skip; the
             # guard looks at the loss.
             finite = tf.math.is_finite(total_loss)
-            run_update = accumulate if accumulator is not None else transform_and_update
-        elif accumulator is not None:
+            run_update = accumulate if config.accumulator is not None else transform_and_update
+        elif config.accumulator is not None:
             # Each call's own gradients: a bad call adds nothing to the sums.
             finite = numerics.all_finite(total_loss, [g for g, _ in grads_and_vars])
             run_update = accumulate
@@ -340,14 +326,16 @@ def build_step(
             transformed = transform(grads_and_vars)
             finite = numerics.all_finite(total_loss, [g for g, _ in transformed])
             run_update = lambda: update(transformed)  # noqa: E731
-        done = [check_numerics.update_if_finite(finite, run_update, step, step_name=step_name)]
-    elif check_numerics:
+        done = [
+            config.check_numerics.update_if_finite(finite, run_update, step, step_name=step_name)
+        ]
+    elif config.check_numerics:
         total_loss = numerics.check_loss_is_finite(total_loss)
         # Everything that changes state waits for the check: a failed check changes nothing.
         with tf.control_dependencies([total_loss]):
-            done = accumulate() if accumulator is not None else transform_and_update()
+            done = accumulate() if config.accumulator is not None else transform_and_update()
     else:
-        done = accumulate() if accumulator is not None else transform_and_update()
+        done = accumulate() if config.accumulator is not None else transform_and_update()
     if tf1_summaries:
         # Beside the step, for the caller's loop to fetch; named as TF-Slim's train op names
         # them.

@@ -4,6 +4,7 @@ its replicas (each replica's loss and gradients, one decision for all of them, t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +13,8 @@ import tensorflow as tf
 
 from trainop import (
     _compile,
+    _config,
     _core,
-    _optimizers,
     _replica_loss,
     numerics,
     summaries,
@@ -48,9 +49,7 @@ def replicated_strategy(global_step: tf.Variable | None) -> Any:
 def across_replicas(
     loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
     strategy: Any,
-    adapter: _optimizers.OptimizerAdapter,
-    global_step: tf.Variable | None,
-    settings: dict[str, Any],
+    config: _config.StepConfig,
     before_update: Callable[[], list[Any]],
     reported_missing: set[str],
     jit_compile: bool,
@@ -80,7 +79,8 @@ def across_replicas(
     the rest holds the synchronizations that XLA compiles only on GPUs, and the numerics
     checks, which it drops.
     """
-    guard = settings["check_numerics"]
+    adapter, global_step = config.adapter, config.global_step
+    guard = config.check_numerics
     skips = isinstance(guard, numerics.SkipNonFiniteSteps)
     scaled = adapter.loss_scale() is not None
     # The variables that have a gradient: the same on every replica, known once traced.
@@ -96,10 +96,10 @@ def across_replicas(
             total_loss,
             adapter,
             variables,
-            settings["gate_gradients"],
-            settings["aggregation_method"],
+            config.gate_gradients,
+            config.aggregation_method,
             reported_missing,
-            settings["missing_gradients"],
+            config.missing_gradients,
         )
         present = [(g, v) for g, v in grads_and_vars if g is not None]
         trained[:] = [v for _, v in present]
@@ -122,13 +122,11 @@ def across_replicas(
         with tf.control_dependencies([checked] if checked is not None else []):
             return _core.build_step(
                 total_loss,
-                adapter,
+                dataclasses.replace(config, check_numerics=False),
                 trained,
-                global_step=global_step,
                 grads_and_vars=list(zip(grads, trained)),
                 all_replicas_finite=grads_finite if scaled else None,
                 reported_missing=reported_missing,
-                **dict(settings, check_numerics=False),
             )
 
     def apply_summed(pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
@@ -153,8 +151,8 @@ def across_replicas(
     def distributed_step(select: Callable[..., tuple], args: tuple, kwargs: dict) -> tf.Tensor:
         """The step on the batches that `select(args, kwargs)` picks on each replica."""
         summed_first = (
-            settings["transform_grads_fn"] is not None
-            or settings["accumulator"] is not None
+            config.transform_grads_fn is not None
+            or config.accumulator is not None
             or summaries.writes_v2_summaries()
             or adapter.clips_gradients
         )
@@ -192,14 +190,12 @@ def across_replicas(
             with tf.device(summed[0][0].device):
                 return _core.build_step(
                     loss,
-                    adapter,
+                    config,
                     trained,
-                    global_step=global_step,
                     grads_and_vars=summed,
                     apply_gradients=apply_summed,
                     before_update=before_update,
                     reported_missing=reported_missing,
-                    **settings,
                 )
 
         grads_finite = None

@@ -7,6 +7,7 @@ compiles only what follows the gradients.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import weakref
@@ -22,7 +23,6 @@ from trainop import (
     _core,
     _distribute,
     _gradients,
-    _optimizers,
     _variables,
     numerics,
     summaries,
@@ -117,15 +117,14 @@ def keras_owners(tf_variables: list[Any]) -> list[Any]:
 
 def create_eager_train_op(
     loss_fn: Callable[..., Any],
-    adapter: _optimizers.OptimizerAdapter,
-    global_step: tf.Variable | None,
+    config: _config.StepConfig,
     update_ops: Any,
     variables_to_train: Any,
-    settings: dict[str, Any],
     total_loss_fn: Callable[[Any], Any] | None = None,
     jit_compile: bool = False,
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
+    adapter, global_step = config.adapter, config.global_step
     update_fns = _config.check_eager_update_ops(update_ops)
     strategy = _distribute.replicated_strategy(global_step)
     if variables_to_train is not None and not callable(variables_to_train):
@@ -159,16 +158,14 @@ def create_eager_train_op(
 
     def train_step(*args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
-        _config.check_in_a_replica(settings)
+        _config.check_in_a_replica(config)
         loss, total_loss, variables = loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,
-            adapter,
+            config,
             variables,
-            global_step=global_step,
             before_update=run_update_ops,
             reported_missing=reported_missing,
-            **settings,
         )
         if total_loss_fn is None:
             return trained_loss
@@ -176,14 +173,12 @@ def create_eager_train_op(
         # returned as computed, before the update.
         return loss
 
-    guard = settings["check_numerics"]
+    guard = config.check_numerics
     if strategy is not None:
         step_fn = _distribute.across_replicas(
             loss_and_variables,
             strategy,
-            adapter,
-            global_step,
-            settings,
+            config,
             run_update_ops,
             reported_missing,
             jit_compile,
@@ -302,15 +297,9 @@ def summary_state_key(referents: list[Any], reads_default_step: bool) -> Any:
 class PreparedStep:
     """What `create_train_step` keeps for one optimizer and one set of settings."""
 
-    def __init__(
-        self,
-        adapter: _optimizers.OptimizerAdapter,
-        global_step: tf.Variable | None,
-        settings: dict[str, Any],
-    ):
-        self.adapter = adapter
-        self.global_step = global_step
-        self.settings = settings
+    def __init__(self, config: _config.StepConfig):
+        self.config = config
+        self.adapter = config.adapter
         self.reported_missing: set[str] = set()
         # The variables the optimizer's state was built for, by `_variables.variable_key`; kept,
         # so that no other variable is given the key of one gone.
@@ -337,21 +326,22 @@ class PreparedStep:
         """
 
         def update(total_loss: tf.Tensor, grads: list[Any], transformed_grads: Any) -> tf.Tensor:
-            settings = dict(self.settings, transform_grads_fn=None)
-            if transformed_variables is not None:
-                # Transformed already, eagerly, on this call's gradients: the step takes them.
-                settings["transform_grads_fn"] = lambda pairs: list(
-                    zip(transformed_grads, transformed_variables)
-                )
+            # Transformed already, eagerly, on this call's gradients: the step takes them.
+            config = dataclasses.replace(
+                self.config,
+                transform_grads_fn=(
+                    None
+                    if transformed_variables is None
+                    else lambda pairs: list(zip(transformed_grads, transformed_variables))
+                ),
+            )
             return _core.build_step(
                 total_loss,
-                self.adapter,
+                config,
                 variables,
-                global_step=self.global_step,
                 grads_and_vars=list(zip(grads, variables)),
                 before_update=lambda: [fn() for fn in update_fns],
                 reported_missing=self.reported_missing,
-                **settings,
             )
 
         def build() -> Callable[..., Any]:
@@ -365,7 +355,7 @@ class PreparedStep:
             identity_key(variables, referents),
             identity_key(transformed_variables, referents),
             summary_state_key(
-                referents, self.global_step is None and self.adapter.iterations is None
+                referents, self.config.global_step is None and self.adapter.iterations is None
             ),
         )
         return cached_eager_step(self.updates, key, referents, build)

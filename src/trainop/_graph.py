@@ -12,7 +12,6 @@ import tensorflow as tf
 from trainop import (
     _config,
     _core,
-    _optimizers,
 )
 
 logger = logging.getLogger("trainop")
@@ -46,13 +45,11 @@ def graph_update_ops(update_ops: Any) -> list[Any]:
 
 def create_graph_train_op(
     total_loss: tf.Tensor,
-    adapter: _optimizers.OptimizerAdapter,
-    global_step: tf.Variable | None,
+    config: _config.StepConfig,
     update_ops: Any,
     variables_to_train: Any,
-    settings: dict[str, Any],
 ) -> tf.Tensor:
-    _config.check_in_a_replica(settings)
+    _config.check_in_a_replica(config)
     update_ops = graph_update_ops(update_ops)
     if update_ops:
         # The loss is returned only once the update ops (batch-norm statistics...) have run.
@@ -72,7 +69,7 @@ def create_graph_train_op(
             )
     variables = _config.check_variables_to_train(variables_to_train, in_graph=True)
 
-    train_op = _core.build_step(total_loss, adapter, variables, global_step=global_step, **settings)
+    train_op = _core.build_step(total_loss, config, variables)
     if not tf.inside_function():
         # TF-Slim's loop finds the train op here. (Compared by identity: `==` on tensors is
         # element-wise.)

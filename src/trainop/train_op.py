@@ -14,6 +14,7 @@ The arguments are checked and resolved by `_config`; the step itself is `_core.b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -166,7 +167,7 @@ def create_train_op(
     if not isinstance(jit_compile, (bool, np.bool_)):
         raise TypeError(f"`jit_compile` must be True or False. Received: {jit_compile!r}")
     check_count("steps_per_call", steps_per_call)
-    adapter, step, settings = _config.prepare(
+    config = _config.resolve(
         optimizer,
         global_step,
         transform_grads_fn,
@@ -179,8 +180,8 @@ def create_train_op(
         accumulation_steps,
     )
     if tf.executing_eagerly():
-        if jit_compile and settings["check_numerics"] is True and not tf.distribute.has_strategy():
-            settings["check_numerics"] = numerics.LossCheckUnderXLA()
+        if jit_compile and config.check_numerics is True and not tf.distribute.has_strategy():
+            config = dataclasses.replace(config, check_numerics=numerics.LossCheckUnderXLA())
         if not _config.is_loss_callable(total_loss):
             raise TypeError(
                 "`total_loss` must be a callable that returns the loss in eager mode (a Tensor "
@@ -190,11 +191,9 @@ def create_train_op(
             )
         return _eager.create_eager_train_op(
             total_loss,
-            adapter,
-            step,
+            config,
             update_ops,
             variables_to_train,
-            settings,
             jit_compile=bool(jit_compile),
             steps_per_call=int(steps_per_call),
         )
@@ -210,9 +209,7 @@ def create_train_op(
             "`total_loss` must be a scalar loss Tensor in graph mode. "
             f"Received: total_loss of type {type(total_loss).__name__}"
         )
-    return _graph.create_graph_train_op(
-        total_loss, adapter, step, update_ops, variables_to_train, settings
-    )
+    return _graph.create_graph_train_op(total_loss, config, update_ops, variables_to_train)
 
 
 def create_train_step(
@@ -364,7 +361,7 @@ def create_train_step(
 
     def prepare() -> _eager.PreparedStep:
         return _eager.PreparedStep(
-            *_config.prepare(
+            _config.resolve(
                 optimizer,
                 global_step,
                 None,
@@ -378,7 +375,7 @@ def create_train_step(
         )
 
     prepared = _eager.cached_eager_step(_eager.STEP_CACHE, key, referents, prepare)
-    _config.check_in_a_replica(prepared.settings)
+    _config.check_in_a_replica(prepared.config)
     loss_value, total_loss, grads_and_vars = _eager.eager_loss_and_gradients(
         loss, total_loss_fn, prepared, variables_to_train
     )
