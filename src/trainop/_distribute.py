@@ -79,84 +79,80 @@ def across_replicas(
     the rest holds the synchronizations that XLA compiles only on GPUs, and the numerics
     checks, which it drops.
     """
-    adapter, global_step = config.adapter, config.global_step
-    guard = config.check_numerics
-    skips = isinstance(guard, numerics.SkipNonFiniteSteps)
-    scaled = adapter.loss_scale() is not None
-    # The variables that have a gradient: the same on every replica, known once traced.
-    trained: list[Any] = []
+    step = ReplicatedStep(
+        loss_and_variables, strategy, config, before_update, reported_missing, jit_compile
+    )
 
-    def gradients(
-        verdicts: bool, share: _replica_loss.Share | None, *args: Any, **kwargs: Any
-    ) -> tuple[Any, ...]:
-        with _replica_loss.one_device_scaling(share):
-            _, total_loss, variables = loss_and_variables(*args, **kwargs)
-        total_loss = _replica_loss.weighted(total_loss, share)
-        grads_and_vars = _core.step_gradients(
-            total_loss,
-            adapter,
-            variables,
-            config.gate_gradients,
-            config.aggregation_method,
-            reported_missing,
-            config.missing_gradients,
+    def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+        return step(
+            lambda args, kwargs: _compile.batch_at(i, steps_per_call, args, kwargs), args, kwargs
         )
-        present = [(g, v) for g, v in grads_and_vars if g is not None]
-        trained[:] = [v for _, v in present]
-        grads = [g for g, _ in present]
-        if not verdicts:
-            return total_loss, grads
-        if scaled:
-            # As the loss-scale optimizer decides: every element finite.
-            grads_finite = _core.elements_finite(grads)
-        else:
-            grads_finite = numerics.all_finite(tf.constant(0.0), grads)
-        # Counts of what is not finite: [the loss, the gradients].
-        finite = [tf.math.is_finite(total_loss), grads_finite]
-        return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
 
-    replica_gradients = tf.function(gradients, jit_compile=True) if jit_compile else gradients
+    steps = _compile.steps_in_a_loop(step_at, steps_per_call) if steps_per_call > 1 else None
 
-    def update(total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: Any) -> Any:
-        # After the check of the summed loss (`checked`), if any: a failed one changes nothing.
-        with tf.control_dependencies([checked] if checked is not None else []):
-            return _core.build_step(
-                total_loss,
-                dataclasses.replace(config, check_numerics=False),
-                trained,
-                grads_and_vars=list(zip(grads, trained)),
-                all_replicas_finite=grads_finite if scaled else None,
-                reported_missing=reported_missing,
-            )
+    def in_scope(*args: Any, **kwargs: Any) -> tf.Tensor:
+        with strategy.scope():
+            if steps is not None:
+                return steps(*args, **kwargs)
+            return step(lambda args, kwargs: (args, kwargs), args, kwargs)
 
-    def apply_summed(pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
-        variables = [v for _, v in pairs]
-        grads = [g for g, _ in pairs]
-        # A loss-scale optimizer that decides on each replica (where the strategy has no
-        # merge_call) must see the sum's overflow on the replicas given zeros too.
-        finite = _core.elements_finite(grads) if may_skip else None
+    return in_scope
 
-        def apply_on_replica(finite: Any, *grads: Any) -> tf.Tensor:
-            replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-            own = [(first_replica_only(g, v, replica_id), v) for g, v in zip(grads, variables)]
-            if finite is not None:
-                own = _core.not_finite_unless(finite, own)
-            applied = adapter.apply(own, global_step, True, may_skip)
-            with tf.control_dependencies([applied]):
-                return tf.constant(True)
 
-        applied = strategy.run(apply_on_replica, args=(finite, *grads))
-        return list(strategy.experimental_local_results(applied))
+class ReplicatedStep:
+    """One step across the replicas of a strategy (see `across_replicas`), called in the
+    cross-replica context with the arguments of the train op and `select(args, kwargs)`, which
+    picks each replica's batch from them (the K-steps loop picks the i-th)."""
 
-    def distributed_step(select: Callable[..., tuple], args: tuple, kwargs: dict) -> tf.Tensor:
-        """The step on the batches that `select(args, kwargs)` picks on each replica."""
+    def __init__(
+        self,
+        loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
+        strategy: Any,
+        config: _config.StepConfig,
+        before_update: Callable[[], list[Any]],
+        reported_missing: set[str],
+        jit_compile: bool,
+    ):
+        self._loss_and_variables = loss_and_variables
+        self._strategy = strategy
+        self._config = config
+        self._before_update = before_update
+        self._reported_missing = reported_missing
+        self._skips = isinstance(config.check_numerics, numerics.SkipNonFiniteSteps)
+        self._scaled = config.adapter.loss_scale() is not None
+        # The variables that have a gradient: the same on every replica, known once traced.
+        self._trained: list[Any] = []
+        self._replica_gradients = (
+            tf.function(self._gradients, jit_compile=True) if jit_compile else self._gradients
+        )
+
+    def __call__(self, select: Callable[..., tuple], args: tuple, kwargs: dict) -> tf.Tensor:
+        """The step on the batches that `select(args, kwargs)` picks on each replica; returns
+        the loss summed over the replicas."""
+        config = self._config
         summed_first = (
             config.transform_grads_fn is not None
             or config.accumulator is not None
             or summaries.writes_v2_summaries()
-            or adapter.clips_gradients
+            or config.adapter.clips_gradients
         )
-        verdicts = (skips or scaled) and not summed_first
+        verdicts = (self._skips or self._scaled) and not summed_first
+        results = self._strategy.run(
+            self._replica_part(select, verdicts, args, kwargs), args=args, kwargs=kwargs
+        )
+        losses, grads = results[:2]
+        loss = self._strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+        if summed_first:
+            return self._step_on_the_sum(loss, grads)
+        not_finite = results[2] if verdicts else None
+        return self._step_on_every_replica(loss, losses, grads, not_finite)
+
+    def _replica_part(
+        self, select: Callable[..., tuple], verdicts: bool, args: tuple, kwargs: dict
+    ) -> Callable[..., tuple[Any, ...]]:
+        """What each replica runs: its loss weighted by its share of the batch, its gradients
+        and, with `verdicts`, the counts of what is not finite in them."""
+        strategy = self._strategy
         replicas = strategy.num_replicas_in_sync
         distributed = tf.nest.map_structure(
             lambda leaf: isinstance(leaf, tf.distribute.DistributedValues), (args, kwargs)
@@ -173,36 +169,96 @@ def across_replicas(
                 share = _replica_loss.replica_share(
                     (step_args, step_kwargs), distributed, replicas, counts
                 )
-            return replica_gradients(verdicts, share, *step_args, **step_kwargs)
+            return self._replica_gradients(verdicts, share, *step_args, **step_kwargs)
 
-        results = strategy.run(replica_part, args=args, kwargs=kwargs)
-        losses, grads = results[:2]
-        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
-        if summed_first:
-            # To the replicas' own devices: one batched all-reduce.
-            reduced = strategy.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM, [(g, g) for g in grads]
+        return replica_part
+
+    def _gradients(
+        self, verdicts: bool, share: _replica_loss.Share | None, *args: Any, **kwargs: Any
+    ) -> tuple[Any, ...]:
+        """A replica's weighted loss and present gradients; with `verdicts`, also the counts of
+        what is not finite: [the loss, the gradients]."""
+        config = self._config
+        with _replica_loss.one_device_scaling(share):
+            _, total_loss, variables = self._loss_and_variables(*args, **kwargs)
+        total_loss = _replica_loss.weighted(total_loss, share)
+        grads_and_vars = _core.step_gradients(
+            total_loss,
+            config.adapter,
+            variables,
+            config.gate_gradients,
+            config.aggregation_method,
+            self._reported_missing,
+            config.missing_gradients,
+        )
+        present = [(g, v) for g, v in grads_and_vars if g is not None]
+        self._trained = [v for _, v in present]
+        grads = [g for g, _ in present]
+        if not verdicts:
+            return total_loss, grads
+        if self._scaled:
+            # As the loss-scale optimizer decides: every element finite.
+            grads_finite = _core.elements_finite(grads)
+        else:
+            grads_finite = numerics.all_finite(tf.constant(0.0), grads)
+        finite = [tf.math.is_finite(total_loss), grads_finite]
+        return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
+
+    def _step_on_the_sum(self, loss: tf.Tensor, grads: list[Any]) -> tf.Tensor:
+        """The step, once, on the gradients summed over the replicas (one batched all-reduce, to
+        the replicas' own devices), on the first replica's device, which holds a copy of the
+        sums; `_apply_summed` then applies it on every replica."""
+        strategy = self._strategy
+        reduced = strategy.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.SUM, [(g, g) for g in grads]
+        )
+        summed = [
+            (strategy.experimental_local_results(g)[0], v) for g, v in zip(reduced, self._trained)
+        ]
+        with tf.device(summed[0][0].device):
+            return _core.build_step(
+                loss,
+                self._config,
+                self._trained,
+                grads_and_vars=summed,
+                apply_gradients=self._apply_summed,
+                before_update=self._before_update,
+                reported_missing=self._reported_missing,
             )
-            summed = [
-                (strategy.experimental_local_results(g)[0], v) for g, v in zip(reduced, trained)
-            ]
-            # On the first replica's device, which holds a copy of the sums.
-            with tf.device(summed[0][0].device):
-                return _core.build_step(
-                    loss,
-                    config,
-                    trained,
-                    grads_and_vars=summed,
-                    apply_gradients=apply_summed,
-                    before_update=before_update,
-                    reported_missing=reported_missing,
-                )
 
+    def _apply_summed(self, pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
+        """Applies the summed gradients `pairs`: the first replica hands them to the optimizer
+        and the others hand it zeros, so that the optimizer's own sum leaves them unchanged."""
+        config = self._config
+        variables = [v for _, v in pairs]
+        grads = [g for g, _ in pairs]
+        # A loss-scale optimizer that decides on each replica (where the strategy has no
+        # merge_call) must see the sum's overflow on the replicas given zeros too.
+        finite = _core.elements_finite(grads) if may_skip else None
+
+        def apply_on_replica(finite: Any, *grads: Any) -> tf.Tensor:
+            replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+            own = [(first_replica_only(g, v, replica_id), v) for g, v in zip(grads, variables)]
+            if finite is not None:
+                own = _core.not_finite_unless(finite, own)
+            applied = config.adapter.apply(own, config.global_step, True, may_skip)
+            with tf.control_dependencies([applied]):
+                return tf.constant(True)
+
+        applied = self._strategy.run(apply_on_replica, args=(finite, *grads))
+        return list(self._strategy.experimental_local_results(applied))
+
+    def _step_on_every_replica(
+        self, loss: tf.Tensor, losses: Any, grads: Any, not_finite: Any
+    ) -> tf.Tensor:
+        """The step with the gradients left on their replicas: one decision for all of them
+        (the summed loss checked, or the summed verdicts `not_finite` for the skip guard),
+        then the update on every replica, the optimizer summing the gradients."""
+        strategy, guard = self._strategy, self._config.check_numerics
         grads_finite = None
-        if verdicts:
-            not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, results[2], axis=None)
+        if not_finite is not None:
+            not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, not_finite, axis=None)
             loss_finite, grads_finite = not_finite[0] == 0, not_finite[1] == 0
-
         checked = None
         if guard is True:
             # The sum is inf or NaN if a replica's loss is.
@@ -211,43 +267,46 @@ def across_replicas(
         def apply() -> list[tf.Tensor]:
             # The update ops run once, here, on the variables of every replica.
             with tf.control_dependencies([checked] if checked is not None else []):
-                update_ops = _core.as_ops(before_update())
+                update_ops = _core.as_ops(self._before_update())
             with tf.control_dependencies(update_ops):
-                applied = strategy.run(update, args=(losses, grads, grads_finite, checked))
+                applied = strategy.run(
+                    self._update_on_replica, args=(losses, grads, grads_finite, checked)
+                )
             return list(strategy.experimental_local_results(applied))
 
-        if skips:
+        if self._skips:
             # An overflow of the scaled gradients is the loss-scale optimizer's to skip.
             finite = loss_finite
-            if not scaled and guard.checks_gradients:
+            if not self._scaled and guard.checks_gradients:
                 finite = tf.logical_and(loss_finite, grads_finite)
-            if global_step is not None:
-                done = [guard.update_if_finite(finite, apply, global_step)]
-            else:
-                done = [
-                    guard.update_if_finite(
-                        finite, apply, adapter.iterations, step_name="optimizer step"
-                    )
-                ]
+            done = [self._update_if_finite(guard, finite, apply)]
         else:
             done = apply()
         with tf.control_dependencies(done):
             return tf.identity(loss)
 
-    def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
-        return distributed_step(
-            lambda args, kwargs: _compile.batch_at(i, steps_per_call, args, kwargs), args, kwargs
+    def _update_if_finite(self, guard: Any, finite: tf.Tensor, apply: Callable[[], Any]) -> Any:
+        global_step = self._config.global_step
+        if global_step is not None:
+            return guard.update_if_finite(finite, apply, global_step)
+        return guard.update_if_finite(
+            finite, apply, self._config.adapter.iterations, step_name="optimizer step"
         )
 
-    steps = _compile.steps_in_a_loop(step_at, steps_per_call) if steps_per_call > 1 else None
-
-    def in_scope(*args: Any, **kwargs: Any) -> tf.Tensor:
-        with strategy.scope():
-            if steps is not None:
-                return steps(*args, **kwargs)
-            return distributed_step(lambda args, kwargs: (args, kwargs), args, kwargs)
-
-    return in_scope
+    def _update_on_replica(
+        self, total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: Any
+    ) -> Any:
+        """The update on one replica, its own gradients applied (the optimizer sums them)."""
+        # After the check of the summed loss (`checked`), if any: a failed one changes nothing.
+        with tf.control_dependencies([checked] if checked is not None else []):
+            return _core.build_step(
+                total_loss,
+                dataclasses.replace(self._config, check_numerics=False),
+                self._trained,
+                grads_and_vars=list(zip(grads, self._trained)),
+                all_replicas_finite=grads_finite if self._scaled else None,
+                reported_missing=self._reported_missing,
+            )
 
 
 def first_replica_only(grad: Any, variable: Any, replica_id: Any) -> Any:
