@@ -36,34 +36,65 @@ _MAX_CALLS_WITHOUT_PROGRESS = 1000
 class StopTraining(Exception):
     """Raised by a hook to end training: the loop saves a checkpoint and returns.
 
+    As Keras's `model.stop_training = True` from a callback, or a `SessionRunHook` calling
+    `request_stop()`: the step under way is complete, the loop writes a checkpoint (with
+    `checkpoint`) and returns a `TrainResult` whose `stopped_by` is
+    `'StopTraining: <message>'`. Raised anywhere else, it is an ordinary exception.
+
+    Args:
+      *args: the message, as for any `Exception`.
+
     Example:
-      >>> import trainop
+      >>> import keras, tensorflow as tf, trainop
+      >>> step, w = tf.Variable(0, dtype=tf.int64), tf.Variable(1.0)
+      >>> train_op = trainop.create_train_op(lambda: (w - 3.0) ** 2, keras.optimizers.SGD(0.4),
+      ...                                    global_step=step)
       >>> def stop_when_good(step, loss):
       ...     if loss < 0.01:
-      ...         raise trainop.StopTraining(f"loss {loss:.3g} at step {step}")
+      ...         raise trainop.StopTraining(f"loss {loss:.2g} at step {step}")
+      >>> result = trainop.train(train_op, max_steps=100, global_step=step, progress=False,
+      ...                        hooks=[trainop.Hook(stop_when_good)])
+      >>> result.stopped_by, result.global_step
+      ('StopTraining: loss 0.0064 at step 3', 3)
     """
 
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-    """User code that `train` calls after every step whose global step is a multiple of `n`.
+    """User code that `train` calls every `every_n_steps` global steps.
+
+    Precisely: after each call of the train op in which the global step reached or passed a
+    multiple of `every_n_steps` (a call that runs several steps, `steps_per_call`, can pass
+    one), with the global step read after that call, which need then not be the multiple
+    itself. It plays the part of a Keras callback's `on_train_batch_end`; the hooks due after
+    a call run in the order of `hooks`.
 
     Args:
-      fn: called as `fn(global_step, loss)` with Python numbers (the loss of that step, as the
-        train op returned it, or its first element for a structure). It may raise
-        `StopTraining` to end training after this step.
-      every_n_steps: the cadence, in global steps.
+      fn: called as `fn(global_step, loss)` with Python numbers: the global step after the
+        call, and the loss the train op returned (a structure's `loss` field or `'loss'` key,
+        else its first element; the last of a vector of `steps_per_call` losses), or None if
+        it is not a number. It may raise `StopTraining` to end training after this step.
+      every_n_steps: the cadence, in global steps; 1 (the default): after every call.
+
+    Attributes:
+      fn: the callable, as given.
+      every_n_steps: the cadence, as given.
 
     Raises:
       TypeError: if `fn` is not callable.
       ValueError: if `every_n_steps` is not a positive integer.
 
     Example:
-      >>> import trainop
+      >>> import keras, tensorflow as tf, trainop
+      >>> step, w = tf.Variable(0, dtype=tf.int64), tf.Variable(1.0)
+      >>> train_op = trainop.create_train_op(lambda: (w - 3.0) ** 2, keras.optimizers.SGD(0.1),
+      ...                                    global_step=step)
       >>> seen = []
-      >>> hook = trainop.Hook(lambda step, loss: seen.append(step), every_n_steps=100)
-      >>> hook.every_n_steps
-      100
+      >>> hook = trainop.Hook(lambda step, loss: seen.append(step), every_n_steps=2)
+      >>> _ = trainop.train(train_op, max_steps=5, global_step=step, hooks=[hook],
+      ...                   progress=False)
+      >>> seen
+      [2, 4]
     """
 
     fn: Callable[[int, float], Any]
@@ -77,17 +108,31 @@ class Hook:
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` did.
+    """What `train` did: returned by `train`, not made by users.
 
     Attributes:
       global_step: the global step at the end.
-      loss: the loss of the last step run, or None if none ran.
-      steps_run: the calls of the train op in this run.
+      loss: the loss of the last step run, as a Python float (as a `Hook` gets it), or None
+        if none ran.
+      steps_run: the calls of the train op in this run (with `steps_per_call`, each ran
+        several steps).
       stopped_by: why the run ended: 'max_steps' (the global step reached it), 'end_of_data'
         (`dataset` ran out, or a graph's input raised `tf.errors.OutOfRangeError`), 'SIGTERM'
         or 'SIGINT' (a signal), or 'StopTraining: <its message>' (a hook).
-      resumed_from: the checkpoint restored at the start, or None.
-      last_checkpoint: the newest checkpoint at the end (written by this run or restored).
+      resumed_from: the path of the checkpoint restored at the start, or None.
+      last_checkpoint: the path of the newest checkpoint at the end (written by this run or
+        restored), or None.
+
+    Example:
+      >>> import keras, tensorflow as tf, trainop
+      >>> step, w = tf.Variable(0, dtype=tf.int64), tf.Variable(1.0)
+      >>> train_op = trainop.create_train_op(lambda x: (w * x - 3.0) ** 2,
+      ...                                    keras.optimizers.SGD(0.1), global_step=step)
+      >>> result = trainop.train(train_op, [1.0, 1.0], global_step=step, progress=False)
+      >>> result.stopped_by, result.global_step, result.steps_run, result.last_checkpoint
+      ('end_of_data', 2, 2, None)
+      >>> round(result.loss, 4)  # (w - 3) ** 2 before the second update: w = 1.4
+      2.56
     """
 
     global_step: int
@@ -163,6 +208,13 @@ def train(
 
     On SIGTERM or a first Ctrl-C the loop finishes the step under way, saves a checkpoint and
     returns (`stopped_by` says which); a second Ctrl-C raises `KeyboardInterrupt` at once.
+    The loop's parts follow its peers: TF-Slim's `learning.train` (graph train ops, a `Session`,
+    the `SUMMARIES` collection written at the checkpoint cadence), Keras's `fit` with
+    `BackupAndRestore` (resume where the run stopped) and `tf.train.CheckpointManager`.
+
+    In graph mode, the loop initializes the variables the session has not initialized yet and
+    writes the TF1 summaries of the `SUMMARIES` collection to `logdir` every
+    `save_every_n_steps` global steps.
 
     Args:
       train_op: the eager train op (a callable returning the loss), or a graph train op (a
@@ -179,7 +231,9 @@ def train(
       hooks: `Hook`s, called after the steps they ask for.
       progress: show a tqdm progress bar (step, loss, steps/s); None: when stderr is a
         terminal.
-      global_step: the integer variable the train op counts in; by default the global step.
+      global_step: the integer variable the train op counts in, which the loop reads after
+        every call; `USE_GLOBAL_STEP` (the default): the global step (of the train op's
+        graph in graph mode), which must exist already, as `create_train_op` makes it.
       session: graph mode: the `Session` to run in; by default a new one, whose variables the
         loop initializes (or restores).
       restore_data_position: on resume, also restore where the data was (the `tf.data`
@@ -192,15 +246,24 @@ def train(
       logger, when the data ran out before `max_steps`).
 
     Raises:
-      TypeError: `train_op`, `dataset`, `checkpoint`, `global_step` or a hook is of the wrong
-        type.
+      TypeError: `train_op`, `dataset`, `checkpoint`, `global_step`,
+        `restore_data_position` or a hook is of the wrong type.
       ValueError: `max_steps`, `save_every_n_steps` or `max_checkpoints_to_keep` is not a
         positive integer, there is neither `dataset` nor `max_steps`, `checkpoint` comes
-        without `logdir`, or, on resume, the checkpoint's data position cannot be restored into
-        `dataset` (a changed input pipeline: see `restore_data_position`).
+        without `logdir` or uses a name the loop saves its own state under ('global_step',
+        and 'data' with a dataset), a graph train op comes with a `dataset` or without
+        `max_steps`, `global_step` is `USE_GLOBAL_STEP` and there is no global step, or, on
+        resume, the checkpoint's data position cannot be restored into `dataset` (a changed
+        input pipeline: see `restore_data_position`).
       FloatingPointError: a checkpoint was due and a variable holds inf or NaN: nothing is
-        written, and the checkpoints already written are kept.
+        written, and the checkpoints already written are kept; or, on resume, every
+        checkpoint in `logdir` holds inf or NaN.
       RuntimeError: the global step did not move in 1,000 calls of the train op.
+      KeyboardInterrupt: a second Ctrl-C.
+
+    Errors of the train op itself (a `tf.errors.InvalidArgumentError` of its numerics check)
+    and of a hook pass through, after the progress bar is closed; no checkpoint is written
+    for them.
 
     Example:
       >>> import keras, tensorflow as tf, trainop

@@ -26,8 +26,16 @@ import tensorflow as tf
 from trainop import _gradients
 from trainop._checks import check_count
 
+# The message that begins the `tf.errors.InvalidArgumentError` of `check_numerics=True` when the
+# loss is inf or NaN: TF-Slim's and TF-Agents' own text, so that code matching their error
+# keeps working.
 LOSS_NOT_FINITE_MESSAGE = "LossTensor is inf or nan"
+# The text of the `tf.errors.InvalidArgumentError` that a `SkipNonFiniteSteps` guard raises when
+# a bad step comes after `max_consecutive` skipped ones, followed by the step and the count:
+# inside TensorFlow's "assertion failed: [...]" in an uncompiled step, at the start of the
+# message under `jit_compile=True`.
 NOT_FINITE_MESSAGE = "The loss or a gradient is inf or nan"
+# `SkipNonFiniteSteps`'s default `max_consecutive`, also what `check_numerics="skip"` uses.
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
 
@@ -56,8 +64,14 @@ class SkipNonFiniteSteps(tf.Module):
     variable, no optimizer slot or counter and not the global step, writes no summary, runs none
     of the eager update ops (graph update ops run before the loss, as always), and counts the
     step in `skipped_steps`. After `max_consecutive` skipped steps in a row, the next bad
-    step raises `tf.errors.InvalidArgumentError` naming the global step, still without changing
-    anything: a rare bad batch is passed over, a model that has gone bad stops training.
+    step raises `tf.errors.InvalidArgumentError` (`NOT_FINITE_MESSAGE`) naming the global step,
+    still without changing anything: a rare bad batch is passed over, a model that has gone bad
+    stops training. As optax's `apply_if_finite`, which skips and counts in the same way,
+    except that past `max_consecutive_errors` optax applies the update and this guard raises.
+
+    With a Keras `LossScaleOptimizer`, the guard checks the loss only: an overflow of the
+    scaled gradients is the optimizer's to skip (it lowers its scale), and is not counted here.
+    With `accumulation_steps`, a bad call adds nothing to the sums.
 
     The decision is taken on the device: nothing is read back to the host. The counters are
     variables, read them with `int(guard.skipped_steps)` (eager) or `session.run` (graph). The
@@ -70,6 +84,13 @@ class SkipNonFiniteSteps(tf.Module):
         for no limit. With 0 no step is skipped: the first bad step raises, which extends the
         default check (the loss only) to the gradients.
       name: the module's name.
+
+    Attributes:
+      max_consecutive: the limit given, as an `int`, or None.
+      skipped_steps: an int64 `tf.Variable`: how many steps were skipped in all.
+      consecutive_skipped_steps: an int64 `tf.Variable`: how many steps in a row were skipped
+        up to the last step; an applied step resets it to 0.
+      checks_gradients: whether the gradients are checked besides the loss (True).
 
     Raises:
       ValueError: if `max_consecutive` is not an integer >= 0 or None.
@@ -107,10 +128,19 @@ class SkipNonFiniteSteps(tf.Module):
     checks_gradients = True
 
     def __repr__(self) -> str:
+        """`SkipNonFiniteSteps(max_consecutive=N)`, as it would be created."""
         return f"SkipNonFiniteSteps(max_consecutive={self.max_consecutive})"
 
+    # The methods below are what the train op calls to build its guarded step; a user needs
+    # none of them.
+
     def check_context(self) -> None:
-        """Raises if the train op being built is in another graph than the guard's variables."""
+        """Checks that the train op being built can update the guard's counters.
+
+        Raises:
+          ValueError: if the train op is being built in another graph (or, for a guard made
+            in a graph, in eager mode) than the one the guard's variables belong to.
+        """
         with tf.init_scope():
             graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         if graph is not self._graph:
@@ -127,8 +157,13 @@ class SkipNonFiniteSteps(tf.Module):
         step: Any,
         step_name: str = "global step",
     ) -> tf.Tensor:
-        """Runs `update()` if `finite`, else counts the step as skipped (or raises; inside
-        `stopping_on_device`, sets the stop flag instead, counting nothing).
+        """Adds to the current graph: `update()` if `finite`, else the skip.
+
+        The skip counts the step in `skipped_steps` and `consecutive_skipped_steps`, or, after
+        `max_consecutive` skipped steps in a row, fails an assertion (inside
+        `stopping_on_device`, sets the stop flag instead, counting nothing). One `tf.cond`:
+        the decision is taken on the device. An applied step resets
+        `consecutive_skipped_steps` to 0.
 
         Args:
           finite: a boolean scalar, from `all_finite`.
@@ -139,6 +174,10 @@ class SkipNonFiniteSteps(tf.Module):
 
         Returns:
           A boolean tensor (`finite`) that, once evaluated, has run the chosen branch.
+
+        Raises:
+          tf.errors.InvalidArgumentError: when the tensor is evaluated (not when it is built),
+            for a bad step after `max_consecutive` skipped ones in a row.
         """
 
         def apply() -> tf.Tensor:
@@ -184,6 +223,9 @@ class SkipNonFiniteSteps(tf.Module):
         It is not part of the guard's state: not checkpointed (a checkpoint of the guard holds
         its two counters, as before the flag existed), not in `variables`. The compiled train
         op that reads it clears it in the same call (see `_compile.CompiledTrainOp`).
+
+        Returns:
+          The scalar `tf.bool` variable, the same one at every call.
         """
         if self._stop.variable is None:
             with tf.init_scope():
@@ -194,10 +236,16 @@ class SkipNonFiniteSteps(tf.Module):
 
     @contextlib.contextmanager
     def stopping_on_device(self) -> Iterator[tf.Variable]:
-        """While entered, the steps traced with this guard stop instead of raising: a bad step
-        that would raise (see `update_if_finite`) counts nothing and sets `stop_flag()`, and
-        nothing else. For a caller that compiles the step with XLA and raises after the call.
-        Yields the flag."""
+        """While entered, the steps traced with this guard stop instead of raising.
+
+        A bad step that would raise (see `update_if_finite`) counts nothing and sets
+        `stop_flag()`, and nothing else. For a caller that compiles the step with XLA, which
+        compiles `Assert` away, and raises after the call (`stopped_error`). Only the steps
+        traced on this thread while it is entered are affected.
+
+        Yields:
+          The stop flag, `stop_flag()`.
+        """
         flag = self.stop_flag()
         self._stop.depth.value = self._stop.in_use() + 1
         try:
@@ -236,9 +284,20 @@ class SkipNonFiniteSteps(tf.Module):
     def stopped_error(
         self, consecutive: int, step_name: str, step: int | None
     ) -> tf.errors.InvalidArgumentError:
-        """The error that a compiled train op raises when `stop_flag()` was set: what the
-        uncompiled step's assertion says, with `consecutive_skipped_steps` and the step it read
-        after the call (which the stopped step and those after it did not change)."""
+        """The error that a compiled train op raises when `stop_flag()` was set.
+
+        What the uncompiled step's assertion says, with `consecutive_skipped_steps` and the
+        step it read after the call (which the stopped step and those after it did not change).
+
+        Args:
+          consecutive: `consecutive_skipped_steps`, read after the call.
+          step_name: what `step` counts ("global step" or "optimizer step"), for the message.
+          step: the step the stopped step was at, or None if there is no counter.
+
+        Returns:
+          The `tf.errors.InvalidArgumentError` to raise (not raised here), its message
+          beginning with `NOT_FINITE_MESSAGE` and ending with "(a compiled step)".
+        """
         at = f" at {step_name} {step}" if step is not None else ""
         return tf.errors.InvalidArgumentError(
             None,

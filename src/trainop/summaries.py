@@ -155,21 +155,35 @@ def add_gradients_summaries(
     An `IndexedSlices` gradient is summarized by its rows, the slices of a repeated row summed
     (the gradient they add up to; the peers summarize the slices as they come). Inf and NaN
     values are left out of the histograms (a TF1 histogram would fail the run) and make the
-    norm inf or NaN. A variable with no gradient is logged and skipped.
+    norm inf or NaN. A variable with no gradient is logged and skipped. The histogram is
+    TensorBoard's (30 buckets), counted in one pass; the norm is the L2 norm in float32 (float64
+    for a float64 gradient), of the moduli for a complex gradient. With no default writer
+    outside a `tf.compat.v1` graph, nothing is written.
 
     Args:
-      grads_and_vars: a list of (gradient, variable) pairs.
-      step: the step to write at; by default `tf.summary.experimental.get_step()`, else the
-        global step.
+      grads_and_vars: a list of (gradient, variable) pairs; a gradient is a dense tensor, an
+        `IndexedSlices` or None.
+      step: the step to write at (an integer, or an integer tensor or variable); by default
+        `tf.summary.experimental.get_step()`, else the global step. TF1 summaries take none.
 
     Returns:
-      The summary results: in a graph, tensors to run; in eager mode, whether each was written.
+      A list of two summary results per gradient (histogram, norm): in eager mode, whether
+      each was written (False without a writer); in a graph or `tf.function`, the ops or
+      tensors to run (TF1 summaries: the serialized summaries, also added to the `SUMMARIES`
+      collection).
+
+    Raises:
+      ValueError: if a default `tf.summary` writer is set and there is no step (no `step`, no
+        `tf.summary.experimental.set_step()`, no global step): `tf.summary`'s error.
 
     Example:
-      >>> import tensorflow as tf, trainop
+      >>> import tempfile, tensorflow as tf, trainop
       >>> v = tf.Variable([3.0, 4.0])
-      >>> trainop.add_gradients_summaries([(tf.constant([0.6, 0.8]), v)], step=0)
+      >>> trainop.add_gradients_summaries([(tf.constant([0.6, 0.8]), v)], step=0)  # no writer
       [False, False]
+      >>> with tf.summary.create_file_writer(tempfile.mkdtemp()).as_default():
+      ...     trainop.add_gradients_summaries([(tf.constant([0.6, 0.8]), v)], step=0)
+      [True, True]
     """
     step = _global_step.summary_step_or_default(step)
     tf1 = _writes_tf1()
@@ -190,16 +204,26 @@ def add_variables_summaries(
     """Writes a histogram and the norm of each variable's value.
 
     Tagged as TF-Agents' `eager_utils` function tags them with a default `tf.summary` writer,
-    `summarize_vars/<var.name with ':' made '_'>_value` and `..._value_norm`; as TF1 summaries,
-    `<var.op.name>_value` in the caller's name scope, as TF-Slim names its gradients'.
+    `summarize_vars/<var.name with ':' made '_'>_value` and `..._value_norm`; as TF1 summaries
+    (in a `tf.compat.v1` graph with no writer), `<var.op.name>_value` in the caller's name
+    scope, as TF-Slim names its gradients'. A Keras 3 variable is named by its path. The
+    histogram and norm are as in `add_gradients_summaries`; a variable is summarized whether
+    its gradient is None or not.
 
     Args:
-      grads_and_vars: a list of (gradient, variable) pairs; the gradients are not read.
-      step: the step to write at; by default `tf.summary.experimental.get_step()`, else the
-        global step.
+      grads_and_vars: a list of (gradient, variable) pairs, as TF-Agents' function takes
+        them; the gradients are not read.
+      step: the step to write at (an integer, or an integer tensor or variable); by default
+        `tf.summary.experimental.get_step()`, else the global step. TF1 summaries take none.
 
     Returns:
-      The summary results: in a graph, tensors to run; in eager mode, whether each was written.
+      A list of two summary results per variable (histogram, norm): in eager mode, whether
+      each was written (False without a writer); in a graph or `tf.function`, the ops or
+      tensors to run.
+
+    Raises:
+      ValueError: if a default `tf.summary` writer is set and there is no step (no `step`, no
+        `tf.summary.experimental.set_step()`, no global step): `tf.summary`'s error.
 
     Example:
       >>> import tensorflow as tf, trainop

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,11 +33,108 @@ from trainop import (
     numerics,
 )
 from trainop._checks import check_count
+
+# `trainop.USE_GLOBAL_STEP` (0, TF-Agents' and TF-Slim's `_USE_GLOBAL_STEP`): the default
+# `global_step`, meaning the program's global step, created if there is none.
 from trainop._global_step import USE_GLOBAL_STEP
 
 logger = logging.getLogger("trainop")
 
+# The arguments that `create_train_op` and `create_train_step` share, described once. Each
+# function's docstring has an `Args:` entry `name: {name}` for them, which `_with_shared_args`
+# fills in when the module is imported: `help()`, `inspect.getdoc` and the doctests then show
+# both functions' arguments in full, and the two descriptions cannot drift apart. What applies
+# to one function only follows on the entry's next lines.
+_SHARED_ARGS = {
+    "optimizer": """
+        a `tf.compat.v1.train.Optimizer`, a Keras 3 optimizer or a `tf_keras` (Keras 2) one.
+        A Keras 3 `LossScaleOptimizer` scales the loss, and the gradients are unscaled before
+        the numerics guard and `transform_grads_fn` see them; a `tf_keras` `LossScaleOptimizer`
+        and a Keras optimizer with `gradient_accumulation_steps` are refused. A Keras optimizer
+        that has already been built must have been built for the variables it is to train.""",
+    "global_step": """
+        the integer `tf.Variable` incremented once per applied update (a skipped step does
+        not count). `USE_GLOBAL_STEP` (the default) means
+        the program's global step, `tf.compat.v1.train.get_or_create_global_step()`, created
+        if there is none; None means no step is counted. The optimizer's own `iterations` may
+        be passed: it is then not counted twice. The summaries are written at this step, read
+        before the update (with None: at the optimizer's `iterations`, else at
+        `tf.summary.experimental.get_step()`).""",
+    "update_ops": """
+        graph mode: ops or tensors that run before the loss is returned, by default the
+        `UPDATE_OPS` collection (batch normalization's moving statistics), as in TF-Slim; a
+        list that leaves some of the collection's ops out logs a warning naming them. Eager
+        mode: a zero-argument callable or a list of them, run inside the step after the
+        numerics check and before the update (a skipped step runs none of them).""",
+    "variables_to_train": """
+        the variables to train (each must be trainable; one listed twice is trained once), or
+        a zero-argument callable returning them. None means all trainable variables of the
+        graph (graph mode) or the trainable variables the loss reads (eager mode; those of a
+        Keras layer set `trainable = False` are left out).""",
+    "transform_grads_fn": """
+        a callable that maps the list of (gradient, variable) pairs to a new list of the same
+        variables, each gradient of its variable's shape and dtype, before the update: a
+        clip, a multiplier, or several in `trainop.chain`. A None gradient leaves its variable
+        unchanged for this step. It sees the gradients unscaled (with a `LossScaleOptimizer`);
+        with `check_numerics='skip'` the guard checks the gradients it returns.""",
+    "summarize_gradients": """
+        whether to write a histogram and the norm of each gradient, after
+        `transform_grads_fn`, tagged as `add_gradients_summaries` tags them: to the default
+        `tf.summary` writer at the summary step (see `global_step`) or, in a `tf.compat.v1`
+        graph with no writer, as TF1 summaries in the `SUMMARIES` collection, as TF-Slim
+        does.""",
+    "gate_gradients": """
+        how far the gradient computation is serialized, as for
+        `tf.compat.v1.train.Optimizer.compute_gradients`: `GATE_NONE` (0), `GATE_OP` (1, the
+        default: an op's gradients are all computed before they are used) or `GATE_GRAPH` (2:
+        no gradient is used before all of them are computed). An `int`, exactly.""",
+    "aggregation_method": """
+        how the gradient terms of one tensor are summed, as for `tf.gradients`: a
+        `tf.AggregationMethod` value (`ADD_N`, `EXPERIMENTAL_TREE`,
+        `EXPERIMENTAL_ACCUMULATE_N`), or None for TensorFlow's default.""",
+    "check_numerics": """
+        what a step whose loss or gradients hold inf or NaN does. True (the default, as in
+        TF-Slim and TF-Agents): an inf or NaN loss raises `tf.errors.InvalidArgumentError`
+        (`LOSS_NOT_FINITE_MESSAGE`) when the step runs, before anything changes. False: no
+        check. 'skip' or a `trainop.SkipNonFiniteSteps(max_consecutive=...)`: a step whose
+        loss or any gradient is inf or NaN changes nothing and is counted; more than
+        `max_consecutive` (by default 10) such steps in a row raise. 'skip' makes one guard
+        per optimizer and program: pass your own `SkipNonFiniteSteps` to read its
+        `skipped_steps` counter.""",
+    "missing_gradients": """
+        what a variable to train that gets no gradient from the loss does: 'log' (the
+        default) names it once on the `trainop` logger and trains the others; 'raise' raises
+        a ValueError naming all of them when the step is built.""",
+    "summarize_every_n_steps": """
+        write the `tf.summary` summaries only at summary steps that are multiples of it (0, n,
+        2n, ...), and only when `tf.summary.record_if` allows; None (the default): whenever
+        `tf.summary.record_if` allows. The steps that do not write compute none of them.""",
+}
 
+
+def _with_shared_args(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Writes the `_SHARED_ARGS` descriptions into `function`'s docstring, at each `Args:` entry
+    that reads `name: {name}`, wrapped to the docstring's width; returns `function` itself, its
+    signature unchanged."""
+    if function.__doc__ is None:  # `python -OO` drops docstrings.
+        return function
+
+    def describe(entry: re.Match) -> str:
+        indent, name = entry.group(1), entry.group(2)
+        return textwrap.fill(
+            " ".join(_SHARED_ARGS[name].split()),
+            width=100,
+            initial_indent=f"{indent}{name}: ",
+            subsequent_indent=indent + "  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+
+    function.__doc__ = re.sub(r"(?m)^( *)(\w+): \{\2\}$", describe, function.__doc__)
+    return function
+
+
+@_with_shared_args
 def create_train_op(
     total_loss: tf.Tensor | Callable[..., tf.Tensor],
     optimizer: Any,
@@ -62,9 +161,12 @@ def create_train_op(
 
     In a `tf.compat.v1` graph, `total_loss` is a `Tensor` and the result is a `Tensor` that, when
     evaluated, runs the update ops, computes the gradients, applies them, increments the global
-    step and returns the loss. In eager mode (TensorFlow 2's default), `total_loss` is a callable
+    step and returns the loss (the train op is also added to the `TRAIN_OP` collection, where
+    TF-Slim's loop finds it). In eager mode (TensorFlow 2's default), `total_loss` is a callable
     and the result is a `tf.function` `train_op(*args, **kwargs)` that passes its arguments to
-    `total_loss` and runs one whole step per call; it traces once for inputs of one shape.
+    `total_loss` and runs one whole step per call; it traces once for inputs of one shape. What
+    the loss reads other than through its arguments (a NumPy array, a Python number) is taken
+    as a constant when the step is traced: pass the batch as arguments.
 
     With `check_numerics`, an inf or NaN loss raises `tf.errors.InvalidArgumentError` ("LossTensor
     is inf or nan") before anything changes: the variables, the optimizer's slots and iteration
@@ -84,72 +186,90 @@ def create_train_op(
     README has the rule for each way of writing a loss). The skip
     guard and a `LossScaleOptimizer` then skip a step on every replica when any replica's loss or
     gradients are not finite; `transform_grads_fn`, the summaries and accumulation see the sum
-    of the replicas' gradients (see the README for what that costs).
+    of the replicas' gradients (see the README for what that costs). `variables_to_train` must
+    then be a list, and `global_step` a variable created in the strategy's scope.
 
     With a default `tf.summary` writer set when the step is built (traced), the step writes
-    `train/loss`, `train/global_gradient_norm` and `train/learning_rate` at the global step
-    (read before the update), on the steps that `tf.summary.record_if` and
-    `summarize_every_n_steps` select; the other steps compute none of it.
+    `train/loss`, `train/global_gradient_norm` (of the gradients before `transform_grads_fn`)
+    and `train/learning_rate` at the global step (read before the update), on the steps that
+    `tf.summary.record_if` and `summarize_every_n_steps` select; the other steps compute none of
+    it.
 
     Args:
-      total_loss: a scalar floating-point `Tensor` (graph mode), or a callable returning one
-        (eager mode).
-      optimizer: a `tf.compat.v1.train.Optimizer`, a Keras 3 optimizer (a
-        `LossScaleOptimizer` too: the loss is scaled, and the gradients unscaled before the
-        numerics guard and `transform_grads_fn`) or a `tf_keras` one.
-      global_step: an integer variable incremented once per applied update; `USE_GLOBAL_STEP`
-        means `tf.compat.v1.train.get_or_create_global_step()`, None means no step is counted.
-        The optimizer's own `iterations` may be passed: it is then not counted twice.
-      update_ops: graph mode: ops run before the loss is returned, by default the `UPDATE_OPS`
-        collection (a list lacking some of its ops logs a warning). Eager mode: zero-argument
-        callables run inside the step, after the numerics check and before the update.
-      variables_to_train: the variables to train, or a zero-argument callable returning them.
-        None means all trainable variables (graph mode) or the trainable variables the loss
-        reads (eager mode).
-      transform_grads_fn: maps the list of (gradient, variable) pairs to a new one of the same
-        variables (clipping, multipliers) before it is applied.
-      summarize_gradients: whether to write a histogram and a norm per gradient (after
-        `transform_grads_fn`) to the default `tf.summary` writer at the global step.
-      gate_gradients: `GATE_NONE`, `GATE_OP` or `GATE_GRAPH`, as for
-        `tf.compat.v1.train.Optimizer.compute_gradients`.
-      aggregation_method: a `tf.AggregationMethod` value combining gradient terms, or None.
-      check_numerics: True: an inf or NaN loss raises before anything changes. False: no check.
-        'skip' or a `trainop.SkipNonFiniteSteps(max_consecutive=...)`: a step whose loss or
-        any gradient is inf or NaN changes nothing and is counted; more than `max_consecutive`
-        (by default 10) such steps in a row raise. Pass your own `SkipNonFiniteSteps` to read
-        its `skipped_steps` counter.
-      colocate_gradients_with_ops: accepted for TF-Slim's programs; TensorFlow 2 ignores it.
-      missing_gradients: what a variable to train that gets no gradient from the loss does:
-        'log' (default) names it once on the `trainop` logger and trains the others; 'raise'
-        raises a ValueError naming all of them when the step is built.
-      summarize_every_n_steps: write the summaries only at global steps that are multiples of
-        it (0, n, 2n...), and only when `tf.summary.record_if` allows; None (default): whenever
-        `tf.summary.record_if` allows.
+      total_loss: graph mode: a scalar floating-point `Tensor` (a zero-argument callable is
+        called once, to make it). Eager mode: a callable returning one, called with the train
+        op's arguments.
+      optimizer: {optimizer}
+      global_step: {global_step}
+      update_ops: {update_ops}
+      variables_to_train: {variables_to_train}
+        Eager mode: a list is checked when the train op is built, a callable is called when
+        the step is traced.
+      transform_grads_fn: {transform_grads_fn}
+        With `accumulation_steps`, it sees the mean gradients. Eager mode: it is called when
+        the step is traced, and the ops it makes run at every step.
+      summarize_gradients: {summarize_gradients}
+      gate_gradients: {gate_gradients}
+      aggregation_method: {aggregation_method}
+      check_numerics: {check_numerics}
+      colocate_gradients_with_ops: accepted for TF-Slim's programs, and ignored: TensorFlow 2's
+        `tf.gradients` always colocates the gradients with their ops.
+      missing_gradients: {missing_gradients}
+      summarize_every_n_steps: {summarize_every_n_steps}
       jit_compile: eager mode: compile the whole step with XLA (`tf.function(jit_compile=
         True)`). An op without an XLA kernel raises a ValueError on the first call; summaries
-        cannot be compiled.
+        cannot be compiled. `check_numerics` still holds: a bad step changes nothing and the
+        call raises once the compiled function returns.
       steps_per_call: eager mode: run this many steps per call, in one compiled loop, so that
         a small model stops paying Python's per-call cost (as Keras's `steps_per_execution`).
         Every tensor argument then holds that many batches along a new first axis (under a
         `tf.distribute` strategy, each replica's share does), and the call returns the steps'
         losses as a vector.
-      accumulation_steps: sum the gradients of this many calls and apply their mean once
-        (with a loss averaged over its batch: the update of one step on a batch that many times
-        larger). `transform_grads_fn`, the summaries and the update ops see the mean; the global
-        step counts applied updates.
+      accumulation_steps: sum the gradients of this many calls and apply their mean once, as
+        Keras's `gradient_accumulation_steps` and optax's `MultiSteps` do (with a loss averaged
+        over its batch: the update of one step on a batch that many times larger). Each call
+        returns its own loss. `transform_grads_fn`, the summaries and the update ops see the
+        mean; the global step counts applied updates. The sums are not checkpointed.
 
     Returns:
-      Graph mode: the loss `Tensor` whose evaluation runs the step. Eager mode: the callable step,
-      which returns the loss.
+      Graph mode: the loss `Tensor` (float, scalar) whose evaluation runs the step and returns
+      the loss computed before the update. Eager mode: the step, a callable that passes its
+      arguments to `total_loss`, runs one step (`steps_per_call` steps) and returns the loss
+      computed before the update (a vector of `steps_per_call` losses); it also has the
+      `tf.function`'s methods (`get_concrete_function`, `experimental_get_tracing_count`).
 
     Raises:
-      TypeError: `total_loss` is a Tensor in eager mode, the loss is not floating-point, the
-        optimizer is of no known family, or an argument has the wrong type.
-      ValueError: the loss is not a scalar, there is no variable to train, a variable to train
-        is not trainable, `gate_gradients`, `aggregation_method` or `summarize_every_n_steps`
-        is not one of its values, `transform_grads_fn` returns other variables, or (on the
-        first call, under a strategy of several replicas) the loss is given no argument with
-        a first dimension to read the replicas' shares from.
+      TypeError: when the train op is built: `total_loss` is a Tensor in eager mode or not a
+        Tensor in graph mode; `optimizer` is of no known family, a `tf_keras`
+        `LossScaleOptimizer`, or accumulates gradients itself; `global_step` is not an integer
+        variable, `USE_GLOBAL_STEP` or None; `transform_grads_fn` is not callable;
+        `update_ops` are not ops (graph mode) or callables (eager mode); `variables_to_train`
+        holds something other than variables; `check_numerics` or `jit_compile` has the wrong
+        type. When the step is built (graph mode) or first traced (eager mode): the loss is not
+        a floating-point tensor, or `transform_grads_fn` does not return a list of pairs.
+      ValueError: when the train op is built: `gate_gradients`, `aggregation_method`,
+        `check_numerics` (a string other than 'skip'), `missing_gradients`,
+        `summarize_every_n_steps`, `steps_per_call` or `accumulation_steps` is not one of its
+        values; `jit_compile` or `steps_per_call` is given in graph mode; `total_loss` is a
+        Tensor inside a `tf.distribute` strategy's scope; `variables_to_train` is empty, holds
+        a variable that is not trainable, or (under a strategy) is not a list; there is no
+        trainable variable (graph mode); `global_step` was made outside the strategy's scope.
+        When the step is built (graph mode) or first traced (eager mode): the loss is not a
+        scalar; it reads no trainable variable, gives no gradient to any variable to train, or
+        none to some with `missing_gradients='raise'`; `transform_grads_fn` returns other
+        variables, a gradient that does not fit its variable, or no gradient at all; a Keras
+        optimizer built for other variables; summaries that need a step find none; a
+        `SkipNonFiniteSteps` made in another graph; `jit_compile=True` with a default
+        `tf.summary` writer; a tensor argument that does not hold `steps_per_call` batches;
+        under a strategy of several replicas, a loss given no argument with a first dimension
+        to read the replicas' shares from, a `tf.compat.v1` optimizer that overrides
+        `compute_gradients`, or a skip guard or accumulation in a train op built inside
+        `strategy.run`. On the first call with `jit_compile=True`: an op that XLA cannot
+        compile.
+      tf.errors.InvalidArgumentError: raised by the train op when a step runs (graph mode: by
+        `Session.run`), with nothing changed: with `check_numerics=True`, the loss is inf or
+        NaN (`LOSS_NOT_FINITE_MESSAGE`); with a `SkipNonFiniteSteps`, a step is bad after
+        `max_consecutive` skipped in a row (`NOT_FINITE_MESSAGE`).
 
     Example:
       >>> import keras, tensorflow as tf, trainop
@@ -160,6 +280,17 @@ def create_train_op(
       1.0
       >>> round(float(w.numpy()), 6)  # w - 0.1 * 2 * (w - 2)
       1.2
+
+      In a `tf.compat.v1` graph, as a TF-Slim program runs it:
+
+      >>> with tf.Graph().as_default():
+      ...     v = tf.Variable(1.0)
+      ...     sgd = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+      ...     loss = trainop.create_train_op((v - 2.0) ** 2, sgd)
+      ...     with tf.compat.v1.Session() as session:
+      ...         session.run(tf.compat.v1.global_variables_initializer())
+      ...         print(session.run(loss), session.run(v))
+      1.0 1.2
     """
     del colocate_gradients_with_ops  # Ignored by tf.gradients since TensorFlow 2.
     if not tf.executing_eagerly():
@@ -212,6 +343,7 @@ def create_train_op(
     return _graph.create_graph_train_op(total_loss, config, update_ops, variables_to_train)
 
 
+@_with_shared_args
 def create_train_step(
     loss: Any,
     optimizer: Any,
@@ -232,7 +364,7 @@ def create_train_step(
 
     `total_loss_fn` picks from the loss structure the scalar to minimize; the whole structure is
     returned. In graph mode it returns the loss structure, to be evaluated after the update has
-    run.
+    run: the step is `create_train_op`'s, built on `total_loss_fn(loss)`.
 
     In eager mode this runs one step now, as TF-Agents' code does: it calls `loss()`, applies
     the gradients and returns the loss structure computed before the update. Every call trains
@@ -259,31 +391,49 @@ def create_train_step(
     per step, traces once for batches of one shape and reads them on every call.
 
     Args:
-      loss: a (possibly nested) structure of loss tensors (graph mode), or a zero-argument
-        callable returning one (eager mode).
-      optimizer: as for `create_train_op`.
-      global_step: as for `create_train_op`.
-      total_loss_fn: maps the loss structure to the scalar to minimize; by default the loss
-        itself.
-      update_ops: as for `create_train_op` (TF-Agents ignores them in eager mode; trainop runs
-        them, after the numerics check and before the update).
-      variables_to_train: as for `create_train_op`.
-      transform_grads_fn: as for `create_train_op`.
-      summarize_gradients: as for `create_train_op`.
-      gate_gradients: as for `create_train_op`.
-      aggregation_method: as for `create_train_op`.
-      check_numerics: as for `create_train_op`.
-      missing_gradients: as for `create_train_op`.
-      summarize_every_n_steps: as for `create_train_op`.
+      loss: graph mode: a (possibly nested) structure of loss tensors, or a zero-argument
+        callable returning one (called once). Eager mode: a zero-argument callable returning
+        one, called on every call.
+      optimizer: {optimizer}
+      global_step: {global_step}
+      total_loss_fn: maps the loss structure to the scalar floating-point tensor to minimize
+        (as TF-Agents' `total_loss_fn`, e.g. `lambda loss_info: loss_info.loss`); by default
+        the loss itself, which must then be that scalar.
+      update_ops: {update_ops}
+        TF-Agents ignores them in eager mode; trainop runs them.
+      variables_to_train: {variables_to_train}
+        Eager mode: a callable is called on every call.
+      transform_grads_fn: {transform_grads_fn}
+        Eager mode: it runs eagerly on every call, before the numerics guard decides.
+      summarize_gradients: {summarize_gradients}
+      gate_gradients: {gate_gradients}
+        Eager mode: checked, and unused (the gradients come from a `tf.GradientTape`).
+      aggregation_method: {aggregation_method}
+        Eager mode: checked, and unused.
+      check_numerics: {check_numerics}
+      missing_gradients: {missing_gradients}
+      summarize_every_n_steps: {summarize_every_n_steps}
 
     Returns:
-      Eager mode: the loss structure of this step. Graph mode: the loss structure as tensors
-      that, when evaluated, run the step.
+      Eager mode: the loss structure of this step, computed before the update. Graph mode: the
+      loss structure as tensors (the same structure, each tensor renamed `loss_post_train`)
+      that, when evaluated, run the step and hold the losses computed before the update.
 
     Raises:
-      ValueError: `total_loss_fn` is not callable, `loss` is not callable in eager mode (both
-        ValueError, as in TF-Agents), or as for `create_train_op`.
-      TypeError: as for `create_train_op`.
+      ValueError: `total_loss_fn` is not callable, or `loss` is not callable in eager mode
+        (both ValueError, as in TF-Agents); called inside a `tf.distribute` strategy's scope;
+        in eager mode, `optimizer` overrides `compute_gradients` (which a `tf.GradientTape`
+        would bypass: use `create_train_op`); or an argument it shares with
+        `create_train_op`, the loss, the gradients or `transform_grads_fn`'s result is bad as
+        `create_train_op` raises for (graph mode: when the step is built; eager mode: on the
+        call, before anything runs for the settings, after `loss()` for the rest).
+      TypeError: an argument it shares with `create_train_op` has the wrong type, the loss
+        that `total_loss_fn` picks is not a floating-point tensor, or `transform_grads_fn`
+        does not return a list of pairs, as for `create_train_op`.
+      tf.errors.InvalidArgumentError: the step's loss is inf or NaN with
+        `check_numerics=True`, or a step is bad after `max_consecutive` skipped in a row with
+        a `SkipNonFiniteSteps`, as for `create_train_op`: in eager mode raised by this call,
+        in graph mode when the returned tensors are evaluated. Nothing has changed.
 
     Example:
       >>> import tensorflow as tf, trainop

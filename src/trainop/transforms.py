@@ -106,12 +106,14 @@ def clip_gradient_norms(
     unchanged. A gradient holding inf or NaN comes back NaN, for the numerics guard to see.
 
     Args:
-      gradients_to_variables: a list of (gradient, variable) pairs.
-      max_norm: the largest norm a gradient may keep: a positive number, inf, or a scalar
-        tensor.
+      gradients_to_variables: a list of (gradient, variable) pairs; a gradient is a dense
+        tensor, an `IndexedSlices` or None.
+      max_norm: the largest L2 norm a gradient may keep: a positive number, inf, or a scalar
+        tensor (one whose value is not known before the step runs is not checked).
 
     Returns:
-      The list of (clipped gradient, variable) pairs.
+      A new list of (gradient, variable) pairs, in the same order: each gradient scaled by
+      `min(1, max_norm / norm)`, of its own dtype and kind; None gradients stay None.
 
     Raises:
       ValueError: if `max_norm` is not positive, or NaN.
@@ -136,8 +138,19 @@ def clip_gradient_norms(
 def clip_gradient_norms_fn(max_norm: float) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `clip_gradient_norms(..., max_norm)`.
 
+    Each gradient is clipped on its own; to bound all of them together, use
+    `clip_by_global_norm_fn`.
+
+    Args:
+      max_norm: the largest L2 norm a gradient may keep, as for `clip_gradient_norms`.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the clipped list, for
+      `create_train_op`'s `transform_grads_fn` or `chain`.
+
     Raises:
-      ValueError, TypeError: as `clip_gradient_norms`, when called.
+      ValueError: if `max_norm` is not positive, or NaN (raised here, not at the first step).
+      TypeError: if `max_norm` is not a number.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -264,18 +277,27 @@ def multiply_gradients(
     variables are not hashable: key a dict by `v.ref()`, or pass a list of (variable or name,
     multiplier) pairs instead of a dict.
 
+    The product is computed in float32 at least and cast back to the gradient's dtype; an
+    `IndexedSlices` gradient keeps its indices (its values are multiplied).
+
     Args:
-      grads_and_vars: a list of (gradient, variable) pairs.
-      gradient_multipliers: a dict, or a list of pairs, from variables or variable names to the
-        number each gradient is multiplied by.
+      grads_and_vars: a list or tuple of (gradient, variable) pairs.
+      gradient_multipliers: a dict, or a list of pairs, from variables (or `v.ref()`),
+        variable names or compiled regular expressions over names, to the multiplier of their
+        gradients: a finite number (negative for gradient ascent), or an array, tensor or
+        `tf.Variable` that broadcasts against the gradient (against an `IndexedSlices`
+        gradient's values).
 
     Returns:
-      The list of (gradient, variable) pairs, chosen gradients scaled.
+      A new list of (gradient, variable) pairs, in the same order: chosen gradients multiplied,
+      frozen ones None, the others unchanged.
 
     Raises:
-      ValueError: if `grads_and_vars` is not a list, `gradient_multipliers` is empty or not a
-        dict or list, or a chosen variable has no gradient (ValueError, as in TF-Slim).
-      TypeError: if a key of `gradient_multipliers` is neither a variable nor a name.
+      ValueError: if `grads_and_vars` is not a list or tuple, `gradient_multipliers` is empty
+        or not a dict or list, a multiplier known now is inf or NaN, or a chosen variable has
+        no gradient (ValueError, as in TF-Slim).
+      TypeError: if a key of `gradient_multipliers` is neither a variable nor a name nor a
+        compiled regular expression, or a multiplier is not a real number, array or tensor.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -310,6 +332,25 @@ def multiply_gradients(
 def multiply_gradients_fn(gradient_multipliers: Any) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `multiply_gradients(..., gradient_multipliers)`.
 
+    The multipliers are checked here, so that a bad one fails before the first step; a zero
+    multiplier freezes its variables, as in `multiply_gradients`.
+
+    Args:
+      gradient_multipliers: a dict, or a list of pairs, from variables (or `v.ref()`),
+        variable names or compiled regular expressions over names to multipliers, as for
+        `multiply_gradients`.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the multiplied list, for
+      `create_train_op`'s `transform_grads_fn` or `chain`.
+
+    Raises:
+      ValueError: if `gradient_multipliers` is empty, not a dict or list, or holds an inf or
+        NaN multiplier. The returned callable raises as `multiply_gradients` does (a chosen
+        variable without gradient: ValueError).
+      TypeError: if a key is neither a variable nor a name nor a compiled regular expression,
+        or a multiplier is not a real number, array or tensor.
+
     Example:
       >>> import tensorflow as tf, trainop
       >>> v = tf.Variable(0.0, name='frozen')
@@ -341,12 +382,25 @@ def clip_by_value(
 ) -> GradsAndVars:
     """Clips every gradient element into [`clip_value_min`, `clip_value_max`].
 
-    An `IndexedSlices` gradient is clipped after the slices of a repeated row are summed, as
-    its dense gradient would be. Infinite bounds clip nothing on their side.
+    As `tf.clip_by_value` on each gradient (Keras's optimizer argument `clipvalue` clips the
+    same way, symmetrically). An `IndexedSlices` gradient is clipped after the slices of a
+    repeated row are summed, as its dense gradient would be, and stays sparse. Infinite bounds
+    clip nothing on their side; a NaN element stays NaN, for the numerics guard to see.
+
+    Args:
+      grads_and_vars: a list of (gradient, variable) pairs; None gradients pass through.
+      clip_value_min: the lower bound: a number, -inf, or a scalar tensor.
+      clip_value_max: the upper bound: a number, inf, or a scalar tensor; not below
+        `clip_value_min`.
+
+    Returns:
+      A new list of (gradient, variable) pairs, in the same order, each gradient clipped in
+      its own dtype.
 
     Raises:
       ValueError: if a bound is NaN or `clip_value_min > clip_value_max`.
-      TypeError: if a bound is not a number.
+      TypeError: if a bound is not a number, or a gradient is complex (complex values have no
+        order: clip them by norm).
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -373,8 +427,26 @@ def clip_by_value(
 def clip_by_value_fn(clip_value_min: float, clip_value_max: float) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `clip_by_value`.
 
+    Args:
+      clip_value_min: the lower bound, as for `clip_by_value`.
+      clip_value_max: the upper bound, as for `clip_by_value`.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the clipped list, for
+      `create_train_op`'s `transform_grads_fn` or `chain`.
+
     Raises:
-      ValueError, TypeError: as `clip_by_value`, when called.
+      ValueError: if a bound is NaN or `clip_value_min > clip_value_max` (raised here, not at
+        the first step).
+      TypeError: if a bound is not a number. The returned callable raises a TypeError for a
+        complex gradient.
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> clip = trainop.clip_by_value_fn(-1.0, 1.0)
+      >>> [(g, _)] = clip([(tf.constant([-3.0, 0.5]), tf.Variable([0.0, 0.0]))])
+      >>> g.numpy().tolist()
+      [-1.0, 0.5]
     """
     _check_value_bounds(clip_value_min, clip_value_max)
 
@@ -387,9 +459,18 @@ def clip_by_value_fn(clip_value_min: float, clip_value_max: float) -> TransformG
 def global_norm(grads_and_vars: Sequence[tuple[Any, Any]]) -> tf.Tensor:
     """The norm of all gradients together, as if concatenated (None gradients left out).
 
-    Taken in float32, or float64 if a gradient is float64, whatever the gradients' own float
-    types (mixed ones too); an `IndexedSlices` gradient is measured by its rows summed. Inf or
-    NaN in a gradient makes the norm inf or NaN.
+    As `tf.linalg.global_norm` and optax's `global_norm`, taken in float32, or float64 if a
+    gradient is float64 (or complex128), whatever the gradients' own float types (mixed ones
+    too), without overflow where the squares would leave that range; a complex gradient is
+    measured by its moduli, and an `IndexedSlices` gradient by its rows summed. Inf or NaN in
+    a gradient makes the norm inf or NaN.
+
+    Args:
+      grads_and_vars: a list of (gradient, variable) pairs; the variables are not read.
+
+    Returns:
+      A scalar `tf.Tensor` of dtype float32 (float64 as said above): the L2 norm, 0 when
+      there is no gradient.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -407,7 +488,16 @@ def clip_by_global_norm(grads_and_vars: Sequence[tuple[Any, Any]], max_norm: flo
     exactly as they were. The norm is `global_norm` (float32 at least; repeated rows summed),
     and each gradient keeps its own dtype. An inf or NaN norm makes every gradient NaN, for
     the numerics guard to see, rather than silently zero. As `tf.clip_by_global_norm` and
-    optax's `clip_by_global_norm`.
+    optax's `clip_by_global_norm` (the clipping of Pascanu et al., 2013, "On the difficulty
+    of training recurrent neural networks").
+
+    Args:
+      grads_and_vars: a list of (gradient, variable) pairs; None gradients pass through.
+      max_norm: the largest global L2 norm: a positive number, inf, or a scalar tensor.
+
+    Returns:
+      A new list of (gradient, variable) pairs, in the same order, every gradient multiplied
+      by `min(1, max_norm / global_norm(grads_and_vars))`.
 
     Raises:
       ValueError: if `max_norm` is not positive, or NaN.
@@ -430,8 +520,28 @@ def clip_by_global_norm(grads_and_vars: Sequence[tuple[Any, Any]], max_norm: flo
 def clip_by_global_norm_fn(max_norm: float) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `clip_by_global_norm(..., max_norm)`.
 
+    One bound on all gradients together, as `tf.clip_by_global_norm`, optax's
+    `clip_by_global_norm` and Keras's optimizer argument `global_clipnorm`; TF-Agents' and
+    TF-Slim's `clip_gradient_norms_fn` (here too) bounds each gradient on its own.
+
+    Args:
+      max_norm: the largest global L2 norm, as for `clip_by_global_norm`.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the clipped list, for
+      `create_train_op`'s `transform_grads_fn` or `chain`.
+
     Raises:
-      ValueError, TypeError: as `clip_by_global_norm`, when called.
+      ValueError: if `max_norm` is not positive, or NaN (raised here, not at the first step).
+      TypeError: if `max_norm` is not a number.
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> clip = trainop.clip_by_global_norm_fn(1.0)
+      >>> v = tf.Variable([0.0, 0.0])
+      >>> [(g, _)] = clip([(tf.constant([3.0, 4.0]), v)])
+      >>> [round(x, 6) for x in g.numpy().tolist()]
+      [0.6, 0.8]
     """
     _check_number("max_norm", max_norm, sign="positive")
 
@@ -446,13 +556,37 @@ def add_gradient_noise(
 ) -> GradsAndVars:
     """Adds Gaussian noise of standard deviation `stddev` to every gradient element.
 
-    An `IndexedSlices` gradient gets one draw per row it holds, after the slices of a repeated
-    row are summed (a row looked up twice gets one draw, not two); the rows it does not hold get
-    none, and it stays sparse.
+    The gradient noise of Neelakantan et al., 2015, "Adding gradient noise improves learning
+    for very deep networks", at one standard deviation; `add_gradient_noise_fn` anneals it
+    over the steps. The noise is drawn in the gradient's dtype, one draw per element at every
+    step. An `IndexedSlices` gradient gets one draw per row it holds, after the slices of a
+    repeated row are summed (a row looked up twice gets one draw, not two); the rows it does
+    not hold get none, and it stays sparse.
+
+    Args:
+      grads_and_vars: a list of (gradient, variable) pairs; None gradients pass through.
+      stddev: the noise's standard deviation, in the gradients' units: a finite non-negative
+        number, or a scalar tensor (one whose value is not known before the step runs is not
+        checked).
+      seed: an operation seed, as `tf.random.normal`'s, from which each gradient gets its own
+        (so that gradients of one shape get different noise); with it, the draws are the same
+        from one run of the program to the next. None: random.
+
+    Returns:
+      A new list of (gradient, variable) pairs, in the same order, each gradient with noise
+      added.
 
     Raises:
       ValueError: if `stddev` is negative, infinite or NaN.
-      TypeError: if `stddev` is not a number or a tensor.
+      TypeError: if `stddev` is not a number or a tensor, or a gradient is not floating-point
+        (an integer or complex gradient).
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> v = tf.Variable([0.0, 0.0, 0.0])
+      >>> [(g, _)] = trainop.add_gradient_noise([(tf.constant([1.0, 2.0, 3.0]), v)], 0.1, seed=7)
+      >>> g.shape, g.dtype
+      (TensorShape([3]), tf.float32)
     """
     _check_number("stddev", stddev, sign="non-negative", finite=True)
     result = []
@@ -491,10 +625,32 @@ def add_gradient_noise_fn(
 ) -> TransformGradsFn:
     """Returns a `transform_grads_fn` adding Gaussian noise annealed by the global step.
 
-    At step t the noise has standard deviation `stddev / (1 + t) ** decay_exponent`
-    (Neelakantan et al., 2015, "Adding gradient noise improves learning for very deep
-    networks", use 0.55). The step is `step` (a variable) or, by default, the global step when
-    the transform runs; with neither, the noise does not decay.
+    At step t the noise has standard deviation `stddev / (1 + t) ** decay_exponent`, computed
+    in float32, t being read before the step's update (so the first step, at t = 0, has
+    `stddev`). Neelakantan et al., 2015, "Adding gradient noise improves learning for very deep
+    networks", anneal the *variance*, `eta / (1 + t) ** gamma` with gamma = 0.55: the paper's
+    schedule is `stddev=sqrt(eta)` with `decay_exponent=gamma / 2`; the default 0.55 here
+    anneals the standard deviation at that rate, the variance twice as fast. The step is
+    `step` or, by default, the program's global step (`tf.compat.v1.train.get_global_step()`)
+    when the transform runs; with neither, the noise does not decay. A train op given its own
+    `global_step` variable should pass it as `step` too.
+
+    Args:
+      stddev: the noise's standard deviation at step 0: a finite non-negative number.
+      decay_exponent: the exponent of the annealing: a finite non-negative number; 0 keeps
+        the noise constant.
+      step: the integer variable (or tensor) holding t, or None for the global step.
+      seed: an operation seed, as for `add_gradient_noise`.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the list with noise added,
+      for `create_train_op`'s `transform_grads_fn` or `chain`.
+
+    Raises:
+      ValueError: if `stddev` or `decay_exponent` is negative, infinite or NaN (raised here,
+        not at the first step).
+      TypeError: if either is not a number. The returned callable raises a TypeError for a
+        gradient that is not floating-point.
 
     Example:
       >>> import tensorflow as tf, trainop
@@ -520,12 +676,23 @@ def add_gradient_noise_fn(
 def chain(*transforms: TransformGradsFn) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `transforms` in order, left to right.
 
-    `chain(clip_by_global_norm_fn(1.0), multiply_gradients_fn({...}))` clips first, then
-    scales: the scaled gradients may exceed the bound. Put the clip last to bound what the
-    optimizer sees.
+    As optax's `chain`. `chain(clip_by_global_norm_fn(1.0), multiply_gradients_fn({...}))`
+    clips first, then scales: the scaled gradients may exceed the bound. Put the clip last to
+    bound what the optimizer sees.
+
+    Args:
+      *transforms: `transform_grads_fn` callables, each mapping a list of (gradient,
+        variable) pairs to a new one; none at all gives the identity.
+
+    Returns:
+      A callable that passes the list of (gradient, variable) pairs through every transform
+      and returns the last one's result, for `create_train_op`'s `transform_grads_fn`.
+
+    Raises:
+      TypeError: if a transform is not callable.
 
     Example:
-      >>> import tensorflow as tf, trainop
+      >>> import re, tensorflow as tf, trainop
       >>> double = trainop.multiply_gradients_fn([(re.compile('.*'), 2.0)])
       >>> clip = trainop.clip_by_value_fn(-1.0, 1.0)
       >>> v = tf.Variable([0.0], name='v')
