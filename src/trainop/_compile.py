@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
 
-from trainop import (
-    summaries,
-)
+from trainop import numerics, summaries
+
+if TYPE_CHECKING:
+    from trainop._config import StepConfig
 
 logger = logging.getLogger("trainop")
 
@@ -128,3 +129,52 @@ class CompiledTrainOp:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._function, name)
+
+
+def compiled(
+    step: Callable[..., Any], config: StepConfig, jit_compile: bool, steps_per_call: int
+) -> Callable[..., Any]:
+    """`step` (one step on the batch given) as the train op returned: a `tf.function`, running
+    `steps_per_call` steps per call in a loop, compiled with XLA if `jit_compile`.
+
+    Under XLA, which compiles Assert away, a step that would raise sets the guard's stop flag
+    instead (changing nothing), and the call raises once it returns (`CompiledTrainOp`).
+    """
+    global_step, adapter, guard = config.global_step, config.adapter, config.check_numerics
+    step_fn = step
+    skips = isinstance(guard, numerics.SkipNonFiniteSteps)
+    stop = guard.stop_flag() if jit_compile and skips else None
+    if steps_per_call > 1:
+
+        def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
+            step_args, step_kwargs = batch_at(i, steps_per_call, args, kwargs)
+            return step(*step_args, **step_kwargs)
+
+        step_fn = steps_in_a_loop(
+            step_at if stop is None else unless_stopped(step_at, stop), steps_per_call
+        )
+    if not jit_compile:
+        return tf.function(step_fn)
+    if stop is None:
+        return CompiledTrainOp(tf.function(step_fn, jit_compile=True), None)
+
+    def step_and_counts(*args: Any, **kwargs: Any) -> Any:
+        with guard.stopping_on_device():
+            result = step_fn(*args, **kwargs)
+        # Read after the step's updates (automatic control dependencies keep the order), and
+        # returned: Python reads them from the outputs, not with more ops. The flag is cleared
+        # in the call that set it: between calls it is always False.
+        stopped = stop.read_value()
+        with tf.control_dependencies([stopped]):
+            stop.assign(False, read_value=False)
+        counter = global_step if global_step is not None else adapter.iterations
+        return (
+            result,
+            stopped,
+            guard.consecutive_skipped_steps.read_value(),
+            # The step the stopped step was at (neither it nor the ones after it counted).
+            tf.cast(counter, tf.int64) if counter is not None else tf.constant(-1, tf.int64),
+        )
+
+    step_name = "global step" if global_step is not None else "optimizer step"
+    return CompiledTrainOp(tf.function(step_and_counts, jit_compile=True), guard, step_name)

@@ -24,7 +24,6 @@ from trainop import (
     _distribute,
     _gradients,
     _variables,
-    numerics,
     summaries,
 )
 
@@ -124,26 +123,78 @@ def create_eager_train_op(
     jit_compile: bool = False,
     steps_per_call: int = 1,
 ) -> Callable[..., Any]:
-    adapter, global_step = config.adapter, config.global_step
-    update_fns = _config.check_eager_update_ops(update_ops)
-    strategy = _distribute.replicated_strategy(global_step)
+    """The eager train op: the step of one replica, then (in a strategy's scope) across the
+    replicas, then in a loop of `steps_per_call` steps, then compiled, as Keras's trainer
+    stacks `train_step`, `strategy.run`, `steps_per_execution` and XLA."""
+    strategy = _distribute.replicated_strategy(config.global_step)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _config.check_variables_to_train(variables_to_train, in_graph=False)
-        adapter.build(variables_to_train)
+        config.adapter.build(variables_to_train)
     elif strategy is not None:
         raise ValueError(
             "`variables_to_train` must be a list of variables under a tf.distribute strategy: "
             "the optimizer's state is made before the first step, in the strategy's scope. "
             "Pass model.trainable_variables."
         )
-    reported_missing: set[str] = set()
+    step = ReplicaStep(
+        loss_fn,
+        config,
+        _config.check_eager_update_ops(update_ops),
+        variables_to_train,
+        total_loss_fn,
+        xla_without_strategy=jit_compile and strategy is None,
+    )
+    if strategy is None:
+        return _compile.compiled(step, config, jit_compile, steps_per_call)
+    step_fn = _distribute.across_replicas(
+        step.loss_and_variables,
+        strategy,
+        config,
+        step.run_update_ops,
+        step.reported_missing,
+        jit_compile,
+        steps_per_call,
+    )
+    # Only each replica's loss and gradients are compiled: errors need naming, no more.
+    return (
+        _compile.CompiledTrainOp(tf.function(step_fn), None)
+        if jit_compile
+        else tf.function(step_fn)
+    )
 
-    def run_update_ops() -> list[Any]:
-        return [fn() for fn in update_fns]
 
-    def loss_and_variables(*args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
+class ReplicaStep:
+    """The step of one replica, which knows no strategy, loop or compiler: the loss called
+    under a tape, the variables it reads (unless given), and `_core.build_step`.
+
+    Calling it runs one step on the batch it is given (the train op's arguments) and returns
+    the loss (or, with `total_loss_fn`, the loss structure as computed, before the update).
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        config: _config.StepConfig,
+        update_fns: list[Callable[[], Any]],
+        variables_to_train: Any,
+        total_loss_fn: Callable[[Any], Any] | None,
+        xla_without_strategy: bool,
+    ):
+        self._loss_fn = loss_fn
+        self._config = config
+        self._update_fns = update_fns
+        self._variables_to_train = variables_to_train
+        self._total_loss_fn = total_loss_fn
+        self._xla_without_strategy = xla_without_strategy
+        # Names of variables without gradient already logged: once per train op, across traces.
+        self.reported_missing: set[str] = set()
+
+    def run_update_ops(self) -> list[Any]:
+        return [fn() for fn in self._update_fns]
+
+    def loss_and_variables(self, *args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
         """The loss structure, the loss to minimize and the variables to train."""
-        if jit_compile and strategy is None and summaries.writes_v2_summaries():
+        if self._xla_without_strategy and summaries.writes_v2_summaries():
             raise ValueError(
                 "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
                 "summary writes. Build and first call the train op without a default writer, "
@@ -151,86 +202,27 @@ def create_eager_train_op(
             )
         # The trainable variables that the loss reads, should none be given.
         with tf.GradientTape() as tape:
-            loss = loss_fn(*args, **kwargs)
-            total_loss = loss if total_loss_fn is None else total_loss_fn(loss)
-        _config.check_loss_tensor(total_loss, total_loss_fn is not None)
-        return loss, total_loss, variables_given_or_read(variables_to_train, tape)
+            loss = self._loss_fn(*args, **kwargs)
+            total_loss = loss if self._total_loss_fn is None else self._total_loss_fn(loss)
+        _config.check_loss_tensor(total_loss, self._total_loss_fn is not None)
+        return loss, total_loss, variables_given_or_read(self._variables_to_train, tape)
 
-    def train_step(*args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
-        _config.check_in_a_replica(config)
-        loss, total_loss, variables = loss_and_variables(*args, **kwargs)
+        _config.check_in_a_replica(self._config)
+        loss, total_loss, variables = self.loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,
-            config,
+            self._config,
             variables,
-            before_update=run_update_ops,
-            reported_missing=reported_missing,
+            before_update=self.run_update_ops,
+            reported_missing=self.reported_missing,
         )
-        if total_loss_fn is None:
+        if self._total_loss_fn is None:
             return trained_loss
         # Every stateful op in a tf.function runs before it returns: the structure is
         # returned as computed, before the update.
         return loss
-
-    guard = config.check_numerics
-    if strategy is not None:
-        step_fn = _distribute.across_replicas(
-            loss_and_variables,
-            strategy,
-            config,
-            run_update_ops,
-            reported_missing,
-            jit_compile,
-            steps_per_call,
-        )
-        # Only each replica's loss and gradients are compiled: errors need naming, no more.
-        return (
-            _compile.CompiledTrainOp(tf.function(step_fn), None)
-            if jit_compile
-            else tf.function(step_fn)
-        )
-    step_fn = train_step
-    # Under XLA, which compiles Assert away, a step that would raise sets the guard's stop flag
-    # instead (changing nothing), and the call raises once it returns.
-    skips = isinstance(guard, numerics.SkipNonFiniteSteps)
-    stop = guard.stop_flag() if jit_compile and skips else None
-    if steps_per_call > 1:
-
-        def step_at(i: tf.Tensor, args: tuple, kwargs: dict) -> tf.Tensor:
-            step_args, step_kwargs = _compile.batch_at(i, steps_per_call, args, kwargs)
-            return train_step(*step_args, **step_kwargs)
-
-        step_fn = _compile.steps_in_a_loop(
-            step_at if stop is None else _compile.unless_stopped(step_at, stop), steps_per_call
-        )
-    if not jit_compile:
-        return tf.function(step_fn)
-    if stop is None:
-        return _compile.CompiledTrainOp(tf.function(step_fn, jit_compile=True), None)
-
-    def step_and_counts(*args: Any, **kwargs: Any) -> Any:
-        with guard.stopping_on_device():
-            result = step_fn(*args, **kwargs)
-        # Read after the step's updates (automatic control dependencies keep the order), and
-        # returned: Python reads them from the outputs, not with more ops. The flag is cleared
-        # in the call that set it: between calls it is always False.
-        stopped = stop.read_value()
-        with tf.control_dependencies([stopped]):
-            stop.assign(False, read_value=False)
-        counter = global_step if global_step is not None else adapter.iterations
-        return (
-            result,
-            stopped,
-            guard.consecutive_skipped_steps.read_value(),
-            # The step the stopped step was at (neither it nor the ones after it counted).
-            tf.cast(counter, tf.int64) if counter is not None else tf.constant(-1, tf.int64),
-        )
-
-    step_name = "global step" if global_step is not None else "optimizer step"
-    return _compile.CompiledTrainOp(
-        tf.function(step_and_counts, jit_compile=True), guard, step_name
-    )
 
 
 # What `create_train_step` keeps between its calls in eager mode: per optimizer and settings,
