@@ -162,3 +162,19 @@ def test_accumulated_update_with_constraint_applies_every_mean():
         train_op(x, zeros)
         train_op(x, target)
         np.testing.assert_allclose(free.bias.numpy(), expected_bias, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_create_train_step_keeps_a_frozen_layer_frozen(family):
+    """`create_train_step` in eager mode finds the variables as the train op does: the Keras
+    variables the loss reads, a frozen layer's left out."""
+    model, base, head = _frozen_base_model()
+    base_before = [v.numpy().copy() for v in base.weights]
+    expected_head = _hand_sgd(model, head.trainable_variables)
+
+    trainop.create_train_step(_loss_fn(model), make_optimizer(family))
+
+    for v, before in zip(base.weights, base_before):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
+    for v, expected in zip(head.weights, expected_head):
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=v.path)

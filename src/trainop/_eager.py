@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gc
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +20,7 @@ from trainop import (
     _config,
     _core,
     _distribute,
+    _global_step,
     _gradients,
     _variables,
     summaries,
@@ -31,9 +30,12 @@ logger = logging.getLogger("trainop")
 
 
 @tf.autograph.experimental.do_not_convert
-def variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> list[Any]:
+def variables_given_or_read(
+    variables_to_train: Any, tape: tf.GradientTape, reads: dict[int, Any]
+) -> list[Any]:
     """`variables_to_train` (called and checked, if a callable), else the trainable variables
-    that `tape` saw the loss read.
+    that `tape` saw the loss read (of a Keras 3 variable, the Keras variable, which `reads`
+    recorded: see `_variables.recording_reads`).
 
     Raises:
       ValueError: if none is given and the loss read none.
@@ -46,7 +48,7 @@ def variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> l
     # The tape sees the `tf.Variable` inside each Keras 3 variable, whose own `trainable` flag
     # Keras never updates (`layer.trainable = False` sets the Keras variable's only): the
     # Keras variable, with its flag and its constraint, is the one to train.
-    variables = [v for v in keras_owners(watched) if v.trainable]
+    variables = [v for v in _variables.keras_owners(watched, reads) if v.trainable]
     if not variables:
         raise ValueError(
             "`variables_to_train` is None and the loss reads no trainable variable: there is "
@@ -54,64 +56,6 @@ def variables_given_or_read(variables_to_train: Any, tape: tf.GradientTape) -> l
             + (" (The variables it reads belong to frozen Keras layers.)" if watched else "")
         )
     return variables
-
-
-# id(tf.Variable) -> (the tf.Variable, the Keras 3 variable wrapping it), both weakly held.
-KERAS_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
-
-
-# Plain Python, called while a step is traced: autograph must not convert it (on the objects
-# that gc.get_referrers returns, its converted calls are unsafe).
-@tf.autograph.experimental.do_not_convert
-def keras_owners(tf_variables: list[Any]) -> list[Any]:
-    """Each of `tf_variables`, or the Keras 3 variable that wraps it (as `_value`) if any.
-
-    A `tf.Variable` holds no reference to the Keras 3 variable that wraps it, and Keras keeps
-    no registry of its variables, so the wrapper is found among the objects that refer to the
-    `tf.Variable` (`gc.get_referrers`, one pass over the heap for all of them). Every live
-    Keras variable is found, whoever holds it; a wrapper is taken only if its `_value` is the
-    very `tf.Variable`. Found wrappers are remembered (weakly, checked again on each use), so
-    a step that reads the same variables again scans nothing.
-    """
-    keras_variable = _variables.keras3_variable_type()
-    if keras_variable is None or not tf_variables:
-        return list(tf_variables)
-    owners: dict[int, Any] = {}
-    unknown = []
-    for v in tf_variables:
-        refs = KERAS_OWNERS.get(id(v))
-        owner = refs[1]() if refs is not None and refs[0]() is v else None
-        if owner is not None and getattr(owner, "_value", None) is v:
-            owners[id(v)] = owner
-        else:
-            unknown.append(v)
-    if unknown:
-        wanted = {id(v): v for v in unknown}
-        dicts = []
-        for referrer in gc.get_referrers(*unknown):
-            if isinstance(referrer, keras_variable):
-                found = getattr(referrer, "_value", None)
-                if found is not None and wanted.get(id(found)) is found:
-                    owners[id(found)] = referrer
-            elif isinstance(referrer, dict):
-                found = referrer.get("_value")
-                if found is not None and wanted.get(id(found)) is found:
-                    dicts.append(referrer)
-        if dicts:
-            # An instance whose `__dict__` has been made refers to its attributes through it.
-            for referrer in gc.get_referrers(*dicts):
-                if isinstance(referrer, keras_variable):
-                    found = getattr(referrer, "_value", None)
-                    if found is not None and wanted.get(id(found)) is found:
-                        owners[id(found)] = referrer
-        for v in unknown:
-            if id(v) in owners:
-                key = id(v)
-                KERAS_OWNERS[key] = (
-                    weakref.ref(v, lambda _, key=key: KERAS_OWNERS.pop(key, None)),
-                    weakref.ref(owners[key]),
-                )
-    return [owners.get(id(v), v) for v in tf_variables]
 
 
 def create_eager_train_op(
@@ -201,11 +145,11 @@ class ReplicaStep:
                 "or with jit_compile=False."
             )
         # The trainable variables that the loss reads, should none be given.
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, _variables.recording_reads() as reads:
             loss = self._loss_fn(*args, **kwargs)
             total_loss = loss if self._total_loss_fn is None else self._total_loss_fn(loss)
         _config.check_loss_tensor(total_loss, self._total_loss_fn is not None)
-        return loss, total_loss, variables_given_or_read(self._variables_to_train, tape)
+        return loss, total_loss, variables_given_or_read(self._variables_to_train, tape, reads)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
@@ -373,13 +317,13 @@ def eager_loss_and_gradients(
             "create_train_op with the loss as a callable, whose step calls the optimizer's "
             f"compute_gradients. Received: optimizer={adapter.optimizer!r:.200}"
         )
-    with tf.GradientTape() as tape:
+    with tf.GradientTape() as tape, _variables.recording_reads() as reads:
         loss_value = loss()
         total_loss = total_loss_fn(loss_value)
         with tape.stop_recording():
             _config.check_loss_tensor(total_loss, through_total_loss_fn=True)
             _core.check_loss(total_loss)
-            variables = variables_given_or_read(variables_to_train, tape)
+            variables = variables_given_or_read(variables_to_train, tape, reads)
             variables = _config.check_variables_to_train(variables, in_graph=False)
             prepared.build(variables)
             loss_scale = adapter.gradient_scale()
@@ -397,3 +341,86 @@ def eager_loss_and_gradients(
 
 def identity(x: Any) -> Any:
     return x
+
+
+def run_train_step(
+    loss: Any,
+    optimizer: Any,
+    *,
+    global_step: Any,
+    total_loss_fn: Callable[[Any], Any],
+    update_ops: Any,
+    variables_to_train: Any,
+    transform_grads_fn: Any,
+    summarize_gradients: Any,
+    gate_gradients: Any,
+    aggregation_method: Any,
+    check_numerics: Any,
+    missing_gradients: Any,
+    summarize_every_n_steps: Any,
+) -> Any:
+    """`create_train_step` in eager mode: one step now, on what `loss()` reads now; returns the
+    loss structure. The loss and its gradients are computed eagerly; what follows them is
+    compiled once per optimizer, settings and set of variables (`STEP_CACHE`)."""
+    if not _config.is_loss_callable(loss):
+        raise ValueError(  # As TF-Agents raises.
+            "`loss` must be a zero-argument callable in eager mode. "
+            f"Received: loss of type {type(loss).__name__}"
+        )
+
+    # The settings are checked before the loss is called: a wrong one fails before anything
+    # runs, and the loss's forward pass (which may write, as batch normalization does) too.
+    _config.check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
+    _config.check_callable_or_none("transform_grads_fn", transform_grads_fn)
+    update_fns = _config.check_eager_update_ops(update_ops)
+    referents: list[Any] = []
+    key = identity_key(
+        (
+            optimizer,
+            # The variable: a new program global step is a new step to count in.
+            _global_step.resolve(global_step),
+            summarize_gradients,
+            gate_gradients,
+            aggregation_method,
+            check_numerics,
+            missing_gradients,
+            summarize_every_n_steps,
+        ),
+        referents,
+    )
+
+    def prepare() -> PreparedStep:
+        return PreparedStep(
+            _config.resolve(
+                optimizer,
+                global_step,
+                None,
+                summarize_gradients,
+                gate_gradients,
+                aggregation_method,
+                check_numerics,
+                missing_gradients,
+                summarize_every_n_steps,
+            )
+        )
+
+    prepared = cached_eager_step(STEP_CACHE, key, referents, prepare)
+    _config.check_in_a_replica(prepared.config)
+    loss_value, total_loss, grads_and_vars = eager_loss_and_gradients(
+        loss, total_loss_fn, prepared, variables_to_train
+    )
+    _core.report_missing_gradients(grads_and_vars, prepared.reported_missing, missing_gradients)
+    transformed = None
+    if transform_grads_fn is not None:
+        transformed = _core.check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
+    update = prepared.compiled_update(
+        [v for _, v in grads_and_vars],
+        None if transformed is None else [v for _, v in transformed],
+        update_fns,
+    )
+    update(
+        total_loss,
+        [g for g, _ in grads_and_vars],
+        None if transformed is None else [g for g, _ in transformed],
+    )
+    return loss_value

@@ -7,7 +7,10 @@ Keras variable's `path`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
@@ -48,3 +51,69 @@ def variable_name(variable: Any) -> str:
 def variable_key(variable: Any) -> int:
     """A hashable identity for a variable (TensorFlow 2 variables are not hashable)."""
     return id(as_tf_variable(variable))
+
+
+# Keras 3 reads a variable's value through its `value` property (its `__tf_tensor__`, the
+# conversion of every op's inputs and `numpy()` go through it), while a tape sees only the
+# `tf.Variable` inside. Wrapped once, the property records, while `recording_reads` is
+# active in the thread, which Keras variable each read `tf.Variable` belongs to; at other
+# times it only forwards. (Nothing else links the two: a `tf.Variable` holds no reference to
+# its wrapper, and Keras keeps no registry of its variables.)
+_recording = threading.local()
+_install_lock = threading.Lock()
+_installed: list[type] = []
+
+
+def _install_read_recorder(variable_type: type) -> None:
+    with _install_lock:
+        if _installed:
+            return
+        owner = next(
+            c for c in variable_type.__mro__ if isinstance(c.__dict__.get("value"), property)
+        )
+        original = owner.__dict__["value"]
+
+        def value(self: Any) -> Any:
+            reads = getattr(_recording, "reads", None)
+            if reads is not None:
+                inner = getattr(self, "_value", None)
+                if inner is not None:
+                    reads[id(inner)] = self
+            return original.fget(self)
+
+        owner.value = property(value, original.fset, original.fdel, original.__doc__)
+        _installed.append(owner)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[dict[int, Any]]:
+    """Within it, the Keras 3 variables read, by the id of the `tf.Variable` each wraps.
+
+    Yields:
+      A dict, filled as the code in the `with` block reads Keras 3 variables (empty without
+      Keras 3). Nested blocks also record into the outer one.
+    """
+    reads: dict[int, Any] = {}
+    variable_type = keras3_variable_type()
+    if variable_type is None:
+        yield reads
+        return
+    _install_read_recorder(variable_type)
+    outer = getattr(_recording, "reads", None)
+    _recording.reads = reads
+    try:
+        yield reads
+    finally:
+        _recording.reads = outer
+        if outer is not None:
+            outer.update(reads)
+
+
+def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
+    """Each of `tf_variables`, or the Keras 3 variable that wraps it, if `reads` (from
+    `recording_reads`) saw it read through that wrapper."""
+    owners = []
+    for v in tf_variables:
+        owner = reads.get(id(v))
+        owners.append(owner if owner is not None and getattr(owner, "_value", None) is v else v)
+    return owners

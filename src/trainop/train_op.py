@@ -26,9 +26,7 @@ import tensorflow as tf
 
 from trainop import (
     _config,
-    _core,
     _eager,
-    _global_step,
     _graph,
     numerics,
 )
@@ -482,65 +480,18 @@ def create_train_step(
         with tf.control_dependencies([train_op]):
             return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
 
-    if not _config.is_loss_callable(loss):
-        raise ValueError(  # As TF-Agents raises.
-            "`loss` must be a zero-argument callable in eager mode. "
-            f"Received: loss of type {type(loss).__name__}"
-        )
-
-    # The settings are checked before the loss is called: a wrong one fails before anything
-    # runs, and the loss's forward pass (which may write, as batch normalization does) too.
-    _config.check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
-    _config.check_callable_or_none("transform_grads_fn", transform_grads_fn)
-    update_fns = _config.check_eager_update_ops(update_ops)
-    referents: list[Any] = []
-    key = _eager.identity_key(
-        (
-            optimizer,
-            # The variable: a new program global step is a new step to count in.
-            _global_step.resolve(global_step),
-            summarize_gradients,
-            gate_gradients,
-            aggregation_method,
-            check_numerics,
-            missing_gradients,
-            summarize_every_n_steps,
-        ),
-        referents,
+    return _eager.run_train_step(
+        loss,
+        optimizer,
+        global_step=global_step,
+        total_loss_fn=total_loss_fn,
+        update_ops=update_ops,
+        variables_to_train=variables_to_train,
+        transform_grads_fn=transform_grads_fn,
+        summarize_gradients=summarize_gradients,
+        gate_gradients=gate_gradients,
+        aggregation_method=aggregation_method,
+        check_numerics=check_numerics,
+        missing_gradients=missing_gradients,
+        summarize_every_n_steps=summarize_every_n_steps,
     )
-
-    def prepare() -> _eager.PreparedStep:
-        return _eager.PreparedStep(
-            _config.resolve(
-                optimizer,
-                global_step,
-                None,
-                summarize_gradients,
-                gate_gradients,
-                aggregation_method,
-                check_numerics,
-                missing_gradients,
-                summarize_every_n_steps,
-            )
-        )
-
-    prepared = _eager.cached_eager_step(_eager.STEP_CACHE, key, referents, prepare)
-    _config.check_in_a_replica(prepared.config)
-    loss_value, total_loss, grads_and_vars = _eager.eager_loss_and_gradients(
-        loss, total_loss_fn, prepared, variables_to_train
-    )
-    _core.report_missing_gradients(grads_and_vars, prepared.reported_missing, missing_gradients)
-    transformed = None
-    if transform_grads_fn is not None:
-        transformed = _core.check_transformed(transform_grads_fn(grads_and_vars), grads_and_vars)
-    update = prepared.compiled_update(
-        [v for _, v in grads_and_vars],
-        None if transformed is None else [v for _, v in transformed],
-        update_fns,
-    )
-    update(
-        total_loss,
-        [g for g, _ in grads_and_vars],
-        None if transformed is None else [g for g, _ in transformed],
-    )
-    return loss_value
