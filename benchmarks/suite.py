@@ -28,9 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -178,7 +180,10 @@ def _eager_variants(model: Model, values: list[np.ndarray], batch: tuple) -> lis
         ),
     )
 
-    writer = tf.summary.create_file_writer(tempfile.mkdtemp(prefix="trainop-bench-"))
+    summaries_dir = tempfile.mkdtemp(prefix="trainop-bench-")
+    writer = tf.summary.create_file_writer(summaries_dir)
+    # Removed once the writer is gone (or at exit): the train ops write there while timed.
+    weakref.finalize(writer, shutil.rmtree, summaries_dir, ignore_errors=True)
 
     def all_features(params, loss_fn):
         train_op = trainop.create_train_op(
