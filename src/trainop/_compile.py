@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import numerics, summaries
+from trainop import _global_step, numerics, summaries
 
 if TYPE_CHECKING:
     from trainop._config import StepConfig
@@ -167,7 +167,7 @@ def compiled(
         stopped = stop.read_value()
         with tf.control_dependencies([stopped]):
             stop.assign(False, read_value=False)
-        counter = global_step if global_step is not None else adapter.iterations
+        counter, _ = _global_step.counter(global_step, adapter.iterations)
         return (
             result,
             stopped,
@@ -176,5 +176,5 @@ def compiled(
             tf.cast(counter, tf.int64) if counter is not None else tf.constant(-1, tf.int64),
         )
 
-    step_name = "global step" if global_step is not None else "optimizer step"
+    _, step_name = _global_step.counter(global_step, adapter.iterations)
     return CompiledTrainOp(tf.function(step_and_counts, jit_compile=True), guard, step_name)

@@ -310,8 +310,8 @@ def build_step(
 
     if isinstance(config.check_numerics, numerics.SkipNonFiniteSteps):
         config.check_numerics.check_context()
-        step_name = "global step" if global_step is not None else "optimizer step"
-        if loss_scale is not None or not config.check_numerics.checks_gradients:
+        _, step_name = _global_step.counter(global_step, adapter.iterations)
+        if not numerics.gradients_count(config.check_numerics, loss_scale is not None):
             # An overflow of the scaled gradients is the loss-scale optimizer's to skip; the
             # guard looks at the loss.
             finite = tf.math.is_finite(total_loss)

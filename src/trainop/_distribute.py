@@ -15,6 +15,7 @@ from trainop import (
     _compile,
     _config,
     _core,
+    _global_step,
     _replica_loss,
     numerics,
     summaries,
@@ -277,21 +278,16 @@ class ReplicatedStep:
         if self._skips:
             # An overflow of the scaled gradients is the loss-scale optimizer's to skip.
             finite = loss_finite
-            if not self._scaled and guard.checks_gradients:
+            if numerics.gradients_count(guard, self._scaled):
                 finite = tf.logical_and(loss_finite, grads_finite)
-            done = [self._update_if_finite(guard, finite, apply)]
+            step, step_name = _global_step.counter(
+                self._config.global_step, self._config.adapter.iterations
+            )
+            done = [guard.update_if_finite(finite, apply, step, step_name=step_name)]
         else:
             done = apply()
         with tf.control_dependencies(done):
             return tf.identity(loss)
-
-    def _update_if_finite(self, guard: Any, finite: tf.Tensor, apply: Callable[[], Any]) -> Any:
-        global_step = self._config.global_step
-        if global_step is not None:
-            return guard.update_if_finite(finite, apply, global_step)
-        return guard.update_if_finite(
-            finite, apply, self._config.adapter.iterations, step_name="optimizer step"
-        )
 
     def _update_on_replica(
         self, total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: Any

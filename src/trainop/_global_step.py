@@ -77,6 +77,14 @@ def counted_by(global_step: Any, graph: Any) -> tf.Variable:
     )
 
 
+def counter(global_step: Any, iterations: Any) -> tuple[Any, str]:
+    """The variable a train op's steps are counted in, for the guard's errors: the global step,
+    else the optimizer's `iterations`; and what to call it ('global step', 'optimizer step')."""
+    if global_step is not None:
+        return global_step, "global step"
+    return iterations, "optimizer step"
+
+
 def summary_step(global_step: Any, iterations: Any) -> Any:
     """The step a train op's summaries are written at: the global step, else the optimizer's
     counter `iterations`, else `tf.summary.experimental.get_step()`; None if there is none."""

@@ -349,6 +349,13 @@ class LossCheckUnderXLA(SkipNonFiniteSteps):
 _SKIP_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def gradients_count(guard: SkipNonFiniteSteps, loss_scaled: bool) -> bool:
+    """Whether a step's gradients count in the guard's verdict besides its loss: not with a
+    loss-scale optimizer, whose overflowing steps are its own to skip (it cannot tell an
+    overflow from a NaN), and not for a guard that checks the loss only."""
+    return guard.checks_gradients and not loss_scaled
+
+
 def resolve_check_numerics(check_numerics: Any, optimizer: Any) -> bool | SkipNonFiniteSteps:
     """Returns True, False or the guard that `check_numerics` stands for.
 
