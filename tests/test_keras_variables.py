@@ -178,3 +178,28 @@ def test_create_train_step_keeps_a_frozen_layer_frozen(family):
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
     for v, expected in zip(head.weights, expected_head):
         np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=v.path)
+
+
+@pytest.mark.parametrize("entry", ["create_train_op", "create_train_step"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_layer_stays_when_the_loss_calls_a_function_traced_before(family, entry):
+    """A forward pass traced before (for evaluation, say) reads the Keras variables when it was
+    traced, not in the train op's trace: the frozen layer is still found frozen."""
+    model, base, head = _frozen_base_model()
+    forward = tf.function(lambda x: model(x))
+    forward(X)
+    base_before = [v.numpy().copy() for v in base.weights]
+    expected_head = _hand_sgd(model, head.trainable_variables)
+
+    def loss():
+        return tf.reduce_mean(tf.square(forward(X) - Y))
+
+    if entry == "create_train_op":
+        trainop.create_train_op(loss, make_optimizer(family))()
+    else:
+        trainop.create_train_step(loss, make_optimizer(family))
+
+    for v, before in zip(base.weights, base_before):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
+    for v, expected in zip(head.weights, expected_head):
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=v.path)

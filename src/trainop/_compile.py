@@ -4,7 +4,6 @@ that raises the numerics guard's errors after a compiled call.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +14,6 @@ from trainop import _global_step, numerics, summaries
 
 if TYPE_CHECKING:
     from trainop._config import StepConfig
-
-logger = logging.getLogger("trainop")
 
 
 def unless_stopped(

@@ -5,7 +5,6 @@ front-ends, and the settings they resolve to.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +19,6 @@ from trainop import (
     numerics,
 )
 from trainop._checks import check_count
-
-logger = logging.getLogger("trainop")
-
 
 GATE_VALUES = (_core.GATE_NONE, _core.GATE_OP, _core.GATE_GRAPH)
 

@@ -1,12 +1,14 @@
 """The training step, built on symbolic tensors inside a graph.
 
-A `tf.function` body is a graph, just as a `tf.compat.v1` graph is, so both front-ends in
-`train_op` call `build_step` with a loss tensor of the current graph:
+A `tf.function` body is a graph, just as a `tf.compat.v1` graph is, so both front-ends
+(`_graph`, `_eager`) and the cross-replica step (`_distribute`) call `build_step` with a loss
+tensor of the current graph and the train op's `_config.StepConfig`:
 
   loss -> gradients -> numerics guard -> transform -> summaries -> apply + global step -> loss
 
-Nothing here knows which optimizer family it is talking to (that is `optimizers`) or whether it
-runs in a `tf.compat.v1` graph or a `tf.function` (that is `train_op`).
+Nothing here knows which optimizer family it is talking to (that is `_optimizers`). It still
+asks whether it runs in a `tf.function` (a cond branch's update ordering) and in a replica (a
+loss-scale optimizer's verdict across replicas), which the distributed path could hand it.
 """
 
 from __future__ import annotations

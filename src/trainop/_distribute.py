@@ -5,7 +5,6 @@ its replicas (each replica's loss and gradients, one decision for all of them, t
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +19,6 @@ from trainop import (
     numerics,
     summaries,
 )
-
-logger = logging.getLogger("trainop")
 
 
 def replicated_strategy(global_step: tf.Variable | None) -> Any:

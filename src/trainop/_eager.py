@@ -7,8 +7,8 @@ compiles only what follows the gradients.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +25,6 @@ from trainop import (
     _variables,
     summaries,
 )
-
-logger = logging.getLogger("trainop")
 
 
 @tf.autograph.experimental.do_not_convert
@@ -58,6 +56,12 @@ def variables_given_or_read(
     return variables
 
 
+def _reads_if(discovering: bool) -> Any:
+    """`_variables.recording_reads()` when the variables to train are found from what the loss
+    reads; else nothing recorded."""
+    return _variables.recording_reads() if discovering else contextlib.nullcontext({})
+
+
 def create_eager_train_op(
     loss_fn: Callable[..., Any],
     config: _config.StepConfig,
@@ -70,6 +74,7 @@ def create_eager_train_op(
     """The eager train op: the step of one replica, then (in a strategy's scope) across the
     replicas, then in a loop of `steps_per_call` steps, then compiled, as Keras's trainer
     stacks `train_step`, `strategy.run`, `steps_per_execution` and XLA."""
+    update_fns = _config.check_eager_update_ops(update_ops)
     strategy = _distribute.replicated_strategy(config.global_step)
     if variables_to_train is not None and not callable(variables_to_train):
         variables_to_train = _config.check_variables_to_train(variables_to_train, in_graph=False)
@@ -83,13 +88,13 @@ def create_eager_train_op(
     step = ReplicaStep(
         loss_fn,
         config,
-        _config.check_eager_update_ops(update_ops),
+        update_fns,
         variables_to_train,
         total_loss_fn,
         xla_without_strategy=jit_compile and strategy is None,
     )
     if strategy is None:
-        return _compile.compiled(step, config, jit_compile, steps_per_call)
+        return _compile.compiled(step.train_step, config, jit_compile, steps_per_call)
     step_fn = _distribute.across_replicas(
         step.loss_and_variables,
         strategy,
@@ -111,7 +116,7 @@ class ReplicaStep:
     """The step of one replica, which knows no strategy, loop or compiler: the loss called
     under a tape, the variables it reads (unless given), and `_core.build_step`.
 
-    Calling it runs one step on the batch it is given (the train op's arguments) and returns
+    `train_step` runs one step on the batch it is given (the train op's arguments) and returns
     the loss (or, with `total_loss_fn`, the loss structure as computed, before the update).
     """
 
@@ -145,13 +150,13 @@ class ReplicaStep:
                 "or with jit_compile=False."
             )
         # The trainable variables that the loss reads, should none be given.
-        with tf.GradientTape() as tape, _variables.recording_reads() as reads:
+        with tf.GradientTape() as tape, _reads_if(self._variables_to_train is None) as reads:
             loss = self._loss_fn(*args, **kwargs)
             total_loss = loss if self._total_loss_fn is None else self._total_loss_fn(loss)
         _config.check_loss_tensor(total_loss, self._total_loss_fn is not None)
         return loss, total_loss, variables_given_or_read(self._variables_to_train, tape, reads)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def train_step(self, *args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
         _config.check_in_a_replica(self._config)
         loss, total_loss, variables = self.loss_and_variables(*args, **kwargs)
@@ -317,7 +322,7 @@ def eager_loss_and_gradients(
             "create_train_op with the loss as a callable, whose step calls the optimizer's "
             f"compute_gradients. Received: optimizer={adapter.optimizer!r:.200}"
         )
-    with tf.GradientTape() as tape, _variables.recording_reads() as reads:
+    with tf.GradientTape() as tape, _reads_if(variables_to_train is None) as reads:
         loss_value = loss()
         total_loss = total_loss_fn(loss_value)
         with tape.stop_recording():

@@ -8,8 +8,10 @@ Keras variable's `path`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,8 +71,11 @@ def _install_read_recorder(variable_type: type) -> None:
         if _installed:
             return
         owner = next(
-            c for c in variable_type.__mro__ if isinstance(c.__dict__.get("value"), property)
+            (c for c in variable_type.__mro__ if isinstance(c.__dict__.get("value"), property)),
+            None,
         )
+        if owner is None:  # Another Keras: `keras_owners` falls back to its search.
+            return
         original = owner.__dict__["value"]
 
         def value(self: Any) -> Any:
@@ -109,11 +114,51 @@ def recording_reads() -> Iterator[dict[int, Any]]:
             outer.update(reads)
 
 
+# What the search below found, by the id of each `tf.Variable`, both held weakly: its Keras
+# wrapper, or None for a variable that has none (a plain `tf.Variable`).
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}
+
+
 def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
-    """Each of `tf_variables`, or the Keras 3 variable that wraps it, if `reads` (from
-    `recording_reads`) saw it read through that wrapper."""
-    owners = []
+    """Each of `tf_variables`, or the Keras 3 variable that wraps it.
+
+    The wrapper is the one `reads` (from `recording_reads`) saw read. A variable the loss read
+    without its wrapper's `value` (inside a `tf.function` traced before, or through a
+    `tf.Variable` taken out earlier) is looked for among the live objects, once: `gc.get_objects`
+    lists them without running any of their code, and each is tested by its type alone. (Not
+    `gc.get_referrers`, whose traversal of every object crashed the process on one.)
+    """
+    variable_type = keras3_variable_type()
+    owners = {}
+    unknown = []
     for v in tf_variables:
         owner = reads.get(id(v))
-        owners.append(owner if owner is not None and getattr(owner, "_value", None) is v else v)
-    return owners
+        if owner is None:
+            cached = _OWNERS.get(id(v))
+            if cached is not None and cached[0]() is v and cached[1] is None:
+                continue  # Known to have no wrapper.
+            owner = cached[1]() if cached is not None and cached[0]() is v else None
+        if owner is not None and getattr(owner, "_value", None) is v:
+            owners[id(v)] = owner
+        elif variable_type is not None:
+            unknown.append(v)
+    if unknown:
+        owners.update(_search(unknown, variable_type))
+    return [owners.get(id(v), v) for v in tf_variables]
+
+
+def _search(unknown: list[Any], variable_type: type) -> dict[int, Any]:
+    wanted = {id(v): v for v in unknown}
+    found = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), variable_type):
+            inner = obj.__dict__.get("_value")
+            if inner is not None and wanted.get(id(inner)) is inner:
+                found[id(inner)] = obj
+    for key, v in wanted.items():
+        owner = found.get(key)
+        _OWNERS[key] = (
+            weakref.ref(v, lambda _, key=key: _OWNERS.pop(key, None)),
+            None if owner is None else weakref.ref(owner),
+        )
+    return found
