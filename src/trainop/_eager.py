@@ -378,36 +378,24 @@ def run_train_step(
     _config.check_choices(gate_gradients, aggregation_method, summarize_every_n_steps)
     _config.check_callable_or_none("transform_grads_fn", transform_grads_fn)
     update_fns = _config.check_eager_update_ops(update_ops)
+    # The settings the compiled part depends on: its cache key, and what it is prepared with.
+    compiled_settings = dict(
+        summarize_gradients=summarize_gradients,
+        gate_gradients=gate_gradients,
+        aggregation_method=aggregation_method,
+        check_numerics=check_numerics,
+        missing_gradients=missing_gradients,
+        summarize_every_n_steps=summarize_every_n_steps,
+    )
     referents: list[Any] = []
     key = identity_key(
-        (
-            optimizer,
-            # The variable: a new program global step is a new step to count in.
-            _global_step.resolve(global_step),
-            summarize_gradients,
-            gate_gradients,
-            aggregation_method,
-            check_numerics,
-            missing_gradients,
-            summarize_every_n_steps,
-        ),
+        # The variable: a new program global step is a new step to count in.
+        (optimizer, _global_step.resolve(global_step), *compiled_settings.values()),
         referents,
     )
 
     def prepare() -> PreparedStep:
-        return PreparedStep(
-            _config.resolve(
-                optimizer,
-                global_step,
-                None,
-                summarize_gradients,
-                gate_gradients,
-                aggregation_method,
-                check_numerics,
-                missing_gradients,
-                summarize_every_n_steps,
-            )
-        )
+        return PreparedStep(_config.resolve(optimizer, global_step, None, **compiled_settings))
 
     prepared = cached_eager_step(STEP_CACHE, key, referents, prepare)
     _config.check_in_a_replica(prepared.config)

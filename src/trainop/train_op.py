@@ -454,37 +454,9 @@ def create_train_step(
         # ValueError, as TF-Agents raises.
         raise ValueError(f"`total_loss_fn` must be a callable. Received: {total_loss_fn!r:.200}")
 
-    if not tf.executing_eagerly():
-        if _config.is_loss_callable(loss):
-            loss = loss()
-        if callable(variables_to_train):
-            variables_to_train = variables_to_train()
-        # The losses are computed first, the step is built on them, and they are returned
-        # once the step has run.
-        with tf.control_dependencies(tf.nest.flatten(loss)):
-            loss = tf.nest.map_structure(lambda t: tf.identity(t, "loss_pre_train"), loss)
-        train_op = create_train_op(
-            total_loss_fn(loss),
-            optimizer,
-            global_step=global_step,
-            update_ops=update_ops,
-            variables_to_train=variables_to_train,
-            transform_grads_fn=transform_grads_fn,
-            summarize_gradients=summarize_gradients,
-            gate_gradients=gate_gradients,
-            aggregation_method=aggregation_method,
-            check_numerics=check_numerics,
-            missing_gradients=missing_gradients,
-            summarize_every_n_steps=summarize_every_n_steps,
-        )
-        with tf.control_dependencies([train_op]):
-            return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
-
-    return _eager.run_train_step(
-        loss,
-        optimizer,
+    # What both halves pass on, as create_train_op takes it.
+    step_settings = dict(
         global_step=global_step,
-        total_loss_fn=total_loss_fn,
         update_ops=update_ops,
         variables_to_train=variables_to_train,
         transform_grads_fn=transform_grads_fn,
@@ -495,3 +467,17 @@ def create_train_step(
         missing_gradients=missing_gradients,
         summarize_every_n_steps=summarize_every_n_steps,
     )
+    if not tf.executing_eagerly():
+        if _config.is_loss_callable(loss):
+            loss = loss()
+        if callable(variables_to_train):
+            step_settings["variables_to_train"] = variables_to_train()
+        # The losses are computed first, the step is built on them, and they are returned
+        # once the step has run.
+        with tf.control_dependencies(tf.nest.flatten(loss)):
+            loss = tf.nest.map_structure(lambda t: tf.identity(t, "loss_pre_train"), loss)
+        train_op = create_train_op(total_loss_fn(loss), optimizer, **step_settings)
+        with tf.control_dependencies([train_op]):
+            return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
+
+    return _eager.run_train_step(loss, optimizer, total_loss_fn=total_loss_fn, **step_settings)
