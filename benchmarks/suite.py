@@ -638,15 +638,16 @@ def run_sections(sections: Sequence[Section], results: dict[str, Any]) -> Sectio
     """
     pending = list(sections)
     try:
-        while pending:
-            section = pending[0]
-            _store(results, section)
-            index = len(sections) - len(pending) + 1
-            with progress.bar(f"[{index}/{len(sections)}] {section.title}") as bar:
-                section.measure(section.record, bar)
-            # Done before printing: from here on, Ctrl-C interrupts the next section.
-            pending.pop(0)
-            print(section.table(section.record, False) + "\n", flush=True)
+        with progress.interrupts_recorded() as interrupted:
+            while pending:
+                section = pending[0]
+                _store(results, section)
+                index = len(sections) - len(pending) + 1
+                with progress.bar(f"[{index}/{len(sections)}] {section.title}") as bar:
+                    section.measure(section.record, progress.InterruptCheckedBar(bar, interrupted))
+                # Done before printing: from here on, Ctrl-C interrupts the next section.
+                pending.pop(0)
+                print(section.table(section.record, False) + "\n", flush=True)
     except KeyboardInterrupt:
         if not pending:  # after the last table: everything was measured and printed
             return None

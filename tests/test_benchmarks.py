@@ -5,6 +5,7 @@ Ctrl-C keeping what was measured).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -277,6 +278,31 @@ def test_an_interrupted_section_prints_its_rows_so_far(capsys):
         "first": {"name": "first", "rows": ["| a | 1 |", "| b | 2 |"]},
         "second": {"name": "second", "rows": ["| c | 3 |"]},
     }
+
+
+def test_ctrl_c_lost_inside_a_section_still_stops_it_at_its_next_update(capsys):
+    """TensorFlow's C++ code can clear a KeyboardInterrupt raised in Python it calls back into:
+    the section is stopped at its next progress update all the same."""
+    updates = []
+
+    def swallows_the_interrupt(record, bar):
+        # What a C++ caller that clears the error does.
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        for _ in range(5):
+            record["rows"].append(f"| {len(updates)} |")
+            bar.update()
+            updates.append(1)
+
+    section = suite.Section(
+        "lost", ("lost",), {"name": "lost", "rows": []}, swallows_the_interrupt, _fake_table
+    )
+    handler_before = signal.getsignal(signal.SIGINT)
+    assert suite.run_sections([section], {}) is section
+    assert updates == []
+    assert capsys.readouterr().out == "### lost (interrupted)\n| 0 |\n\n"
+    # The handler from before is back.
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 def test_partial_tables_say_how_far_they_got():
