@@ -62,25 +62,6 @@ def refuse_replicas() -> None:
         )
 
 
-def check_in_a_replica(config: StepConfig) -> None:
-    """Raises for what a train op built or called inside `strategy.run` cannot do on every
-    replica."""
-    if not _core.in_a_replica() or tf.distribute.get_strategy().num_replicas_in_sync == 1:
-        return
-    for name, asked in [
-        ("check_numerics", isinstance(config.check_numerics, numerics.SkipNonFiniteSteps)),
-        ("accumulation_steps", config.accumulator is not None),
-    ]:
-        if asked:
-            # Both apply the update in a tf.cond, which replicas cannot synchronize inside.
-            raise ValueError(
-                f"`{name}`: a train op built or called inside strategy.run cannot skip or "
-                "delay the update on every replica at once. Build it in the strategy's scope "
-                "with the loss as a callable, and call it outside strategy.run: it then runs "
-                "strategy.run itself, and decides for all replicas."
-            )
-
-
 def check_callable_or_none(name: str, value: Any) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")

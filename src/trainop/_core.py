@@ -2,20 +2,22 @@
 
 A `tf.function` body is a graph, just as a `tf.compat.v1` graph is, so both front-ends
 (`_graph`, `_eager`) and the cross-replica step (`_distribute`) call `build_step` with a loss
-tensor of the current graph and the train op's `_config.StepConfig`:
+tensor of the current graph, its gradients (`step_gradients`) and the train op's
+`_config.StepConfig`:
 
   loss -> gradients -> numerics guard -> transform -> summaries -> apply + global step -> loss
 
-Nothing here knows which optimizer family it is talking to (that is `_optimizers`). It still
-asks whether it runs in a `tf.function` (a cond branch's update ordering) and in a replica (a
-loss-scale optimizer's verdict across replicas), which the distributed path could hand it.
+Nothing here knows which optimizer family it is talking to (that is `_optimizers`), whether it
+runs in a `tf.function` or in a replica: the caller hands it an `Applier` that knows. The two
+halves of the numerics guard, `checked_loss` and `apply_if_finite`, are the one place where
+the raise or skip decision is made, for one device and across replicas alike.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import tensorflow as tf
 
@@ -159,23 +161,22 @@ def _present_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any,
 
 def step_gradients(
     total_loss: tf.Tensor,
-    adapter: _optimizers.OptimizerAdapter,
     variables: Sequence[Any],
-    gate_gradients: int,
-    aggregation_method: int | None,
-    reported_missing: set[str] | None = None,
-    missing_gradients: str = "log",
+    config: StepConfig,
+    reported_missing: set[str],
 ) -> list[tuple[Any, Any]]:
     """The (gradient, variable) pairs of a step, unscaled if the optimizer scales the loss.
 
-    Raises, or logs once, for the variables the loss gives no gradient (see `build_step`).
+    Raises, or logs once per train op (the names logged go into `reported_missing`), for the
+    variables the loss gives no gradient, as `config.missing_gradients` says.
     """
     check_loss(total_loss)
+    adapter = config.adapter
     adapter.build(variables)
     scale = adapter.gradient_scale()
     if scale is None:
         grads_and_vars = compute_gradients(
-            total_loss, variables, gate_gradients, aggregation_method, adapter
+            total_loss, variables, config.gate_gradients, config.aggregation_method, adapter
         )
     else:
         # Mixed precision: the gradients of the scaled loss, unscaled, so that the numerics
@@ -185,202 +186,199 @@ def step_gradients(
         grads_and_vars = [
             (_gradients.scale(g, scale, divide=True), v)
             for g, v in compute_gradients(
-                scaled_loss, variables, gate_gradients, aggregation_method, adapter
+                scaled_loss, variables, config.gate_gradients, config.aggregation_method, adapter
             )
         ]
-    report_missing_gradients(
-        grads_and_vars,
-        reported_missing if reported_missing is not None else set(),
-        missing_gradients,
-    )
+    report_missing_gradients(grads_and_vars, reported_missing, config.missing_gradients)
     return grads_and_vars
+
+
+class StepGradients(NamedTuple):
+    """What an update is made from."""
+
+    # The step's loss; with accumulation, the mean loss of the window.
+    loss: tf.Tensor
+    # The (gradient, variable) pairs as the loss gives them (their means, with accumulation).
+    raw: list[tuple[Any, Any]]
+    # The pairs as they are applied: `raw` after `transform_grads_fn`.
+    pairs: list[tuple[Any, Any]]
+
+
+# An update: adds the ops that make it from `StepGradients`, and returns those to wait for.
+Update = Callable[[StepGradients], list[Any]]
+# What hands gradients to the optimizer: called with (gradient, variable) pairs, true values
+# and none None, and the loss scale of a loss-scale optimizer (a float32 scalar, or None);
+# applies them, counts the step, and returns the ops to wait for.
+Applier = Callable[[list[tuple[Any, Any]], "tf.Tensor | None"], list[Any]]
+
+
+def optimizer_applier(config: StepConfig, in_function: bool) -> Applier:
+    """The plain `Applier`: the optimizer applies the pairs here (a loss-scale optimizer, the
+    pairs multiplied by its scale, as it expects them) and the global step counts the update.
+
+    Args:
+      config: the train op's settings: its optimizer adapter and global step.
+      in_function: whether the step is built in a `tf.function`, decided before any `tf.cond`
+        (see `_optimizers.OptimizerAdapter.apply`).
+    """
+
+    def apply(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None) -> list[Any]:
+        if loss_scale is not None:
+            pairs = scaled(pairs, loss_scale)
+        return [
+            config.adapter.apply(
+                pairs, config.global_step, in_function, may_skip=loss_scale is not None
+            )
+        ]
+
+    return apply
+
+
+def scaled(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor) -> list[tuple[Any, Any]]:
+    """`pairs` with each gradient multiplied by `loss_scale`, as a loss-scale optimizer
+    expects them."""
+    return [(_gradients.scale(g, loss_scale), v) for g, v in pairs]
+
+
+def transformed(config: StepConfig, gradients: StepGradients) -> StepGradients:
+    """`gradients` with `pairs` put through `config.transform_grads_fn`, checked."""
+    if config.transform_grads_fn is None:
+        return gradients
+    pairs = check_transformed(config.transform_grads_fn(gradients.pairs), gradients.pairs)
+    return gradients._replace(pairs=pairs)
+
+
+def accumulating(config: StepConfig, update: Update) -> Update:
+    """`update`, made on the mean gradients and loss of every `accumulation_steps` calls (as
+    optax's `MultiSteps` wraps an inner transformation); the transform runs on the means.
+    Each call adds its own `pairs`."""
+
+    def on_the_means(means: list[tuple[Any, Any]], mean_loss: tf.Tensor) -> list[Any]:
+        return update(transformed(config, StepGradients(mean_loss, means, means)))
+
+    def accumulate(gradients: StepGradients) -> list[Any]:
+        accumulator = config.accumulator
+        return [accumulator.add_and_maybe_apply(gradients.pairs, gradients.loss, on_the_means)]
+
+    return accumulate
+
+
+def checked_loss(config: StepConfig, loss: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """The raising half of the numerics guard: with `check_numerics=True`, `loss` checked (it
+    raises when evaluated if inf or NaN) and [it], for everything that changes state to wait
+    for, so that a failed check changes nothing; else `loss` and []."""
+    if config.check_numerics is True:
+        loss = numerics.check_loss_is_finite(loss)
+        return loss, [loss]
+    return loss, []
+
+
+def apply_if_finite(
+    config: StepConfig,
+    update: Callable[[], list[Any]],
+    loss_finite: Callable[[], tf.Tensor],
+    grads_finite: Callable[[], tf.Tensor],
+) -> list[Any]:
+    """The skipping half of the numerics guard, for one device and across replicas alike (as
+    optax's `apply_if_finite`): with a `SkipNonFiniteSteps`, `update()` runs in a `tf.cond`
+    on whether the loss (`loss_finite()`) and the gradients (`grads_finite()`) are finite, the
+    guard counting what it skips; without one, `update()` runs. With a loss-scale optimizer
+    only the loss counts: an overflow of the scaled gradients is the optimizer's to skip.
+
+    Returns:
+      The ops to wait for.
+    """
+    guard = config.check_numerics
+    if not isinstance(guard, numerics.SkipNonFiniteSteps):
+        return update()
+    guard.check_context()
+    step, step_name = _global_step.counter(config.global_step, config.adapter.iterations)
+    finite = loss_finite()
+    if numerics.gradients_count(guard, config.adapter.scales_loss):
+        finite = tf.logical_and(finite, grads_finite())
+    return [guard.update_if_finite(finite, update, step, step_name=step_name)]
 
 
 @tf.autograph.experimental.do_not_convert
 def build_step(
     total_loss: tf.Tensor,
+    grads_and_vars: list[tuple[Any, Any]],
     config: StepConfig,
-    variables: Sequence[Any],
     *,
+    apply: Applier,
     before_update: Callable[[], Sequence[Any]] | None = None,
-    reported_missing: set[str] | None = None,
-    grads_and_vars: list[tuple[Any, Any]] | None = None,
-    all_replicas_finite: tf.Tensor | None = None,
-    apply_gradients: Callable[[list[tuple[Any, Any]], bool], list[Any]] | None = None,
+    v1_summaries: bool = False,
 ) -> tf.Tensor:
-    """Adds the training step to the current graph.
+    """Adds the training step on `grads_and_vars` to the current graph.
+
+    The update is composed as optax composes gradient transformations. Without accumulation:
+
+      check the loss -> transform -> skip unless finite -> summaries, update ops, apply
+
+    so the skip guard and the summaries see the gradients as they are applied. With it, the
+    guard looks at each call's own gradients, and what follows the accumulation sees the means:
+
+      check the loss -> skip unless finite -> accumulate -> transform -> summaries, ... apply
 
     Args:
       total_loss: the scalar loss, a tensor of the current graph.
-      config: the train op's settings (`_config.StepConfig`): the optimizer's adapter, the
-        global step, the transform, summaries, numerics check and accumulation.
-      variables: the variables to train (non-empty).
+      grads_and_vars: its (gradient, variable) pairs, from `step_gradients`.
+      config: the train op's settings (`_config.StepConfig`).
+      apply: hands the gradients to the optimizer: `optimizer_applier`, or what the
+        distributed step makes of it.
       before_update: called, after the numerics check and before the gradients are applied,
         to add the caller's update ops; returns them.
-      reported_missing: names of variables without gradient already logged for this train op;
-        names logged now are added.
-      grads_and_vars: the gradients, from `step_gradients`, if they are computed already.
-      all_replicas_finite: under a `tf.distribute` strategy, whether the gradients of every
-        replica are finite: a loss-scale optimizer, which decides on the first replica's
-        alone, is made to skip the step when they are not.
-      apply_gradients: applies the pairs and counts the step, given whether the optimizer may
-        skip the update itself; returns the ops to wait for. By default `adapter.apply`.
+      v1_summaries: whether the gradient summaries are TF1 summaries (in a `tf.compat.v1`
+        graph without a v2 writer), which the caller's loop fetches from the SUMMARIES
+        collection: built beside the step, not in it, on the gradients as applied.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
     """
-    adapter, global_step = config.adapter, config.global_step
-    # Decided before any tf.cond: a cond branch is a function graph even in a v1 graph.
-    in_function = tf.inside_function()
-    if grads_and_vars is None:
-        grads_and_vars = step_gradients(
-            total_loss,
-            adapter,
-            variables,
-            config.gate_gradients,
-            config.aggregation_method,
-            reported_missing,
-            config.missing_gradients,
-        )
-    loss_scale = adapter.loss_scale()
-    step = _global_step.summary_step(global_step, adapter.iterations)
+    loss_scale = config.adapter.loss_scale()
+    step = _global_step.summary_step(config.global_step, config.adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
-    # In a tf.compat.v1 graph without a v2 writer, gradient summaries are TF1 summaries that the
-    # caller's loop fetches from the SUMMARIES collection: built beside the step, not in it.
-    tf1_summaries = (
-        config.summarize_gradients and not in_function and not summaries.writes_v2_summaries()
-    )
 
-    def transform(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        if config.transform_grads_fn is None:
-            return pairs
-        return check_transformed(config.transform_grads_fn(pairs), pairs)
-
-    def accumulate() -> list[Any]:
-        # The update, its transform and its summaries see the means of the window.
-        return [
-            config.accumulator.add_and_maybe_apply(
-                grads_and_vars,
-                total_loss,
-                lambda means, mean_loss: update(transform(means), means, mean_loss),
-            )
-        ]
-
-    def update(
-        transformed: list[tuple[Any, Any]],
-        raw: list[tuple[Any, Any]] | None = None,
-        loss: tf.Tensor | None = None,
-    ) -> list[Any]:
+    def update(gradients: StepGradients) -> list[Any]:
         with in_outer_scope():
             summary_ops = []
-            if not tf1_summaries:
+            if not v1_summaries:
                 summary_ops = summaries.add_train_summaries(
-                    total_loss if loss is None else loss,
-                    grads_and_vars if raw is None else raw,
-                    transformed,
+                    gradients.loss,
+                    gradients.raw,
+                    gradients.pairs,
                     step,
-                    learning_rate=adapter.learning_rate,
+                    learning_rate=config.adapter.learning_rate,
                     summarize_gradients=config.summarize_gradients,
                     every_n_steps=config.summarize_every_n_steps,
                 )
             update_ops = list(before_update()) if before_update is not None else []
-            present = _present_gradients(transformed)
-            if loss_scale is not None:
-                finite_everywhere = all_replicas_finite
-                if finite_everywhere is None and in_a_replica():
-                    finite_everywhere = _finite_on_every_replica(present)
-                if finite_everywhere is not None:
-                    present = not_finite_unless(finite_everywhere, present)
-                present = [(_gradients.scale(g, loss_scale), v) for g, v in present]
+            present = _present_gradients(gradients.pairs)
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
-                if apply_gradients is not None:
-                    return apply_gradients(present, loss_scale is not None)
-                return [
-                    adapter.apply(
-                        present, global_step, in_function, may_skip=loss_scale is not None
-                    )
-                ]
+                return apply(present, loss_scale)
 
-    # This call's transformed gradients, when the update is on them (not on accumulated means).
-    transformed = None
-
-    def transform_and_update() -> list[Any]:
-        nonlocal transformed
-        transformed = transform(grads_and_vars)
-        return update(transformed)
-
-    if isinstance(config.check_numerics, numerics.SkipNonFiniteSteps):
-        config.check_numerics.check_context()
-        _, step_name = _global_step.counter(global_step, adapter.iterations)
-        if not numerics.gradients_count(config.check_numerics, loss_scale is not None):
-            # An overflow of the scaled gradients is the loss-scale optimizer's to skip; the
-            # guard looks at the loss.
-            finite = tf.math.is_finite(total_loss)
-            run_update = accumulate if config.accumulator is not None else transform_and_update
-        elif config.accumulator is not None:
-            # Each call's own gradients: a bad call adds nothing to the sums.
-            finite = numerics.all_finite(total_loss, [g for g, _ in grads_and_vars])
-            run_update = accumulate
+    total_loss, checked = checked_loss(config, total_loss)
+    with tf.control_dependencies(checked):
+        gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars)
+        if config.accumulator is None:
+            gradients = transformed(config, gradients)
         else:
-            # The gradients as they would be applied: a transform's NaN counts, a frozen
-            # variable's gradient does not.
-            transformed = transform(grads_and_vars)
-            finite = numerics.all_finite(total_loss, [g for g, _ in transformed])
-            run_update = lambda: update(transformed)  # noqa: E731
-        done = [
-            config.check_numerics.update_if_finite(finite, run_update, step, step_name=step_name)
-        ]
-    elif config.check_numerics:
-        total_loss = numerics.check_loss_is_finite(total_loss)
-        # Everything that changes state waits for the check: a failed check changes nothing.
-        with tf.control_dependencies([total_loss]):
-            done = accumulate() if config.accumulator is not None else transform_and_update()
-    else:
-        done = accumulate() if config.accumulator is not None else transform_and_update()
-    if tf1_summaries:
-        # Beside the step, for the caller's loop to fetch; named as TF-Slim's train op names
-        # them.
+            update = accumulating(config, update)
+        done = apply_if_finite(
+            config,
+            lambda: update(gradients),
+            lambda: tf.math.is_finite(total_loss),
+            # A frozen variable's None gradient does not count.
+            lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),
+        )
+    if v1_summaries:
+        # Named as TF-Slim's train op names them.
         with tf.name_scope("summarize_grads"):
-            summaries.add_gradients_summaries(
-                transformed if transformed is not None else grads_and_vars, step
-            )
+            summaries.add_gradients_summaries(gradients.pairs, step)
 
     with tf.control_dependencies(done):
         return tf.identity(total_loss, name="train_op")
-
-
-def in_a_replica() -> bool:
-    """Whether the step is being built inside `strategy.run` of a `tf.distribute` strategy."""
-    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
-
-
-def elements_finite(grads: Sequence[Any]) -> tf.Tensor:
-    """Whether every element of `grads` is finite, as a loss-scale optimizer tests them."""
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(_gradients.values(g))) for g in grads])
-
-
-def _finite_on_every_replica(grads_and_vars: list[tuple[Any, Any]]) -> tf.Tensor:
-    """Whether every element of every replica's gradients is finite (an all-reduce)."""
-    finite = elements_finite([g for g, _ in grads_and_vars])
-    not_finite = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32)
-    )
-    return tf.equal(not_finite, 0)
-
-
-def not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
-    """`grads_and_vars`, with the smallest gradient made NaN where `finite` is False."""
-    sizes = [_gradients.values(g).shape.num_elements() for g, _ in grads_and_vars]
-    index = min(range(len(sizes)), key=lambda i: sizes[i] if sizes[i] is not None else 2**62)
-    grad, var = grads_and_vars[index]
-    values = _gradients.values(grad)
-    values = tf.where(finite, values, tf.constant(float("nan"), values.dtype))
-    if isinstance(grad, tf.IndexedSlices):
-        values = tf.IndexedSlices(values, grad.indices, grad.dense_shape)
-    result = list(grads_and_vars)
-    result[index] = (values, var)
-    return result
 
 
 def as_ops(values: Sequence[Any]) -> list[Any]:

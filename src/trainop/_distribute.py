@@ -14,7 +14,7 @@ from trainop import (
     _compile,
     _config,
     _core,
-    _global_step,
+    _gradients,
     _replica_loss,
     numerics,
     summaries,
@@ -42,6 +42,83 @@ def replicated_strategy(global_step: tf.Variable | None) -> Any:
             f"count in it once per step. Received: {global_step!r:.200}"
         )
     return strategy
+
+
+def in_a_replica() -> bool:
+    """Whether the step is being built inside `strategy.run` of a `tf.distribute` strategy."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
+def check_in_a_replica(config: _config.StepConfig) -> None:
+    """Raises for what a train op built or called inside `strategy.run` cannot do on every
+    replica."""
+    if not in_a_replica() or tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return
+    for name, asked in [
+        ("check_numerics", isinstance(config.check_numerics, numerics.SkipNonFiniteSteps)),
+        ("accumulation_steps", config.accumulator is not None),
+    ]:
+        if asked:
+            # Both apply the update in a tf.cond, which replicas cannot synchronize inside.
+            raise ValueError(
+                f"`{name}`: a train op built or called inside strategy.run cannot skip or "
+                "delay the update on every replica at once. Build it in the strategy's scope "
+                "with the loss as a callable, and call it outside strategy.run: it then runs "
+                "strategy.run itself, and decides for all replicas."
+            )
+
+
+def optimizer_applier(config: _config.StepConfig, in_function: bool) -> _core.Applier:
+    """The `_core.Applier` of a step built where it runs, on one device or, called inside the
+    user's `strategy.run`, on one replica: there a loss-scale optimizer, which decides on its
+    own replica's gradients, is made to skip unless every replica's are finite."""
+    apply = _core.optimizer_applier(config, in_function)
+    if in_a_replica():
+        return skipping_unless(lambda pairs: finite_on_every_replica(pairs), apply)
+    return apply
+
+
+def skipping_unless(
+    finite_everywhere: Callable[[list[tuple[Any, Any]]], tf.Tensor], apply: _core.Applier
+) -> _core.Applier:
+    """`apply`, made to skip a loss-scale optimizer's update where `finite_everywhere(pairs)`
+    is False: the optimizer is handed a NaN gradient, which it skips and counts down its scale
+    for. Without a loss scale, `apply` unchanged."""
+
+    def apply_or_skip(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None) -> list[Any]:
+        if loss_scale is not None:
+            pairs = not_finite_unless(finite_everywhere(pairs), pairs)
+        return apply(pairs, loss_scale)
+
+    return apply_or_skip
+
+
+def elements_finite(grads: list[Any]) -> tf.Tensor:
+    """Whether every element of `grads` is finite, as a loss-scale optimizer tests them."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(_gradients.values(g))) for g in grads])
+
+
+def finite_on_every_replica(grads_and_vars: list[tuple[Any, Any]]) -> tf.Tensor:
+    """Whether every element of every replica's gradients is finite (an all-reduce)."""
+    finite = elements_finite([g for g, _ in grads_and_vars])
+    not_finite = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32)
+    )
+    return tf.equal(not_finite, 0)
+
+
+def not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) -> list:
+    """`grads_and_vars`, with the smallest gradient made NaN where `finite` is False."""
+    sizes = [_gradients.values(g).shape.num_elements() for g, _ in grads_and_vars]
+    index = min(range(len(sizes)), key=lambda i: sizes[i] if sizes[i] is not None else 2**62)
+    grad, var = grads_and_vars[index]
+    values = _gradients.values(grad)
+    values = tf.where(finite, values, tf.constant(float("nan"), values.dtype))
+    if isinstance(grad, tf.IndexedSlices):
+        values = tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    result = list(grads_and_vars)
+    result[index] = (values, var)
+    return result
 
 
 def across_replicas(
@@ -117,7 +194,7 @@ class ReplicatedStep:
         self._before_update = before_update
         self._reported_missing = reported_missing
         self._skips = isinstance(config.check_numerics, numerics.SkipNonFiniteSteps)
-        self._scaled = config.adapter.loss_scale() is not None
+        self._scaled = config.adapter.scales_loss
         # The variables that have a gradient: the same on every replica, known once traced.
         self._trained: list[Any] = []
         self._replica_gradients = (
@@ -180,25 +257,15 @@ class ReplicatedStep:
         with _replica_loss.one_device_scaling(share):
             _, total_loss, variables = self._loss_and_variables(*args, **kwargs)
         total_loss = _replica_loss.weighted(total_loss, share)
-        grads_and_vars = _core.step_gradients(
-            total_loss,
-            config.adapter,
-            variables,
-            config.gate_gradients,
-            config.aggregation_method,
-            self._reported_missing,
-            config.missing_gradients,
-        )
+        grads_and_vars = _core.step_gradients(total_loss, variables, config, self._reported_missing)
         present = [(g, v) for g, v in grads_and_vars if g is not None]
         self._trained = [v for _, v in present]
         grads = [g for g, _ in present]
         if not verdicts:
             return total_loss, grads
-        if self._scaled:
-            # As the loss-scale optimizer decides: every element finite.
-            grads_finite = _core.elements_finite(grads)
-        else:
-            grads_finite = numerics.all_finite(tf.constant(0.0), grads)
+        # With a loss-scale optimizer, as it decides: every element finite.
+        finite_of = elements_finite if self._scaled else _gradients.all_finite
+        grads_finite = finite_of(grads)
         finite = [tf.math.is_finite(total_loss), grads_finite]
         return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
 
@@ -216,29 +283,33 @@ class ReplicatedStep:
         with tf.device(summed[0][0].device):
             return _core.build_step(
                 loss,
+                summed,
                 self._config,
-                self._trained,
-                grads_and_vars=summed,
-                apply_gradients=self._apply_summed,
+                apply=self._apply_summed,
                 before_update=self._before_update,
-                reported_missing=self._reported_missing,
             )
 
-    def _apply_summed(self, pairs: list[tuple[Any, Any]], may_skip: bool) -> list[Any]:
-        """Applies the summed gradients `pairs`: the first replica hands them to the optimizer
-        and the others hand it zeros, so that the optimizer's own sum leaves them unchanged."""
+    def _apply_summed(
+        self, pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None
+    ) -> list[Any]:
+        """The `_core.Applier` of the summed gradients `pairs`: the first replica hands them to
+        the optimizer and the others hand it zeros, so that the optimizer's own sum leaves them
+        unchanged."""
         config = self._config
+        may_skip = loss_scale is not None
+        if may_skip:
+            pairs = _core.scaled(pairs, loss_scale)
         variables = [v for _, v in pairs]
         grads = [g for g, _ in pairs]
         # A loss-scale optimizer that decides on each replica (where the strategy has no
         # merge_call) must see the sum's overflow on the replicas given zeros too.
-        finite = _core.elements_finite(grads) if may_skip else None
+        finite = elements_finite(grads) if may_skip else None
 
         def apply_on_replica(finite: Any, *grads: Any) -> tf.Tensor:
             replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
             own = [(first_replica_only(g, v, replica_id), v) for g, v in zip(grads, variables)]
             if finite is not None:
-                own = _core.not_finite_unless(finite, own)
+                own = not_finite_unless(finite, own)
             applied = config.adapter.apply(own, config.global_step, True, may_skip)
             with tf.control_dependencies([applied]):
                 return tf.constant(True)
@@ -252,19 +323,17 @@ class ReplicatedStep:
         """The step with the gradients left on their replicas: one decision for all of them
         (the summed loss checked, or the summed verdicts `not_finite` for the skip guard),
         then the update on every replica, the optimizer summing the gradients."""
-        strategy, guard = self._strategy, self._config.check_numerics
+        strategy = self._strategy
         grads_finite = None
         if not_finite is not None:
             not_finite = strategy.reduce(tf.distribute.ReduceOp.SUM, not_finite, axis=None)
             loss_finite, grads_finite = not_finite[0] == 0, not_finite[1] == 0
-        checked = None
-        if guard is True:
-            # The sum is inf or NaN if a replica's loss is.
-            loss = checked = numerics.check_loss_is_finite(loss)
+        # The sum is inf or NaN if a replica's loss is.
+        loss, checked = _core.checked_loss(self._config, loss)
 
         def apply() -> list[tf.Tensor]:
             # The update ops run once, here, on the variables of every replica.
-            with tf.control_dependencies([checked] if checked is not None else []):
+            with tf.control_dependencies(checked):
                 update_ops = _core.as_ops(self._before_update())
             with tf.control_dependencies(update_ops):
                 applied = strategy.run(
@@ -272,33 +341,25 @@ class ReplicatedStep:
                 )
             return list(strategy.experimental_local_results(applied))
 
-        if self._skips:
-            # An overflow of the scaled gradients is the loss-scale optimizer's to skip.
-            finite = loss_finite
-            if numerics.gradients_count(guard, self._scaled):
-                finite = tf.logical_and(loss_finite, grads_finite)
-            step, step_name = _global_step.counter(
-                self._config.global_step, self._config.adapter.iterations
-            )
-            done = [guard.update_if_finite(finite, apply, step, step_name=step_name)]
-        else:
-            done = apply()
+        done = _core.apply_if_finite(self._config, apply, lambda: loss_finite, lambda: grads_finite)
         with tf.control_dependencies(done):
             return tf.identity(loss)
 
     def _update_on_replica(
-        self, total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: Any
+        self, total_loss: tf.Tensor, grads: list[Any], grads_finite: Any, checked: list[Any]
     ) -> Any:
         """The update on one replica, its own gradients applied (the optimizer sums them)."""
+        apply = _core.optimizer_applier(self._config, in_function=True)
+        if self._scaled:
+            # The loss-scale optimizer skips unless every replica's gradients are finite.
+            apply = skipping_unless(lambda pairs: grads_finite, apply)
         # After the check of the summed loss (`checked`), if any: a failed one changes nothing.
-        with tf.control_dependencies([checked] if checked is not None else []):
+        with tf.control_dependencies(checked):
             return _core.build_step(
                 total_loss,
+                list(zip(grads, self._trained)),
                 dataclasses.replace(self._config, check_numerics=False),
-                self._trained,
-                grads_and_vars=list(zip(grads, self._trained)),
-                all_replicas_finite=grads_finite if self._scaled else None,
-                reported_missing=self._reported_missing,
+                apply=apply,
             )
 
 

@@ -158,14 +158,14 @@ class ReplicaStep:
 
     def train_step(self, *args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
-        _config.check_in_a_replica(self._config)
+        _distribute.check_in_a_replica(self._config)
         loss, total_loss, variables = self.loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,
+            _core.step_gradients(total_loss, variables, self._config, self.reported_missing),
             self._config,
-            variables,
+            apply=_distribute.optimizer_applier(self._config, in_function=True),
             before_update=self.run_update_ops,
-            reported_missing=self.reported_missing,
         )
         if self._total_loss_fn is None:
             return trained_loss
@@ -278,11 +278,10 @@ class PreparedStep:
             )
             return _core.build_step(
                 total_loss,
+                list(zip(grads, variables)),
                 config,
-                variables,
-                grads_and_vars=list(zip(grads, variables)),
+                apply=_distribute.optimizer_applier(config, in_function=True),
                 before_update=lambda: [fn() for fn in update_fns],
-                reported_missing=self.reported_missing,
             )
 
         def build() -> Callable[..., Any]:
@@ -398,7 +397,7 @@ def run_train_step(
         return PreparedStep(_config.resolve(optimizer, global_step, None, **compiled_settings))
 
     prepared = cached_eager_step(STEP_CACHE, key, referents, prepare)
-    _config.check_in_a_replica(prepared.config)
+    _distribute.check_in_a_replica(prepared.config)
     loss_value, total_loss, grads_and_vars = eager_loss_and_gradients(
         loss, total_loss_fn, prepared, variables_to_train
     )

@@ -12,6 +12,8 @@ import tensorflow as tf
 from trainop import (
     _config,
     _core,
+    _distribute,
+    summaries,
 )
 
 logger = logging.getLogger("trainop")
@@ -49,7 +51,7 @@ def create_graph_train_op(
     update_ops: Any,
     variables_to_train: Any,
 ) -> tf.Tensor:
-    _config.check_in_a_replica(config)
+    _distribute.check_in_a_replica(config)
     update_ops = graph_update_ops(update_ops)
     if update_ops:
         # The loss is returned only once the update ops (batch-norm statistics...) have run.
@@ -69,8 +71,19 @@ def create_graph_train_op(
             )
     variables = _config.check_variables_to_train(variables_to_train, in_graph=True)
 
-    train_op = _core.build_step(total_loss, config, variables)
-    if not tf.inside_function():
+    in_function = tf.inside_function()
+    grads_and_vars = _core.step_gradients(total_loss, variables, config, set())
+    train_op = _core.build_step(
+        total_loss,
+        grads_and_vars,
+        config,
+        apply=_distribute.optimizer_applier(config, in_function),
+        # In a tf.compat.v1 graph without a v2 writer, TF1 summaries, fetched by the caller.
+        v1_summaries=(
+            config.summarize_gradients and not in_function and not summaries.writes_v2_summaries()
+        ),
+    )
+    if not in_function:
         # TF-Slim's loop finds the train op here. (Compared by identity: `==` on tensors is
         # element-wise.)
         train_ops = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)

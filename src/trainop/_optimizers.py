@@ -117,13 +117,19 @@ class OptimizerAdapter:
 
     def loss_scale(self) -> tf.Tensor | None:
         """The loss scale of a Keras 3 `LossScaleOptimizer` (float32), or None for the others."""
-        lso = _keras_loss_scale_optimizer_type()
-        if lso is None or not isinstance(self.optimizer, lso):
+        if not self.scales_loss:
             return None
         scale = self.optimizer.dynamic_scale if self.optimizer.built else None
         if scale is None:
             return tf.constant(self.optimizer.initial_scale, tf.float32)
         return tf.cast(as_tf_variable(scale), tf.float32)
+
+    @property
+    def scales_loss(self) -> bool:
+        """Whether the optimizer is a Keras 3 `LossScaleOptimizer` (`loss_scale` not None),
+        known without adding an op."""
+        lso = _keras_loss_scale_optimizer_type()
+        return lso is not None and isinstance(self.optimizer, lso)
 
     def loss_scale_factor(self) -> float | None:
         """The fixed `loss_scale_factor` of a Keras 3 optimizer, or None if it has none.

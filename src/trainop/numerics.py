@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _gradients
 from trainop._checks import check_count
 
 # The message that begins the `tf.errors.InvalidArgumentError` of `check_numerics=True` when the
@@ -42,18 +41,6 @@ DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 def check_loss_is_finite(total_loss: tf.Tensor) -> tf.Tensor:
     """`total_loss`, once checked: raises on evaluation if it is inf or NaN."""
     return tf.debugging.check_numerics(total_loss, LOSS_NOT_FINITE_MESSAGE)
-
-
-def all_finite(total_loss: tf.Tensor, gradients: Sequence[Any]) -> tf.Tensor:
-    """A boolean scalar: whether the loss and every gradient are free of inf and NaN.
-
-    One sum per gradient, in float32 at least (`_gradients.all_finite`): a single read of each
-    gradient (of a 16-bit one, through a float32 copy), about half the cost of an `is_finite`
-    test of every element; a
-    `CheckNumerics` op per gradient costs ten times more. Large finite gradients (float16 ones
-    included) are not taken for inf: the sums overflow only beyond float32's range.
-    """
-    return tf.logical_and(tf.math.is_finite(total_loss), _gradients.all_finite(gradients))
 
 
 class SkipNonFiniteSteps(tf.Module):
