@@ -273,16 +273,98 @@ def train(
       >>> result.global_step, round(float(w.numpy()), 3)
       (50, 3.0)
     """
+    graph = _graph_of(train_op)
+    hooks = list(hooks)
+    _check_arguments(
+        graph,
+        dataset,
+        max_steps=max_steps,
+        save_every_n_steps=save_every_n_steps,
+        max_checkpoints_to_keep=max_checkpoints_to_keep,
+        restore_data_position=restore_data_position,
+        hooks=hooks,
+        checkpoint=checkpoint,
+        logdir=logdir,
+    )
+    if graph is not None:
+        return _train_graph(
+            train_op,
+            graph,
+            max_steps=max_steps,
+            logdir=logdir,
+            checkpoint=checkpoint,
+            save_every_n_steps=save_every_n_steps,
+            max_checkpoints_to_keep=max_checkpoints_to_keep,
+            hooks=hooks,
+            progress=progress,
+            global_step=global_step,
+            session=session,
+        )
+    step_variable = _global_step.counted_by(global_step, None)
+    batches = _data.Batches(dataset)
+    saver = None
+    if checkpoint is not None:
+        saver = _checkpoints.Checkpoints(
+            checkpoint,
+            step_variable,
+            batches,
+            logdir,
+            max_checkpoints_to_keep,
+            None,
+            restore_data_position=restore_data_position,
+        )
+    resumed_from = saver.restore_latest_finite() if saver is not None else None
+    if resumed_from is not None:
+        batches.resumed()
+        logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable.numpy()))
+    writer = _writer(logdir) if logdir is not None else None
+    with writer.as_default() if writer is not None else contextlib.nullcontext():
+        return _run(
+            lambda: _data.call_with_batch(train_op, next(batches)),
+            read_step=lambda: int(step_variable.numpy()),
+            saver=saver,
+            resumed_from=resumed_from,
+            max_steps=max_steps,
+            save_every_n_steps=save_every_n_steps,
+            hooks=hooks,
+            progress=progress,
+        )
+
+
+def _graph_of(train_op: Any) -> tf.Graph | None:
+    """The `tf.compat.v1` graph of a graph train op; None for an eager (callable) one.
+
+    Raises:
+      TypeError: if `train_op` is neither.
+    """
     graph_parts = [t for t in tf.nest.flatten(train_op) if isinstance(t, (tf.Tensor, tf.Operation))]
     # (An eager tensor has no graph.)
-    in_graph = bool(graph_parts) and all(hasattr(t, "graph") for t in graph_parts)
-    if not in_graph and not callable(train_op):
+    if graph_parts and all(hasattr(t, "graph") for t in graph_parts):
+        return graph_parts[0].graph
+    if not callable(train_op):
         raise TypeError(
             "`train_op` must be a callable train op (eager mode), or a Tensor, Operation or "
             "structure of tensors of a tf.compat.v1 graph (what create_train_op and "
             "create_train_step return there). An eager tensor is a value already computed: "
             f"pass the train op from create_train_op instead. Received: {train_op!r:.200}"
         )
+    return None
+
+
+def _check_arguments(
+    graph: tf.Graph | None,
+    dataset: Any,
+    *,
+    max_steps: Any,
+    save_every_n_steps: Any,
+    max_checkpoints_to_keep: Any,
+    restore_data_position: Any,
+    hooks: list[Any],
+    checkpoint: Any,
+    logdir: Any,
+) -> None:
+    """Raises, before anything runs, for the arguments of `train` that cannot work together
+    or are of the wrong type (see `train`'s Raises)."""
     if max_steps is not None:
         check_count("max_steps", max_steps)
     check_count("save_every_n_steps", save_every_n_steps)
@@ -292,7 +374,6 @@ def train(
             "`restore_data_position` must be True or False. "
             f"Received: restore_data_position={restore_data_position!r:.200}"
         )
-    hooks = list(hooks)
     for hook in hooks:
         if not isinstance(hook, Hook):
             raise TypeError(f"`hooks` must hold trainop.Hook objects. Received: {hook!r:.200}")
@@ -310,62 +391,15 @@ def train(
             )
         if logdir is None:
             raise ValueError("`checkpoint` needs `logdir`, the directory to save it in.")
-    if in_graph:
+    if graph is not None:
         if dataset is not None:
             raise ValueError(
                 "`dataset` must be None for a graph train op: the graph reads its own input."
             )
         if max_steps is None:
             raise ValueError("A graph train op needs `max_steps`: it has no end of data.")
-        return _train_graph(
-            train_op,
-            graph_parts[0].graph,
-            max_steps=max_steps,
-            logdir=logdir,
-            checkpoint=checkpoint,
-            save_every_n_steps=save_every_n_steps,
-            max_checkpoints_to_keep=max_checkpoints_to_keep,
-            hooks=hooks,
-            progress=progress,
-            global_step=global_step,
-            session=session,
-        )
-    if dataset is None and max_steps is None:
+    elif dataset is None and max_steps is None:
         raise ValueError("Pass `dataset`, `max_steps` or both: there is nothing to stop the loop.")
-
-    step_variable = _global_step.counted_by(global_step, None)
-    batches = _data.Batches(dataset)
-    saver = (
-        _checkpoints.Checkpoints(
-            checkpoint,
-            step_variable,
-            batches,
-            logdir,
-            max_checkpoints_to_keep,
-            None,
-            restore_data_position=restore_data_position,
-        )
-        if checkpoint is not None
-        else None
-    )
-    resumed_from = saver.restore_latest_finite() if saver is not None else None
-    if resumed_from is not None:
-        batches.resumed()
-        logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable.numpy()))
-    writer = _writer(logdir) if logdir is not None else None
-    with contextlib.ExitStack() as stack:
-        if writer is not None:
-            stack.enter_context(writer.as_default())
-        return _run(
-            lambda: _data.call_with_batch(train_op, next(batches)),
-            read_step=lambda: int(step_variable.numpy()),
-            saver=saver,
-            resumed_from=resumed_from,
-            max_steps=max_steps,
-            save_every_n_steps=save_every_n_steps,
-            hooks=hooks,
-            progress=progress,
-        )
 
 
 def _train_graph(
@@ -440,6 +474,83 @@ def _train_graph(
     return result
 
 
+class _Run:
+    """What the loop knows as it runs: the global step, the last loss, what was saved."""
+
+    def __init__(
+        self,
+        read_step: Callable[[], int],
+        saver: _checkpoints.Checkpoints | None,
+        resumed_from: str | None,
+        hooks: list[Hook],
+        save_every_n_steps: int,
+    ):
+        self._read_step = read_step
+        self._saver = saver
+        self._hooks = hooks
+        self._save_every_n_steps = save_every_n_steps
+        self.step = read_step()
+        self.resumed_from = resumed_from
+        self.last_checkpoint = resumed_from
+        self._saved_step = self.step if resumed_from is not None else None
+        self.loss: Any = None
+        self.steps_run = 0
+        self._calls_without_progress = 0
+
+    def after_step(self, loss: Any, bar: _console.Progress) -> str | None:
+        """Takes in a completed call of the train op, which returned `loss`: reads the global
+        step, updates `bar`, runs the hooks due and saves when a checkpoint is due.
+
+        Returns:
+          Why training stops now (a hook raised `StopTraining`), or None.
+
+        Raises:
+          RuntimeError: if the global step has not moved in `_MAX_CALLS_WITHOUT_PROGRESS`
+            calls.
+        """
+        self.loss = loss
+        self.steps_run += 1
+        previous, self.step = self.step, self._read_step()
+        if self.step == previous:
+            self._calls_without_progress += 1
+            if self._calls_without_progress >= _MAX_CALLS_WITHOUT_PROGRESS:
+                raise RuntimeError(
+                    f"The global step stayed at {self.step} for "
+                    f"{self._calls_without_progress} calls of the train op: does it count "
+                    "steps in `global_step`?"
+                )
+        else:
+            self._calls_without_progress = 0
+        bar.update(self.step, lambda value=loss: _as_float(_first_loss(value)))
+        try:
+            for hook in self._hooks:
+                if self.step // hook.every_n_steps > previous // hook.every_n_steps:
+                    hook.fn(self.step, _as_float(_first_loss(loss)))
+        except StopTraining as request:
+            stopped_by = f"StopTraining: {request}"
+            logger.info("%s at global step %d.", stopped_by, self.step)
+            return stopped_by
+        if self.step // self._save_every_n_steps > previous // self._save_every_n_steps:
+            self.save()
+        return None
+
+    def save(self) -> None:
+        """Saves a checkpoint, unless there is no saver or this step is saved already."""
+        if self._saver is not None and self._saved_step != self.step:
+            self.last_checkpoint = self._saver.save(self.step)
+            self._saved_step = self.step
+
+    def result(self, stopped_by: str) -> TrainResult:
+        return TrainResult(
+            global_step=self.step,
+            loss=_as_float(_first_loss(self.loss)),
+            steps_run=self.steps_run,
+            stopped_by=stopped_by,
+            resumed_from=self.resumed_from,
+            last_checkpoint=self.last_checkpoint,
+        )
+
+
 def _run(
     run_step: Callable[[], Any],
     *,
@@ -451,58 +562,39 @@ def _run(
     hooks: list[Hook],
     progress: bool | None,
 ) -> TrainResult:
-    step = start = read_step()
-    saved_step = step if resumed_from is not None else None
-    stopped_by = None
-    last_checkpoint = resumed_from
-    loss = None
-    steps_run = calls_without_progress = 0
-    bar = _console.Progress(progress, start, max_steps)
+    """Calls `run_step` until `max_steps`, the end of the data, a hook or a signal stops it;
+    saves at the cadence and at the end."""
+    run = _Run(read_step, saver, resumed_from, hooks, save_every_n_steps)
+    bar = _console.Progress(progress, run.step, max_steps)
     stop = _console.StopRequest()
-
-    def save() -> None:
-        nonlocal saved_step, last_checkpoint
-        if saver is not None and saved_step != step:
-            last_checkpoint = saver.save(step)
-            saved_step = step
-
+    stopped_by = None
     try:
         with stop.installed():
-            while stop.signal_name is None and (max_steps is None or step < max_steps):
+            while stop.signal_name is None and (max_steps is None or run.step < max_steps):
                 try:
                     loss = run_step()
                 except (StopIteration, tf.errors.OutOfRangeError):
                     # The end of the data, as a MonitoredSession takes an OutOfRangeError.
                     stopped_by = END_OF_DATA
                     break
-                steps_run += 1
-                previous, step = step, read_step()
-                calls_without_progress = 0 if step != previous else calls_without_progress + 1
-                if calls_without_progress >= _MAX_CALLS_WITHOUT_PROGRESS:
-                    raise RuntimeError(
-                        f"The global step stayed at {step} for {calls_without_progress} calls "
-                        "of the train op: does it count steps in `global_step`?"
-                    )
-                bar.update(step, lambda value=loss: _as_float(_first_loss(value)))
-                crossed = [
-                    h for h in hooks if step // h.every_n_steps > previous // h.every_n_steps
-                ]
-                try:
-                    for hook in crossed:
-                        hook.fn(step, _as_float(_first_loss(loss)))
-                except StopTraining as request:
-                    stopped_by = f"StopTraining: {request}"
-                    logger.info("%s at global step %d.", stopped_by, step)
+                stopped_by = run.after_step(loss, bar)
+                if stopped_by is not None:
                     break
-                if step // save_every_n_steps > previous // save_every_n_steps:
-                    save()
-            save()
+            run.save()
     finally:
         bar.close()
-    if stop.signal_name is not None:
-        stopped_by = stop.signal_name
-        logger.warning("Stopped by %s at global step %d.", stop.signal_name, step)
-    elif stopped_by == END_OF_DATA and max_steps is not None:
+    return run.result(_why_stopped(run, stop.signal_name, stopped_by, max_steps))
+
+
+def _why_stopped(
+    run: _Run, signal_name: str | None, stopped_by: str | None, max_steps: int | None
+) -> str:
+    """`TrainResult.stopped_by`, logged when the user may not expect it."""
+    step = run.step
+    if signal_name is not None:
+        logger.warning("Stopped by %s at global step %d.", signal_name, step)
+        return signal_name
+    if stopped_by == END_OF_DATA and max_steps is not None:
         logger.warning(
             "The data ran out at global step %d, before max_steps=%d: training stopped there.",
             step,
@@ -511,19 +603,12 @@ def _run(
     elif stopped_by == END_OF_DATA:
         logger.info("The data ran out at global step %d: training stopped there.", step)
     elif stopped_by is None:
-        stopped_by = MAX_STEPS
-        if resumed_from is not None and steps_run == 0:
+        if run.resumed_from is not None and run.steps_run == 0:
             logger.warning(
                 "Resumed from %s at global step %d, which is max_steps: nothing to train. "
                 "Raise max_steps to train on, or use a new logdir to start over.",
-                resumed_from,
+                run.resumed_from,
                 step,
             )
-    return TrainResult(
-        global_step=step,
-        loss=_as_float(_first_loss(loss)),
-        steps_run=steps_run,
-        stopped_by=stopped_by,
-        resumed_from=resumed_from,
-        last_checkpoint=last_checkpoint,
-    )
+        return MAX_STEPS
+    return stopped_by
