@@ -205,10 +205,10 @@ def _prepare(argv: Sequence[str]) -> Callable[[], int]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trainop import _demo
+    from trainop._demos import cartpole, digits
 
     outdir = os.path.abspath(args.outdir or f"trainop-demo-{args.task}")
-    run = _demo.digits if args.task == "digits" else _demo.cartpole
+    run = digits.run if args.task == "digits" else cartpole.run
     result = run(
         outdir,
         steps=args.steps or DEMO_STEPS[args.task],

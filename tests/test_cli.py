@@ -13,7 +13,7 @@ import time
 import pytest
 
 import trainop_cli
-from trainop import _demo
+from trainop._demos import common, digits
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WITHOUT_MODULES = ROOT / "tests" / "programs" / "without_modules.py"
@@ -205,15 +205,15 @@ def test_the_demo_needs_tqdm_only_for_its_progress_bar(monkeypatch, tmp_path):
 def test_a_rerun_of_the_digits_demo_says_that_it_resumed(tmp_path):
     outdir = str(tmp_path / "digits")
     first, again, further = [], [], []
-    _demo.digits(outdir, steps=20, progress=False, say=first.append)
-    result = _demo.digits(outdir, steps=20, progress=False, say=again.append)
+    digits.run(outdir, steps=20, progress=False, say=first.append)
+    result = digits.run(outdir, steps=20, progress=False, say=again.append)
     assert not any("Resuming" in line for line in first)
     checkpoint = os.path.join(outdir, "ckpt-20")
     assert again[1:] == [
         f"Resuming from {checkpoint} at global step 20: already trained; evaluating."
     ]
     assert result.global_step == 20
-    result = _demo.digits(outdir, steps=30, progress=False, say=further.append)
+    result = digits.run(outdir, steps=30, progress=False, say=further.append)
     assert further[1:] == [
         f"Resuming from {checkpoint} at global step 20: training on to global step 30."
     ]
@@ -224,29 +224,29 @@ def test_the_plot_shows_accuracy_in_percent_and_marks_a_short_series():
     from matplotlib import pyplot as plt
 
     loss = [(step, 1.0 / step) for step in range(10, 1510, 10)]
-    digits = _demo.training_figure(
+    digits_figure = common.training_figure(
         {"train/loss": loss, "eval/accuracy": [(100, 0.9), (200, 0.955)]},
         "eval/accuracy",
         "test accuracy",
         percent=True,
     )
-    cartpole = _demo.training_figure(
+    cartpole_figure = common.training_figure(
         {"eval/return": [(1000, 150.0), (2000, 200.0)]}, "eval/return", "average return"
     )
     try:
-        loss_axes, accuracy_axes = digits.axes
+        loss_axes, accuracy_axes = digits_figure.axes
         (accuracy,) = accuracy_axes.get_lines()
         assert list(accuracy.get_ydata()) == pytest.approx([90.0, 95.5])
         assert accuracy_axes.get_title() == "test accuracy (%)"
         assert accuracy.get_marker() == "o"
         # 150 points: a line without markers.
         assert loss_axes.get_lines()[0].get_marker() == "None"
-        (returns,) = cartpole.axes[1].get_lines()
+        (returns,) = cartpole_figure.axes[1].get_lines()
         assert list(returns.get_ydata()) == [150.0, 200.0] and returns.get_marker() == "o"
-        assert cartpole.axes[1].get_title() == "average return"
+        assert cartpole_figure.axes[1].get_title() == "average return"
     finally:
-        plt.close(digits)
-        plt.close(cartpole)
+        plt.close(digits_figure)
+        plt.close(cartpole_figure)
 
 
 def test_ctrl_c_stops_the_demo_and_it_says_so_once(tmp_path):

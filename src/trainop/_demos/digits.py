@@ -1,0 +1,130 @@
+"""A small convolutional classifier on scikit-learn's bundled 8x8 digits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import trainop
+from trainop._demos import common
+
+TARGET_ACCURACY = 0.95
+# Images held out for the test accuracy; the other 1,437 are trained on.
+TEST_IMAGES = 360
+
+
+def load(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The (images, labels) to train on and to test on: float32 images of shape (N, 8, 8, 1)
+    in [0, 1], int32 labels; split at random by `seed`."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[..., None]
+    labels = data.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(images))
+    test, train = order[:TEST_IMAGES], order[TEST_IMAGES:]
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def small_convnet() -> keras.Model:
+    """Two convolutions and two dense layers: 10 logits for an (8, 8, 1) image."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def run(
+    outdir: str,
+    *,
+    steps: int = 1500,
+    seed: int = 0,
+    progress: bool | None = None,
+    say: Callable[[str], Any] = print,
+) -> common.DemoResult:
+    """Trains `small_convnet` on the digits with Adam, in batches of 64.
+
+    Args:
+      outdir: where the events, checkpoints and plot go; a run finding checkpoints there
+        resumes.
+      steps: the global step to train to.
+      seed: the seed of the split, the weights and the shuffling.
+      progress: as for `trainop.train`.
+      say: prints a line for the user.
+
+    Returns:
+      A `common.DemoResult` with the test accuracy.
+    """
+    (train_images, train_labels), (test_images, test_labels) = load(seed)
+    say(
+        f"Training a small convolutional network on scikit-learn's 8x8 digits "
+        f"({len(train_images)} training and {len(test_images)} test images) to global step "
+        f"{steps}, with trainop.create_train_op and trainop.train. Output: {outdir}"
+    )
+    resumed = common.latest_checkpoint(outdir)
+    if resumed is not None:
+        path, step = resumed
+        plan = (
+            "already trained; evaluating"
+            if step >= steps
+            else f"training on to global step {steps}"
+        )
+        say(f"Resuming from {path} at global step {step}: {plan}.")
+
+    keras.utils.set_random_seed(seed)
+    model = small_convnet()
+    optimizer = keras.optimizers.Adam(1e-3)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    train_op = trainop.create_train_op(
+        lambda x, y: cross_entropy(y, model(x, training=True)),
+        optimizer,
+        global_step=global_step,
+        variables_to_train=model.trainable_variables,
+        summarize_every_n_steps=10,
+    )
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((train_images, train_labels))
+        .shuffle(len(train_images), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(64)
+    )
+
+    def accuracy() -> float:
+        logits = model(tf.constant(test_images), training=False).numpy()
+        return float(np.mean(np.argmax(logits, axis=1) == test_labels))
+
+    def evaluate(step: int, loss: float | None) -> None:
+        tf.summary.scalar("eval/accuracy", accuracy(), step=step)
+
+    result = trainop.train(
+        train_op,
+        dataset,
+        max_steps=steps,
+        logdir=outdir,
+        checkpoint={"model": model, "optimizer": optimizer},
+        save_every_n_steps=500,
+        hooks=[trainop.Hook(evaluate, every_n_steps=100)],
+        progress=progress,
+        global_step=global_step,
+    )
+    return common.DemoResult(
+        "test accuracy",
+        accuracy(),
+        TARGET_ACCURACY,
+        result.global_step,
+        outdir,
+        common.plot_training(outdir, "eval/accuracy", "test accuracy", percent=True),
+        result.stopped_by,
+    )
