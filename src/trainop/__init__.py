@@ -2,7 +2,9 @@
 
 `trainop.create_train_op` has the signature of TF-Agents' `create_train_op`, so that TF-Agents
 and TF-Slim programs move to current TensorFlow with one changed import. Every public name is
-importable from `trainop` itself; the submodules are internal.
+importable from `trainop` itself, except those of `trainop.keras`, the step inside Keras 3's
+`model.fit`, which is imported when first used (Keras 3 is not needed otherwise); the other
+submodules are internal.
 """
 
 import sys as _sys
@@ -49,6 +51,16 @@ from trainop.transforms import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `trainop.keras`, imported when first used: a tf_keras program need not have Keras 3.
+    if name == "keras":
+        import importlib
+
+        return importlib.import_module("trainop.keras")
+    raise AttributeError(f"module 'trainop' has no attribute {name!r}")
+
 
 __all__ = [
     "LOSS_NOT_FINITE_MESSAGE",

@@ -307,6 +307,7 @@ def build_step(
     *,
     apply: Applier,
     before_update: Callable[[], Sequence[Any]] | None = None,
+    on_accepted: Callable[[], Sequence[Any]] | None = None,
     v1_summaries: bool = False,
 ) -> tf.Tensor:
     """Adds the training step on `grads_and_vars` to the current graph.
@@ -327,7 +328,10 @@ def build_step(
       apply: hands the gradients to the optimizer: `optimizer_applier`, or what the
         distributed step makes of it.
       before_update: called, after the numerics check and before the gradients are applied,
-        to add the caller's update ops; returns them.
+        to add the caller's update ops; returns them. With accumulation, only the calls that
+        apply the window's update run them.
+      on_accepted: called to add what every call that the numerics guard lets through runs,
+        before any accumulation (the metrics of `model.fit`); returns the ops to wait for.
       v1_summaries: whether the gradient summaries are TF1 summaries (in a `tf.compat.v1`
         graph without a v2 writer), which the caller's loop fetches from the SUMMARIES
         collection: built beside the step, not in it, on the gradients as applied.
@@ -365,9 +369,14 @@ def build_step(
             gradients = transformed(config, gradients)
         else:
             update = accumulating(config, update)
+
+        def accepted_step() -> list[Any]:
+            accepted = as_ops(list(on_accepted())) if on_accepted is not None else []
+            return accepted + update(gradients)
+
         done = apply_if_finite(
             config,
-            lambda: update(gradients),
+            accepted_step,
             lambda: tf.math.is_finite(total_loss),
             # A frozen variable's None gradient does not count.
             lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),

@@ -1,0 +1,244 @@
+"""trainop.keras: trainop's step inside `model.fit`, compared with Keras's own `fit`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import trainop
+import trainop.keras
+from conftest import read_summaries
+
+BATCH = 4
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(32, 5)).astype(np.float32)
+Y = RNG.normal(size=(32, 1)).astype(np.float32)
+BATCHES = len(X) // BATCH
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(x))
+
+
+def make_model(kind: str) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    if kind == "sequential":
+        return keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
+        )
+    if kind == "functional":
+        inputs = keras.Input((5,))
+        hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    model = Subclassed()
+    model(X[:1])
+    return model
+
+
+def with_bad_batches(bad: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Y with NaN targets in the batches `bad` (of `BATCH` rows each)."""
+    y = Y.copy()
+    for b in bad:
+        y[b * BATCH : (b + 1) * BATCH] = np.nan
+    return X, y
+
+
+def without_batches(bad: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    keep = [i for i in range(len(X)) if i // BATCH not in bad]
+    return X[keep], Y[keep]
+
+
+def state(model: keras.Model) -> list[np.ndarray]:
+    """The weights and the optimizer's variables (slots and iterations)."""
+    return [w.numpy() for w in model.weights] + [
+        np.asarray(v.numpy()) for v in model.optimizer.variables
+    ]
+
+
+def assert_same_state(model: keras.Model, reference: keras.Model) -> None:
+    got, expected = state(model), state(reference)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind, steps_per_execution, jit_compile",
+    [
+        ("sequential", 1, False),
+        ("functional", 8, False),
+        ("subclassed", 1, True),
+        ("sequential", 8, True),
+    ],
+)
+def test_skipped_batches_leave_the_state_metrics_and_history_of_a_fit_without_them(
+    kind, steps_per_execution, jit_compile
+):
+    bad = [2, 5]
+    settings = dict(
+        loss="mse",
+        metrics=["mae"],
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
+    )
+    model = make_model(kind)
+    trainop.keras.compile(
+        model, optimizer=keras.optimizers.Adam(0.01), check_numerics="skip", **settings
+    )
+    reference = make_model(kind)
+    reference.compile(optimizer=keras.optimizers.Adam(0.01), **settings)
+
+    history = model.fit(
+        *with_bad_batches(bad), batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    )
+    expected = reference.fit(
+        *without_batches(bad), batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    )
+
+    assert_same_state(model, reference)
+    assert int(model.optimizer.iterations) == 2 * (BATCHES - len(bad))
+    for key in ("loss", "mae"):
+        np.testing.assert_allclose(history.history[key], expected.history[key], rtol=1e-5)
+    assert history.history["skipped_steps"] == [2.0, 4.0]
+    # The metrics hold the accepted batches only (an epoch mean with a NaN would be NaN).
+    assert all(np.isfinite(history.history["loss"]))
+
+
+def test_the_default_check_raises_with_nothing_changed_where_terminate_on_nan_keeps_nan():
+    bad = [3]
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan"):
+        model.fit(*with_bad_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+    # What the three batches before the bad one made, and nothing else.
+    reference = make_model("sequential")
+    reference.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    reference.fit(X[: 3 * BATCH], Y[: 3 * BATCH], batch_size=BATCH, shuffle=False, verbose=0)
+    assert_same_state(model, reference)
+
+    # Keras's own fit, stopped by TerminateOnNaN, has the NaN in its weights already.
+    plain = make_model("sequential")
+    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    plain.fit(
+        *with_bad_batches(bad),
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    )
+    assert not all(np.isfinite(w).all() for w in plain.get_weights())
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 8])
+def test_the_default_check_under_xla_raises_after_the_call_with_nothing_changed(
+    steps_per_execution,
+):
+    bad = [3]
+    settings = dict(loss="mse", steps_per_execution=steps_per_execution, jit_compile=True)
+    model = make_model("functional")
+    trainop.keras.compile(model, optimizer=keras.optimizers.Adam(0.01), **settings)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan"):
+        model.fit(*with_bad_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+    # The batches after the bad one, in the same compiled call, ran nothing either.
+    reference = make_model("functional")
+    reference.compile(optimizer=keras.optimizers.Adam(0.01), **settings)
+    reference.fit(X[: 3 * BATCH], Y[: 3 * BATCH], batch_size=BATCH, shuffle=False, verbose=0)
+    assert_same_state(model, reference)
+    assert int(model.optimizer.iterations) == 3
+
+
+def test_the_skip_guard_raises_past_its_limit_with_nothing_changed():
+    model = make_model("sequential")
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", check_numerics=guard)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="after 1 skipped steps in a row"):
+        model.fit(*with_bad_batches([1, 2]), batch_size=BATCH, shuffle=False, verbose=0)
+    assert int(guard.skipped_steps) == 1 and int(model.optimizer.iterations) == 1
+
+
+def test_a_loss_scale_optimizer_skips_the_bad_batches_and_trains_as_without_them():
+    bad = [1, 6]
+    model = make_model("sequential")
+    trainop.keras.compile(
+        model,
+        optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)),
+        loss="mse",
+        check_numerics="skip",
+    )
+    reference = make_model("sequential")
+    reference.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)), loss="mse"
+    )
+    model.fit(*with_bad_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+    reference.fit(*without_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+    assert_same_state(model, reference)
+
+
+def test_accumulated_batches_make_the_step_of_the_batch_they_add_up_to():
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", accumulation_steps=4)
+    reference = make_model("sequential")
+    reference.compile(optimizer="sgd", loss="mse")
+    model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    reference.fit(X, Y, batch_size=4 * BATCH, shuffle=False, verbose=0)
+    for got, expected in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert int(model.optimizer.iterations) == int(reference.optimizer.iterations) == 2
+
+
+def test_transforms_apply_in_fit():
+    # A multiplier of 0 on the output layer's kernel: it stays; the rest trains.
+    model = make_model("sequential")
+    kernel = model.layers[1].kernel
+    before = kernel.numpy()
+    trainop.keras.compile(
+        model,
+        optimizer="sgd",
+        loss="mse",
+        transform_grads_fn=trainop.multiply_gradients_fn({kernel.path: 0.0}),
+    )
+    hidden = model.layers[0].kernel.numpy()
+    model.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(kernel.numpy(), before)
+    assert not np.allclose(model.layers[0].kernel.numpy(), hidden)
+
+
+def test_train_summaries_go_to_the_tensorboard_callbacks_train_directory(tmp_path):
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", summarize_every_n_steps=2)
+    model.fit(
+        X,
+        Y,
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras.callbacks.TensorBoard(str(tmp_path))],
+    )
+    written = read_summaries(str(tmp_path / "train"))
+    losses = dict(written["train/loss"])
+    # At the optimizer's iterations before each counted step: 0, 2, 4, 6.
+    assert sorted(losses) == [0, 2, 4, 6]
+    reference = make_model("sequential")
+    expected = float(keras.losses.MeanSquaredError()(Y[:BATCH], reference(X[:BATCH])))
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_models_and_settings_it_cannot_train_are_refused_by_name():
+    class OwnStep(keras.Sequential):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    with pytest.raises(ValueError, match="overrides train_step"):
+        trainop.keras.compile(OwnStep([keras.Input((5,)), keras.layers.Dense(1)]), loss="mse")
+    with pytest.raises(TypeError, match="must be a Keras 3 keras.Model"):
+        trainop.keras.compile(object(), loss="mse")
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        trainop.keras.compile(make_model("sequential"), loss="mse", accumulation_steps=0)
