@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -242,3 +247,38 @@ def test_models_and_settings_it_cannot_train_are_refused_by_name():
         trainop.keras.compile(object(), loss="mse")
     with pytest.raises(ValueError, match="accumulation_steps"):
         trainop.keras.compile(make_model("sequential"), loss="mse", accumulation_steps=0)
+
+
+# --- MirroredStrategy over two logical CPUs (programs/fit_mirrored_child.py) -------------------
+
+# Per case: the iterations and skipped steps (or, for `raise`, 1 if fit raised) of 2 epochs of
+# 4 batches, on two replicas and on one device alike.
+_MIRRORED_CASES = {
+    "default": (8, 0),
+    "skip": (6, 2),
+    "clip_accumulate": (3, 2),
+    "loss_scale": (6, 2),
+    "raise": (2, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MIRRORED_CASES))
+def test_two_replicas_train_as_one_device(case):
+    program = pathlib.Path(__file__).parent / "programs" / "fit_mirrored_child.py"
+    result = subprocess.run(
+        [sys.executable, str(program), case],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith(case + " ")]
+    assert lines, f"exit code {result.returncode}; stderr ends: {result.stderr[-3000:]}"
+    _, state_difference, loss_difference, iterations, one_iterations, skipped, one_skipped = lines[
+        -1
+    ]
+    assert float(state_difference) < 1e-5
+    assert float(loss_difference) < 1e-5
+    expected_iterations, expected_skipped = _MIRRORED_CASES[case]
+    assert int(iterations) == int(one_iterations) == expected_iterations
+    assert int(skipped) == int(one_skipped) == expected_skipped

@@ -204,23 +204,44 @@ class ReplicatedStep:
     def __call__(self, select: Callable[..., tuple], args: tuple, kwargs: dict) -> tf.Tensor:
         """The step on the batches that `select(args, kwargs)` picks on each replica; returns
         the loss summed over the replicas."""
+        verdicts = self.needs_verdicts()
+        results = self._strategy.run(
+            self._replica_part(select, verdicts, args, kwargs), args=args, kwargs=kwargs
+        )
+        return self.across(results[0], results[1], results[2] if verdicts else None)
+
+    def summed_first(self) -> bool:
+        """Whether the step goes on once, on the gradients summed over the replicas: what
+        must see the gradient of the whole batch (see `across_replicas`)."""
         config = self._config
-        summed_first = (
+        return (
             config.transform_grads_fn is not None
             or config.accumulator is not None
             or summaries.writes_v2_summaries()
             or config.adapter.clips_gradients
         )
-        verdicts = (self._skips or self._scaled) and not summed_first
-        results = self._strategy.run(
-            self._replica_part(select, verdicts, args, kwargs), args=args, kwargs=kwargs
-        )
-        losses, grads = results[:2]
+
+    def needs_verdicts(self) -> bool:
+        """Whether each replica says what is not finite in its loss and gradients
+        (`replica_gradients(..., verdicts=True)`): for one decision on all of them, taken on
+        the gradients left on their replicas."""
+        return (self._skips or self._scaled) and not self.summed_first()
+
+    def across(
+        self,
+        losses: Any,
+        grads: list[Any],
+        not_finite: Any,
+        on_accepted: Callable[[], list[Any]] | None = None,
+    ) -> tf.Tensor:
+        """The step's cross-replica part, in the cross-replica context, on what each replica
+        computed (`replica_gradients`: its losses, gradients and, if `needs_verdicts()`, its
+        verdicts; else None); `on_accepted` as for `_core.build_step`. Returns the loss summed
+        over the replicas."""
         loss = self._strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
-        if summed_first:
-            return self._step_on_the_sum(loss, grads)
-        not_finite = results[2] if verdicts else None
-        return self._step_on_every_replica(loss, losses, grads, not_finite)
+        if self.summed_first():
+            return self._step_on_the_sum(loss, grads, on_accepted)
+        return self._step_on_every_replica(loss, losses, grads, not_finite, on_accepted)
 
     def _replica_part(
         self, select: Callable[..., tuple], verdicts: bool, args: tuple, kwargs: dict
@@ -253,11 +274,20 @@ class ReplicatedStep:
     ) -> tuple[Any, ...]:
         """A replica's weighted loss and present gradients; with `verdicts`, also the counts of
         what is not finite: [the loss, the gradients]."""
-        config = self._config
         with _replica_loss.one_device_scaling(share):
             _, total_loss, variables = self._loss_and_variables(*args, **kwargs)
         total_loss = _replica_loss.weighted(total_loss, share)
-        grads_and_vars = _core.step_gradients(total_loss, variables, config, self._reported_missing)
+        return self.replica_gradients(total_loss, variables, verdicts)
+
+    def replica_gradients(
+        self, total_loss: tf.Tensor, variables: list[Any], verdicts: bool
+    ) -> tuple[Any, ...]:
+        """In a replica: its loss `total_loss` (its share of the batch's), the gradients of the
+        `variables` it trains that have one, and with `verdicts`, the counts of what is not
+        finite: [the loss, the gradients]."""
+        grads_and_vars = _core.step_gradients(
+            total_loss, variables, self._config, self._reported_missing
+        )
         present = [(g, v) for g, v in grads_and_vars if g is not None]
         self._trained = [v for _, v in present]
         grads = [g for g, _ in present]
@@ -269,7 +299,9 @@ class ReplicatedStep:
         finite = [tf.math.is_finite(total_loss), grads_finite]
         return total_loss, grads, tf.cast(tf.logical_not(tf.stack(finite)), tf.int32)
 
-    def _step_on_the_sum(self, loss: tf.Tensor, grads: list[Any]) -> tf.Tensor:
+    def _step_on_the_sum(
+        self, loss: tf.Tensor, grads: list[Any], on_accepted: Callable[[], list[Any]] | None
+    ) -> tf.Tensor:
         """The step, once, on the gradients summed over the replicas (one batched all-reduce, to
         the replicas' own devices), on the first replica's device, which holds a copy of the
         sums; `_apply_summed` then applies it on every replica."""
@@ -287,6 +319,7 @@ class ReplicatedStep:
                 self._config,
                 apply=self._apply_summed,
                 before_update=self._before_update,
+                on_accepted=on_accepted,
             )
 
     def _apply_summed(
@@ -318,7 +351,12 @@ class ReplicatedStep:
         return list(self._strategy.experimental_local_results(applied))
 
     def _step_on_every_replica(
-        self, loss: tf.Tensor, losses: Any, grads: Any, not_finite: Any
+        self,
+        loss: tf.Tensor,
+        losses: Any,
+        grads: Any,
+        not_finite: Any,
+        on_accepted: Callable[[], list[Any]] | None,
     ) -> tf.Tensor:
         """The step with the gradients left on their replicas: one decision for all of them
         (the summed loss checked, or the summed verdicts `not_finite` for the skip guard),
@@ -335,6 +373,8 @@ class ReplicatedStep:
             # The update ops run once, here, on the variables of every replica.
             with tf.control_dependencies(checked):
                 update_ops = _core.as_ops(self._before_update())
+                if on_accepted is not None:
+                    update_ops += _core.as_ops(list(on_accepted()))
             with tf.control_dependencies(update_ops):
                 applied = strategy.run(
                     self._update_on_replica, args=(losses, grads, grads_finite, checked)

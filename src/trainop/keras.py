@@ -31,6 +31,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+# As Keras's own train_step counts the loss of a replica; not exported by Keras.
+from keras.src.losses.loss import unscale_loss_for_distribution
+
 from trainop import _config, _core, _distribute, _global_step, numerics
 
 logger = logging.getLogger("trainop")
@@ -89,9 +92,9 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       TypeError: `model` is not a Keras 3 model (a `tf_keras` one is refused: its `fit`
         differs), or a trainop setting is of the wrong type.
       ValueError: a trainop setting is bad; `model` overrides `train_step` (trainop's step
-        would silently replace it); the model has no optimizer after `compile`; or it is
-        compiled under a `tf.distribute` strategy of more than one replica, which this step
-        does not support yet.
+        would silently replace it); the model has no optimizer after `compile`; or
+        `jit_compile=True` under a `tf.distribute` strategy of more than one replica, which
+        this step does not support yet.
 
     Example:
       >>> import keras, numpy as np, trainop
@@ -110,12 +113,11 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     if model.optimizer is None:
         raise ValueError("`trainop.keras.compile` needs an optimizer: pass `optimizer=`.")
     strategy = model.distribute_strategy
-    if strategy.num_replicas_in_sync > 1:
+    if strategy.num_replicas_in_sync > 1 and model.jit_compile:
         raise ValueError(
-            "trainop.keras.compile does not support a tf.distribute strategy of more than one "
-            f"replica yet ({type(strategy).__name__}, {strategy.num_replicas_in_sync} "
-            "replicas): use model.compile, or trainop.create_train_op with the loss as a "
-            "callable, which runs strategy.run itself."
+            "trainop.keras.compile does not support jit_compile=True under a tf.distribute "
+            f"strategy of more than one replica ({type(strategy).__name__}, "
+            f"{strategy.num_replicas_in_sync} replicas): compile with jit_compile=False."
         )
     config = _config.resolve(
         model.optimizer,
@@ -171,6 +173,12 @@ class FitStep:
         self._keras_make_train_function = type(model).make_train_function.__get__(model)
         self._keras_fit = type(model).fit.__get__(model)
         self._reported_missing: set[str] = set()
+        self._replicated = None
+        strategy = model.distribute_strategy
+        if strategy.num_replicas_in_sync > 1:
+            self._replicated = _distribute.ReplicatedStep(
+                None, strategy, config, lambda: [], self._reported_missing, jit_compile=False
+            )
 
     def train_step(self, data: Any) -> dict[str, Any]:
         """One step on a batch, as Keras's `train_step` (the logs of the metrics) with
@@ -189,28 +197,59 @@ class FitStep:
             y_pred = model(x, training=True)
         else:
             y_pred = model(x)
+        # Under a strategy, each replica's loss divided by the number of replicas, as Keras
+        # makes it: the sum over the replicas is the batch's.
         loss = model._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
-
-        def record_batch() -> list[Any]:
-            # Only a batch the guard lets through counts in the loss tracker and metrics.
-            batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-            model._loss_tracker.update_state(loss, sample_weight=batch_size)
-            model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-            return []
-
         variables = list(model.trainable_weights)
-        grads_and_vars = _core.step_gradients(loss, variables, self._config, self._reported_missing)
-        trained = _core.build_step(
-            loss,
-            grads_and_vars,
-            self._config,
-            apply=_distribute.optimizer_applier(self._config, in_function=True),
-            on_accepted=record_batch,
-        )
+        if self._replicated is not None:
+            trained = self._step_across_replicas(loss, variables, (x, y, y_pred, sample_weight))
+        else:
+            grads_and_vars = _core.step_gradients(
+                loss, variables, self._config, self._reported_missing
+            )
+            trained = _core.build_step(
+                loss,
+                grads_and_vars,
+                self._config,
+                apply=_distribute.optimizer_applier(self._config, in_function=True),
+                on_accepted=lambda: self._record_batch(loss, x, y, y_pred, sample_weight),
+            )
         with tf.control_dependencies([trained]):
             return self._logs()
+
+    def _record_batch(self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any):
+        """Counts a batch in the loss tracker and the metrics, as Keras's `train_step` does:
+        only a batch that the guard lets through."""
+        model = self._model
+        batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        model._loss_tracker.update_state(
+            unscale_loss_for_distribution(loss), sample_weight=batch_size
+        )
+        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return []
+
+    def _step_across_replicas(
+        self, loss: tf.Tensor, variables: list[Any], batch: tuple[Any, ...]
+    ) -> tf.Tensor:
+        """In a replica (`fit` runs `train_step` in `strategy.run`): this replica's gradients,
+        then one decision and update for all replicas, taken in the cross-replica context
+        that `merge_call` enters, as `_distribute.ReplicatedStep` takes them."""
+        replicated = self._replicated
+        verdicts = replicated.needs_verdicts()
+        computed = replicated.replica_gradients(loss, variables, verdicts)
+
+        def across(strategy: Any, computed: tuple[Any, ...], batch: tuple[Any, ...]) -> Any:
+            def on_accepted() -> list[Any]:
+                strategy.run(self._record_batch, args=(computed[0], *batch))
+                return []
+
+            return replicated.across(
+                computed[0], computed[1], computed[2] if verdicts else None, on_accepted
+            )
+
+        return tf.distribute.get_replica_context().merge_call(across, args=(computed, batch))
 
     def _logs(self) -> dict[str, Any]:
         logs = dict(self._model.get_metrics_result())
