@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -282,3 +283,104 @@ def test_two_replicas_train_as_one_device(case):
     expected_iterations, expected_skipped = _MIRRORED_CASES[case]
     assert int(iterations) == int(one_iterations) == expected_iterations
     assert int(skipped) == int(one_skipped) == expected_skipped
+
+
+# --- trainop.keras.BackupAndRestore ------------------------------------------------------------
+
+
+class SignalAt(keras.callbacks.Callback):
+    """Sends this process `signum` at the end of batch `batch` of epoch `epoch`."""
+
+    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.at, self.signum, self.epoch = (epoch, batch), signum, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            signal.raise_signal(self.signum)
+
+
+def compiled_for_backup(**settings) -> keras.Model:
+    model = make_model("sequential")
+    trainop.keras.compile(
+        model,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="mse",
+        metrics=["mae"],
+        check_numerics="skip",
+        **settings,
+    )
+    return model
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_a_fit_stopped_by_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninterrupted_one(
+    tmp_path, steps_per_execution
+):
+    data = with_bad_batches([1, 6])
+    fit = dict(batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    uninterrupted = compiled_for_backup(steps_per_execution=steps_per_execution)
+    expected = uninterrupted.fit(*data, **fit).history
+
+    stopped = compiled_for_backup(steps_per_execution=steps_per_execution)
+    backup = trainop.keras.BackupAndRestore(str(tmp_path))
+    handler = signal.getsignal(signal.SIGTERM)
+    first = stopped.fit(*data, callbacks=[SignalAt(1, 3), backup], **fit).history
+    # Epoch 0, then epoch 1 up to its 4th batch: fit returned, as for a stop by a callback.
+    assert len(first["loss"]) == 2
+    assert int(stopped.optimizer.iterations) == (BATCHES - 2) + 3
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+    # A new process: a new model, its state restored from the backup.
+    rerun = compiled_for_backup(steps_per_execution=steps_per_execution)
+    history = rerun.fit(*data, callbacks=[trainop.keras.BackupAndRestore(str(tmp_path))], **fit)
+    for key in ("loss", "mae", "skipped_steps"):
+        np.testing.assert_allclose(history.history[key], expected[key][1:], rtol=1e-5)
+    assert_same_state(rerun, uninterrupted)
+    # Completed: the backups are deleted, as Keras's.
+    assert not tmp_path.exists()
+
+
+def test_a_backup_holding_nan_is_never_written_and_fit_stops(tmp_path):
+    # No check at all: the NaN batch 2 of epoch 1 puts NaN in the weights.
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", check_numerics=False)
+    reference = make_model("sequential")
+    reference.compile(optimizer="sgd", loss="mse")
+    reference.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+
+    backup = trainop.keras.BackupAndRestore(str(tmp_path), save_freq=BATCHES)
+    x, y = with_bad_batches([])
+    y = np.concatenate([y, y])
+    y[BATCHES * BATCH + 2 * BATCH :] = np.nan
+    history = model.fit(
+        np.concatenate([x, x]),
+        y,
+        batch_size=BATCH,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[backup],
+    )
+    assert len(history.history["loss"]) == 1  # stopped at the first backup due after the NaN
+    assert not all(np.isfinite(w).all() for w in model.get_weights())
+
+    # The backup kept is the healthy one, after the first 8 batches.
+    restored = make_model("sequential")
+    trainop.keras.compile(restored, optimizer="sgd", loss="mse", check_numerics=False)
+    checkpoint = tf.train.Checkpoint(model=restored)
+    checkpoint.restore(tf.train.latest_checkpoint(str(tmp_path))).expect_partial()
+    for got, expected in zip(restored.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backup_and_restore_needs_trainops_compile():
+    model = make_model("sequential")
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="compiled by trainop.keras.compile"):
+        model.fit(X, Y, verbose=0, callbacks=[trainop.keras.BackupAndRestore("/nonexistent/never")])
+    with pytest.raises(ValueError, match="save_freq"):
+        trainop.keras.BackupAndRestore("/tmp/x", save_freq=0)

@@ -20,32 +20,20 @@ gives the model back Keras's step.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-# As Keras's own train_step counts the loss of a replica; not exported by Keras.
-from keras.src.losses.loss import unscale_loss_for_distribution
-
-from trainop import _config, _core, _distribute, _global_step, numerics
+from trainop import _checkpoints, _config, _console, _core, _data, _fit, numerics
+from trainop._checks import check_count
+from trainop._fit import SKIPPED_STEPS_LOG
 
 logger = logging.getLogger("trainop")
 
-__all__ = ["compile", "SKIPPED_STEPS_LOG"]
-
-# The key, in the logs of `fit` (the progress bar, `History`, callbacks), of the number of
-# batches the skip guard has skipped since the guard was made.
-SKIPPED_STEPS_LOG = "skipped_steps"
-
-# What `compile` sets on the model, to tell its own methods from Keras's.
-_INSTALLED = "_trainop_fit_step"
+__all__ = ["SKIPPED_STEPS_LOG", "BackupAndRestore", "compile"]
 
 
 def compile(  # noqa: A001 - as `model.compile`, which it stands for
@@ -131,8 +119,8 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         summarize_every_n_steps,
         accumulation_steps,
     )
-    step = FitStep(model, config)
-    setattr(model, _INSTALLED, step)
+    step = _fit.FitStep(model, config)
+    setattr(model, _fit.INSTALLED, step)
     model.train_step = step.train_step
     model.make_train_function = step.make_train_function
     model.fit = step.fit
@@ -148,156 +136,172 @@ def _check_model(model: Any) -> None:
             + f". Received: {type(model).__name__}"
         )
     own = type(model).train_step
-    if own is not keras.Model.train_step and getattr(model, _INSTALLED, None) is None:
+    if own is not keras.Model.train_step and _fit.installed_step(model) is None:
         raise ValueError(
             f"`model` ({type(model).__name__}) overrides train_step, which trainop's step "
             "would replace: use trainop.create_train_op inside it instead."
         )
 
 
-class FitStep:
-    """trainop's step for `fit` on one model, installed by `compile` (see there)."""
+class BackupAndRestore(keras.callbacks.Callback):
+    """Keras's `BackupAndRestore` for a model compiled by `trainop.keras.compile`, made safe.
 
-    def __init__(self, model: keras.Model, config: _config.StepConfig):
-        self._model = model
-        guard = config.check_numerics
-        if model.jit_compile and guard is True:
-            # XLA compiles CheckNumerics away: the loss check sets a flag that Python reads.
-            guard = numerics.LossCheckUnderXLA()
-            config = dataclasses.replace(config, check_numerics=guard)
-        self._config = config
-        self._guard = guard if isinstance(guard, numerics.SkipNonFiniteSteps) else None
-        self._stop = (
-            self._guard.stop_flag() if model.jit_compile and self._guard is not None else None
-        )
-        self._keras_make_train_function = type(model).make_train_function.__get__(model)
-        self._keras_fit = type(model).fit.__get__(model)
-        self._reported_missing: set[str] = set()
-        self._replicated = None
-        strategy = model.distribute_strategy
-        if strategy.num_replicas_in_sync > 1:
-            self._replicated = _distribute.ReplicatedStep(
-                None, strategy, config, lambda: [], self._reported_missing, jit_compile=False
+    As `keras.callbacks.BackupAndRestore`, it backs up the training state in `backup_dir` and,
+    when `fit` starts again after an interruption, restores it and goes on where it stopped;
+    once `fit` completes, the backups are deleted (unless `delete_checkpoint=False`). Beyond
+    Keras's:
+
+    * The state is the model, the optimizer, trainop's guard counters, the metrics' running
+      means and the position (epoch and batch), in a `tf.train.CheckpointManager` keeping
+      `max_to_keep` backups, as `trainop.train` keeps its checkpoints.
+    * A backup holding inf or NaN is never written: `fit` stops instead (as `TerminateOnNaN`
+      would), and the last healthy backup is kept for the next run; a restore takes the
+      newest backup that is all finite.
+    * SIGTERM or Ctrl-C finishes the batch under way, writes a backup and stops `fit`
+      cleanly (`fit` returns); a second Ctrl-C raises `KeyboardInterrupt` at once.
+    * A rerun resumes at the epoch and the batch where the backup was written: the batches of
+      that epoch trained on before it are read and passed over, and the epoch's metrics go on
+      from their saved running means, so that the rerun's losses are those of an
+      uninterrupted run. That holds when `fit` reads the same batches in the same order in
+      every run: arrays or a dataset without shuffling, or shuffled with a fixed seed per
+      epoch. A dataset shuffled differently in each run (Keras's `shuffle=True` without a
+      fixed seed) resumes at the right epoch and batch count on other batches, and an
+      iterator or generator that does not start again from its beginning is not skipped
+      into: pass `steps_per_epoch` so that its epochs are counted.
+
+    Args:
+      backup_dir: the directory of the backups, for this training run only.
+      save_freq: `"epoch"` (at the end of every epoch) or a number of batches.
+      delete_checkpoint: whether the backups are deleted once `fit` completes, as Keras's.
+      max_to_keep: how many backups are kept, newest first.
+
+    Raises:
+      ValueError: `save_freq` or `max_to_keep` is bad; or, when `fit` starts, the model was
+        not compiled by `trainop.keras.compile`.
+
+    Example:
+      >>> import keras, numpy as np, tempfile, trainop
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+      >>> trainop.keras.compile(model, optimizer="sgd", loss="mse")
+      >>> backup = trainop.keras.BackupAndRestore(tempfile.mkdtemp(), delete_checkpoint=False)
+      >>> x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
+      >>> _ = model.fit(x, y, batch_size=4, epochs=2, callbacks=[backup], verbose=0)
+      >>> history = model.fit(x, y, batch_size=4, epochs=3, callbacks=[backup], verbose=0)
+      >>> len(history.history["loss"])  # epochs 0 and 1 were backed up: only epoch 2 runs
+      1
+    """
+
+    def __init__(
+        self,
+        backup_dir: str,
+        save_freq: str | int = "epoch",
+        delete_checkpoint: bool = True,
+        max_to_keep: int = 2,
+    ):
+        super().__init__()
+        if save_freq != "epoch" and not (type(save_freq) is int and save_freq >= 1):
+            raise ValueError(
+                "`save_freq` must be 'epoch' or a number of batches >= 1. "
+                f"Received: save_freq={save_freq!r}"
             )
+        check_count("max_to_keep", max_to_keep)
+        self.backup_dir = backup_dir
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        self.max_to_keep = max_to_keep
+        self._stop = _console.StopRequest()
 
-    def train_step(self, data: Any) -> dict[str, Any]:
-        """One step on a batch, as Keras's `train_step` (the logs of the metrics) with
-        trainop's guard, transform and accumulation; the logs also hold `skipped_steps`."""
-        if self._stop is None:
-            return self._step(data)
-        with self._guard.stopping_on_device():
-            # A batch after the one that stopped the call runs nothing. (The step is traced
-            # first: the compiled metrics are built by their first update.)
-            return tf.cond(tf.logical_not(self._stop), lambda: self._step(data), self._logs)
+    def stop_requests(self) -> Any:
+        """A context manager within which SIGTERM and a first Ctrl-C ask this callback to stop
+        `fit` after the batch under way (entered by the `fit` of `trainop.keras.compile`)."""
+        self._stop = _console.StopRequest()
+        return self._stop.installed()
 
-    def _step(self, data: Any) -> dict[str, Any]:
-        model = self._model
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if getattr(model, "_call_has_training_arg", True):
-            y_pred = model(x, training=True)
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        step = _fit.installed_step(model)
+        if step is None:
+            raise ValueError(
+                "trainop.keras.BackupAndRestore needs a model compiled by "
+                "trainop.keras.compile (it resumes inside an epoch through trainop's step); "
+                "use keras.callbacks.BackupAndRestore with model.compile."
+            )
+        with tf.init_scope():
+            # Epochs completed; batches consumed in the epoch under way; in all (the number of
+            # the backup).
+            self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self._batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch")
+            self._seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches")
+        self._metrics = _fit.metric_variables(model)
+        objects = {
+            "model": model,
+            "optimizer": model.optimizer,
+            "position": tf.train.Checkpoint(epoch=self._epoch, batch=self._batch),
+            "metrics": self._metrics,
+        }
+        if step.guard is not None:
+            objects["guard"] = step.guard
+        self._checkpoints = _checkpoints.Checkpoints(
+            objects, self._seen, _data.Batches(None), self.backup_dir, self.max_to_keep, None
+        )
+        self._stopped = False
+        self._last_batch_end = 0
+        self._since_save = 0
+        self._resumed_metrics = None
+        restored = self._checkpoints.restore_latest_finite()
+        if restored is None:
+            return
+        epoch, consumed = int(self._epoch.numpy()), int(self._batch.numpy())
+        logger.info("Resuming fit from %s at epoch %d, batch %d.", restored, epoch, consumed)
+        model._initial_epoch = epoch
+        if consumed:
+            step.skip_batches(consumed)
+            self._resumed_metrics = [v.numpy() for v in self._metrics]
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._resumed_metrics is not None:
+            # fit has reset the metrics: the resumed epoch's running means go on instead.
+            for variable, value in zip(self._metrics, self._resumed_metrics):
+                variable.assign(value)
+            self._resumed_metrics = None
         else:
-            y_pred = model(x)
-        # Under a strategy, each replica's loss divided by the number of replicas, as Keras
-        # makes it: the sum over the replicas is the batch's.
-        loss = model._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-        variables = list(model.trainable_weights)
-        if self._replicated is not None:
-            trained = self._step_across_replicas(loss, variables, (x, y, y_pred, sample_weight))
-        else:
-            grads_and_vars = _core.step_gradients(
-                loss, variables, self._config, self._reported_missing
-            )
-            trained = _core.build_step(
-                loss,
-                grads_and_vars,
-                self._config,
-                apply=_distribute.optimizer_applier(self._config, in_function=True),
-                on_accepted=lambda: self._record_batch(loss, x, y, y_pred, sample_weight),
-            )
-        with tf.control_dependencies([trained]):
-            return self._logs()
+            self._batch.assign(0)
+        self._epoch.assign(epoch)
+        self._last_batch_end = int(self._batch.numpy())
 
-    def _record_batch(self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any):
-        """Counts a batch in the loss tracker and the metrics, as Keras's `train_step` does:
-        only a batch that the guard lets through."""
-        model = self._model
-        batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-        model._loss_tracker.update_state(
-            unscale_loss_for_distribution(loss), sample_weight=batch_size
-        )
-        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return []
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # With steps_per_execution, `batch` is the last batch of the call. The batches of a
+        # resumed epoch that are passed over were counted before the backup.
+        done = max(0, batch + 1 - self._last_batch_end)
+        if done:
+            self._last_batch_end = batch + 1
+            self._batch.assign(batch + 1)
+            self._seen.assign_add(done)
+            self._since_save += done
+        if self._stop.signal_name is not None:
+            self._save()
+            self._stopped = True
+            self.model.stop_training = True
+        elif self.save_freq != "epoch" and self._since_save >= self.save_freq:
+            self._save()
 
-    def _step_across_replicas(
-        self, loss: tf.Tensor, variables: list[Any], batch: tuple[Any, ...]
-    ) -> tf.Tensor:
-        """In a replica (`fit` runs `train_step` in `strategy.run`): this replica's gradients,
-        then one decision and update for all replicas, taken in the cross-replica context
-        that `merge_call` enters, as `_distribute.ReplicatedStep` takes them."""
-        replicated = self._replicated
-        verdicts = replicated.needs_verdicts()
-        computed = replicated.replica_gradients(loss, variables, verdicts)
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._stopped:
+            return
+        self._epoch.assign(epoch + 1)
+        self._batch.assign(0)
+        if self.save_freq == "epoch":
+            self._save()
 
-        def across(strategy: Any, computed: tuple[Any, ...], batch: tuple[Any, ...]) -> Any:
-            def on_accepted() -> list[Any]:
-                strategy.run(self._record_batch, args=(computed[0], *batch))
-                return []
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if not self._stopped and self.delete_checkpoint and tf.io.gfile.exists(self.backup_dir):
+            tf.io.gfile.rmtree(self.backup_dir)
 
-            return replicated.across(
-                computed[0], computed[1], computed[2] if verdicts else None, on_accepted
-            )
-
-        return tf.distribute.get_replica_context().merge_call(across, args=(computed, batch))
-
-    def _logs(self) -> dict[str, Any]:
-        logs = dict(self._model.get_metrics_result())
-        if self._guard is not None and not isinstance(self._guard, numerics.LossCheckUnderXLA):
-            logs[SKIPPED_STEPS_LOG] = self._guard.skipped_steps.read_value()
-        return logs
-
-    def make_train_function(self, force: bool = False) -> Any:
-        """Keras's train function, which under XLA raises the guard's error after the call."""
-        self._keras_make_train_function(force)
-        function = self._model.train_function
-        if self._stop is None or getattr(function, _INSTALLED, False):
-            return function
-
-        @functools.wraps(function)
-        def train_function(iterator: Any) -> Any:
-            logs = function(iterator)
-            if bool(self._stop.numpy()):
-                self._stop.assign(False)
-                counter, step_name = _global_step.counter(None, self._config.adapter.iterations)
-                raise self._guard.stopped_error(
-                    int(self._guard.consecutive_skipped_steps.numpy()),
-                    step_name,
-                    int(counter.numpy()) if counter is not None else None,
-                )
-            return logs
-
-        setattr(train_function, _INSTALLED, True)
-        self._model.train_function = train_function
-        return train_function
-
-    def fit(self, *args: Any, **kwargs: Any) -> Any:
-        """Keras's `fit`, with the default `tf.summary` writer set to the `train` directory of
-        its `keras.callbacks.TensorBoard` callback, if any, while it runs."""
-        bound = inspect.signature(self._keras_fit).bind_partial(*args, **kwargs)
-        callbacks = bound.arguments.get("callbacks") or []
-        board = next((c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)), None)
-        if board is None:
-            return self._keras_fit(*args, **kwargs)
-        if self._model.jit_compile:
-            logger.warning(
-                "trainop's train summaries are not written under jit_compile=True: XLA does "
-                "not compile summary writes. Keras's TensorBoard callback writes its own."
-            )
-            return self._keras_fit(*args, **kwargs)
-        writer = tf.summary.create_file_writer(os.path.join(board.log_dir, "train"))
+    def _save(self) -> None:
+        self._since_save = 0
         try:
-            with writer.as_default():
-                return self._keras_fit(*args, **kwargs)
-        finally:
-            writer.close()
+            self._checkpoints.save(int(self._seen.numpy()))
+        except FloatingPointError as error:
+            logger.error("Stopping fit: %s", error)
+            self._stopped = True
+            self.model.stop_training = True

@@ -1,0 +1,246 @@
+"""trainop's step inside `model.fit` (`FitStep`), which `trainop.keras.compile` installs.
+
+What a resumed `fit` skips (`FitStep.skip_batches`) and what it saves of the metrics
+(`metric_variables`) are here too, for `trainop.keras.BackupAndRestore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+# As Keras's own train_step counts the loss of a replica; not exported by Keras.
+from keras.src.losses.loss import unscale_loss_for_distribution
+
+from trainop import _config, _core, _distribute, _global_step, _variables, numerics
+
+logger = logging.getLogger("trainop")
+
+# The key, in the logs of `fit` (the progress bar, `History`, callbacks), of the number of
+# batches the skip guard has skipped since the guard was made.
+SKIPPED_STEPS_LOG = "skipped_steps"
+
+# The attribute of a model compiled by `trainop.keras.compile` that holds its `FitStep`.
+INSTALLED = "_trainop_fit_step"
+
+
+def installed_step(model: Any) -> FitStep | None:
+    """The `FitStep` that `trainop.keras.compile` gave `model`, or None."""
+    return getattr(model, INSTALLED, None)
+
+
+def metric_variables(model: keras.Model) -> list[tf.Variable]:
+    """The variables of the model's metrics (the loss tracker's included): an epoch's running
+    means, which a resumed epoch continues from.
+
+    The metrics of `compile` have variables only once built, which Keras does when the step is
+    first traced: a model that knows its inputs and outputs (Sequential with an `Input`,
+    functional) has them built now, from those. Those of a subclassed model not yet trained
+    are left out (logged).
+    """
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is not None and not compiled.built:
+        inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+        if inputs and outputs:
+            model._symbolic_build(data_batch=(_single(inputs), _single(outputs)))
+        else:
+            logger.warning(
+                "The metrics of compile (%s) are not built before the first batch: a resumed "
+                "epoch's running means start again from the resumed batch (the loss's do not).",
+                type(model).__name__,
+            )
+    return [_variables.as_tf_variable(v) for m in model.metrics for v in m.variables]
+
+
+def _single(values: list[Any]) -> Any:
+    return values[0] if len(values) == 1 else values
+
+
+class FitStep:
+    """trainop's step for `fit` on one model, installed by `compile` (see there)."""
+
+    def __init__(self, model: keras.Model, config: _config.StepConfig):
+        self._model = model
+        guard = config.check_numerics
+        if model.jit_compile and guard is True:
+            # XLA compiles CheckNumerics away: the loss check sets a flag that Python reads.
+            guard = numerics.LossCheckUnderXLA()
+            config = dataclasses.replace(config, check_numerics=guard)
+        self._config = config
+        self._guard = guard if isinstance(guard, numerics.SkipNonFiniteSteps) else None
+        self._stop = (
+            self._guard.stop_flag() if model.jit_compile and self._guard is not None else None
+        )
+        self._keras_make_train_function = type(model).make_train_function.__get__(model)
+        self._keras_fit = type(model).fit.__get__(model)
+        self._reported_missing: set[str] = set()
+        self._to_skip: tf.Variable | None = None
+        self._replicated = None
+        strategy = model.distribute_strategy
+        if strategy.num_replicas_in_sync > 1:
+            self._replicated = _distribute.ReplicatedStep(
+                None, strategy, config, lambda: [], self._reported_missing, jit_compile=False
+            )
+
+    @property
+    def guard(self) -> numerics.SkipNonFiniteSteps | None:
+        """The skip guard (or the loss check under XLA) whose counters the step keeps."""
+        return self._guard
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        """One step on a batch, as Keras's `train_step` (the logs of the metrics) with
+        trainop's guard, transform and accumulation; the logs also hold `skipped_steps`."""
+        if self._to_skip is None:
+            return self._guarded_step(data)
+        # The batches of a resumed epoch consumed before the backup run nothing. (The step is
+        # traced first: the compiled metrics are built by their first update.)
+        return tf.cond(self._to_skip <= 0, lambda: self._guarded_step(data), self._pass_over)
+
+    def skip_batches(self, count: int) -> None:
+        """Makes the next `count` batches that `fit` reads run nothing: the batches of a
+        resumed epoch that were trained on before the backup."""
+        if self._to_skip is None:
+            with tf.init_scope(), self._model.distribute_strategy.scope():
+                self._to_skip = tf.Variable(
+                    0,
+                    dtype=tf.int64,
+                    trainable=False,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    name="batches_to_skip",
+                )
+            # Traced again, with the skip.
+            self.make_train_function(force=True)
+        self._to_skip.assign(count)
+
+    def _pass_over(self) -> dict[str, Any]:
+        with tf.control_dependencies([self._to_skip.assign_sub(1)]):
+            return self._logs()
+
+    def _guarded_step(self, data: Any) -> dict[str, Any]:
+        if self._stop is None:
+            return self._step(data)
+        with self._guard.stopping_on_device():
+            # A batch after the one that stopped the call runs nothing.
+            return tf.cond(tf.logical_not(self._stop), lambda: self._step(data), self._logs)
+
+    def _step(self, data: Any) -> dict[str, Any]:
+        model = self._model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if getattr(model, "_call_has_training_arg", True):
+            y_pred = model(x, training=True)
+        else:
+            y_pred = model(x)
+        # Under a strategy, each replica's loss divided by the number of replicas, as Keras
+        # makes it: the sum over the replicas is the batch's.
+        loss = model._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        variables = list(model.trainable_weights)
+        if self._replicated is not None:
+            trained = self._step_across_replicas(loss, variables, (x, y, y_pred, sample_weight))
+        else:
+            grads_and_vars = _core.step_gradients(
+                loss, variables, self._config, self._reported_missing
+            )
+            trained = _core.build_step(
+                loss,
+                grads_and_vars,
+                self._config,
+                apply=_distribute.optimizer_applier(self._config, in_function=True),
+                on_accepted=lambda: self._record_batch(loss, x, y, y_pred, sample_weight),
+            )
+        with tf.control_dependencies([trained]):
+            return self._logs()
+
+    def _record_batch(self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any):
+        """Counts a batch in the loss tracker and the metrics, as Keras's `train_step` does:
+        only a batch that the guard lets through."""
+        model = self._model
+        batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        model._loss_tracker.update_state(
+            unscale_loss_for_distribution(loss), sample_weight=batch_size
+        )
+        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return []
+
+    def _step_across_replicas(
+        self, loss: tf.Tensor, variables: list[Any], batch: tuple[Any, ...]
+    ) -> tf.Tensor:
+        """In a replica (`fit` runs `train_step` in `strategy.run`): this replica's gradients,
+        then one decision and update for all replicas, taken in the cross-replica context
+        that `merge_call` enters, as `_distribute.ReplicatedStep` takes them."""
+        replicated = self._replicated
+        verdicts = replicated.needs_verdicts()
+        computed = replicated.replica_gradients(loss, variables, verdicts)
+
+        def across(strategy: Any, computed: tuple[Any, ...], batch: tuple[Any, ...]) -> Any:
+            def on_accepted() -> list[Any]:
+                strategy.run(self._record_batch, args=(computed[0], *batch))
+                return []
+
+            return replicated.across(
+                computed[0], computed[1], computed[2] if verdicts else None, on_accepted
+            )
+
+        return tf.distribute.get_replica_context().merge_call(across, args=(computed, batch))
+
+    def _logs(self) -> dict[str, Any]:
+        logs = dict(self._model.get_metrics_result())
+        if self._guard is not None and not isinstance(self._guard, numerics.LossCheckUnderXLA):
+            logs[SKIPPED_STEPS_LOG] = self._guard.skipped_steps.read_value()
+        return logs
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras's train function, which under XLA raises the guard's error after the call."""
+        self._keras_make_train_function(force)
+        function = self._model.train_function
+        if self._stop is None or getattr(function, INSTALLED, False):
+            return function
+
+        @functools.wraps(function)
+        def train_function(iterator: Any) -> Any:
+            logs = function(iterator)
+            if bool(self._stop.numpy()):
+                self._stop.assign(False)
+                counter, step_name = _global_step.counter(None, self._config.adapter.iterations)
+                raise self._guard.stopped_error(
+                    int(self._guard.consecutive_skipped_steps.numpy()),
+                    step_name,
+                    int(counter.numpy()) if counter is not None else None,
+                )
+            return logs
+
+        setattr(train_function, INSTALLED, True)
+        self._model.train_function = train_function
+        return train_function
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras's `fit`, with, while it runs, the default `tf.summary` writer set to the
+        `train` directory of its `keras.callbacks.TensorBoard` callback, if any, and the signal
+        handlers of its `trainop.keras.BackupAndRestore` callbacks installed."""
+        bound = inspect.signature(self._keras_fit).bind_partial(*args, **kwargs)
+        callbacks = list(bound.arguments.get("callbacks") or [])
+        with contextlib.ExitStack() as stack:
+            for callback in callbacks:
+                if hasattr(callback, "stop_requests"):
+                    stack.enter_context(callback.stop_requests())
+            board = next((c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)), None)
+            if board is not None and self._model.jit_compile:
+                logger.warning(
+                    "trainop's train summaries are not written under jit_compile=True: XLA "
+                    "does not compile summary writes. Keras's TensorBoard callback writes its "
+                    "own."
+                )
+            elif board is not None:
+                writer = tf.summary.create_file_writer(os.path.join(board.log_dir, "train"))
+                stack.callback(writer.close)
+                stack.enter_context(writer.as_default())
+            return self._keras_fit(*args, **kwargs)
