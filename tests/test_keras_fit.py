@@ -384,3 +384,62 @@ def test_backup_and_restore_needs_trainops_compile():
         model.fit(X, Y, verbose=0, callbacks=[trainop.keras.BackupAndRestore("/nonexistent/never")])
     with pytest.raises(ValueError, match="save_freq"):
         trainop.keras.BackupAndRestore("/tmp/x", save_freq=0)
+
+
+def test_validation_data_and_callbacks_see_what_keras_fit_gives_them():
+    model = make_model("functional")
+    trainop.keras.compile(model, optimizer="adam", loss="mse", metrics=["mae"])
+    reference = make_model("functional")
+    reference.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    seen, expected_seen = [], []
+
+    def recorder(into):
+        return keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: into.append((batch, float(logs["loss"])))
+        )
+
+    fit = dict(batch_size=BATCH, epochs=2, shuffle=False, verbose=0, validation_data=(X, Y))
+    history = model.fit(X, Y, callbacks=[recorder(seen)], **fit).history
+    expected = reference.fit(X, Y, callbacks=[recorder(expected_seen)], **fit).history
+    for key in ("loss", "mae", "val_loss", "val_mae"):
+        np.testing.assert_allclose(history[key], expected[key], rtol=1e-5)
+    assert [b for b, _ in seen] == [b for b, _ in expected_seen]
+    np.testing.assert_allclose([v for _, v in seen], [v for _, v in expected_seen], rtol=1e-5)
+
+
+def test_mixed_precision_skips_as_it_trains_without_the_bad_batches():
+    bad = [2]
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = make_model("sequential")
+        # auto_scale_loss wraps the optimizer in a LossScaleOptimizer, as in plain fit.
+        trainop.keras.compile(model, optimizer="adam", loss="mse", check_numerics="skip")
+        reference = make_model("sequential")
+        reference.compile(optimizer="adam", loss="mse")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        model.fit(*with_bad_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+        reference.fit(*without_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    for got, expected in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    # Both loss-scale optimizers skipped the same overflowing steps of their own.
+    assert int(model.optimizer.iterations) == int(reference.optimizer.iterations)
+    assert float(model.optimizer.dynamic_scale) == float(reference.optimizer.dynamic_scale)
+
+
+def test_a_layer_the_loss_does_not_reach_is_reported_as_asked():
+    inputs = keras.Input((5,))
+    used = keras.layers.Dense(1, name="used")(inputs)
+    unused = keras.layers.Dense(1, name="unused")(inputs)
+    model = keras.Model(inputs, {"used": used, "unused": unused})
+    trainop.keras.compile(model, optimizer="sgd", loss={"used": "mse"}, missing_gradients="raise")
+    with pytest.raises(ValueError, match="unused"):
+        model.fit(X, {"used": Y, "unused": Y}, batch_size=BATCH, verbose=0)
+
+
+def test_a_tf_keras_model_is_refused_in_one_sentence():
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(5,))])
+    with pytest.raises(TypeError, match="a tf_keras model, whose fit differs"):
+        trainop.keras.compile(model, optimizer="sgd", loss="mse")
