@@ -126,7 +126,10 @@ def _parser() -> OneLineErrorParser:
     )
     demo.add_argument("--task", choices=sorted(DEMO_STEPS), default="digits")
     demo.add_argument(
-        "--outdir", help="output directory (default: ./trainop-demo-TASK)", default=None
+        "--outdir",
+        help="output directory (default: ./trainop-demo-TASK, ./trainop-demo-digits-fit with "
+        "--fit)",
+        default=None,
     )
     demo.add_argument(
         "--steps",
@@ -137,6 +140,12 @@ def _parser() -> OneLineErrorParser:
     demo.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
     demo.add_argument(
         "--no-progress", action="store_true", help="no progress bar (off anyway without a tty)"
+    )
+    demo.add_argument(
+        "--fit",
+        action="store_true",
+        help="digits only: train with Keras's model.fit and trainop.keras.compile instead, "
+        "with a NaN batch injected, which the numerics guard skips",
     )
     commands.add_parser(
         "bench",
@@ -195,6 +204,8 @@ def _prepare(argv: Sequence[str]) -> Callable[[], int]:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.error("the following arguments are required: {demo,bench}")
+    if args.fit and args.task != "digits":
+        parser.error("--fit trains the digits demo only")
     requirements = list(DEMO_REQUIREMENTS[args.task])
     if not args.no_progress and sys.stderr.isatty():
         requirements.append(TQDM)
@@ -207,8 +218,11 @@ def _prepare(argv: Sequence[str]) -> Callable[[], int]:
 def _demo(args: argparse.Namespace) -> int:
     from trainop._demos import cartpole, digits
 
-    outdir = os.path.abspath(args.outdir or f"trainop-demo-{args.task}")
+    default_outdir = f"trainop-demo-{args.task}" + ("-fit" if args.fit else "")
+    outdir = os.path.abspath(args.outdir or default_outdir)
     run = digits.run if args.task == "digits" else cartpole.run
+    if args.fit:
+        run = digits.run_fit
     result = run(
         outdir,
         steps=args.steps or DEMO_STEPS[args.task],
@@ -224,7 +238,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(
         f"Output in {result.outdir}: TensorBoard logs (tensorboard --logdir {result.outdir}), "
-        f"checkpoints (ckpt-*), plot {result.plot}"
+        f"checkpoints, plot {result.plot}"
     )
     if result.stopped_by in SIGNAL_NUMBERS:
         return 128 + SIGNAL_NUMBERS[result.stopped_by]

@@ -336,3 +336,19 @@ def test_bench_interrupted_prints_what_it_measured_and_exits_130():
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert "### Build time, 10 variables" in stdout
     assert "Interrupted (Ctrl-C) during" in stdout
+
+
+def test_the_fit_demo_skips_its_nan_batch_and_resumes(tmp_path):
+    outdir = tmp_path / "fit"
+    first = _trainop("demo", "--fit", "--steps", "200", "--outdir", str(outdir), "--no-progress")
+    assert first.returncode in (0, 1), first.stderr[-3000:]  # 1: 200 steps miss the target
+    skipped = "Batches skipped by the guard: 1 (the NaN batch); the weights are all finite: True."
+    assert skipped in first.stdout
+    assert "at global step 199 " in first.stdout  # 200 batches, one of them skipped
+    assert (outdir / "training.png").is_file() and list((outdir / "backup").glob("ckpt-*"))
+    # Resumed at its end: nothing left to train, the guard's count restored with the model.
+    again = _trainop("demo", "--fit", "--steps", "200", "--outdir", str(outdir), "--no-progress")
+    assert skipped in again.stdout and "at global step 199 " in again.stdout
+    accuracy = [line for line in first.stdout.splitlines() if line.startswith("test accuracy")]
+    assert accuracy and accuracy[0] in again.stdout
+    assert _trainop("demo", "--task", "cartpole", "--fit").returncode == 2

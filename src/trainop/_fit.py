@@ -10,17 +10,19 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import io
 import logging
 import os
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # As Keras's own train_step counts the loss of a replica; not exported by Keras.
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from trainop import _config, _core, _distribute, _global_step, _variables, numerics
+from trainop import _config, _core, _distribute, _global_step, numerics
 
 logger = logging.getLogger("trainop")
 
@@ -37,31 +39,25 @@ def installed_step(model: Any) -> FitStep | None:
     return getattr(model, INSTALLED, None)
 
 
-def metric_variables(model: keras.Model) -> list[tf.Variable]:
-    """The variables of the model's metrics (the loss tracker's included): an epoch's running
-    means, which a resumed epoch continues from.
+def metric_state(model: keras.Model) -> bytes:
+    """The values of the model's metric variables (the loss tracker's included), by path, as
+    the bytes of an `.npz` file: an epoch's running sums, which a resumed epoch goes on from.
 
-    The metrics of `compile` have variables only once built, which Keras does when the step is
-    first traced: a model that knows its inputs and outputs (Sequential with an `Input`,
-    functional) has them built now, from those. Those of a subclassed model not yet trained
-    are left out (logged).
+    Bytes, for a string variable of a checkpoint: the metrics of `compile` have no variables
+    until the step is first traced, so that no fixed set of variables can hold them then.
     """
-    compiled = getattr(model, "_compile_metrics", None)
-    if compiled is not None and not compiled.built:
-        inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
-        if inputs and outputs:
-            model._symbolic_build(data_batch=(_single(inputs), _single(outputs)))
-        else:
-            logger.warning(
-                "The metrics of compile (%s) are not built before the first batch: a resumed "
-                "epoch's running means start again from the resumed batch (the loss's do not).",
-                type(model).__name__,
-            )
-    return [_variables.as_tf_variable(v) for m in model.metrics for v in m.variables]
+    values = {v.path: np.asarray(v.numpy()) for m in model.metrics for v in m.variables}
+    buffer = io.BytesIO()
+    np.savez(buffer, **values)
+    return buffer.getvalue()
 
 
-def _single(values: list[Any]) -> Any:
-    return values[0] if len(values) == 1 else values
+def metric_values(state: bytes) -> dict[str, np.ndarray]:
+    """What `metric_state` saved, by variable path; empty for empty `state`."""
+    if not state:
+        return {}
+    with np.load(io.BytesIO(state)) as values:
+        return {path: values[path] for path in values.files}
 
 
 class FitStep:
@@ -83,6 +79,7 @@ class FitStep:
         self._keras_fit = type(model).fit.__get__(model)
         self._reported_missing: set[str] = set()
         self._to_skip: tf.Variable | None = None
+        self._resumed_metrics: dict[str, np.ndarray] = {}
         self._replicated = None
         strategy = model.distribute_strategy
         if strategy.num_replicas_in_sync > 1:
@@ -104,9 +101,11 @@ class FitStep:
         # traced first: the compiled metrics are built by their first update.)
         return tf.cond(self._to_skip <= 0, lambda: self._guarded_step(data), self._pass_over)
 
-    def skip_batches(self, count: int) -> None:
+    def skip_batches(self, count: int, metrics: dict[str, np.ndarray]) -> None:
         """Makes the next `count` batches that `fit` reads run nothing: the batches of a
-        resumed epoch that were trained on before the backup."""
+        resumed epoch that were trained on before the backup. With the last of them, the
+        metric variables are set to `metrics` (by path, from `metric_values`): the epoch's
+        running sums when the backup was written."""
         if self._to_skip is None:
             with tf.init_scope(), self._model.distribute_strategy.scope():
                 self._to_skip = tf.Variable(
@@ -116,13 +115,32 @@ class FitStep:
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                     name="batches_to_skip",
                 )
-            # Traced again, with the skip.
-            self.make_train_function(force=True)
+        self._resumed_metrics = metrics
+        # Traced again: with the skip, and these metric values.
+        self.make_train_function(force=True)
         self._to_skip.assign(count)
 
     def _pass_over(self) -> dict[str, Any]:
-        with tf.control_dependencies([self._to_skip.assign_sub(1)]):
+        left = self._to_skip.assign_sub(1)
+        restored = tf.cond(tf.equal(left, 0), self._restore_metrics, lambda: tf.constant(False))
+        with tf.control_dependencies([left, restored]):
             return self._logs()
+
+    def _restore_metrics(self) -> tf.Tensor:
+        """Sets the metric variables to the values of the backup (each replica holding its
+        share of a summed one, which is what a read adds up)."""
+        replicas = self._model.distribute_strategy.num_replicas_in_sync
+        assigned = []
+        for metric in self._model.metrics:
+            for variable in metric.variables:
+                value = self._resumed_metrics.get(variable.path)
+                if value is None:
+                    continue
+                if replicas > 1 and variable.aggregation == "sum":
+                    value = value / replicas
+                assigned.append(variable.assign(tf.cast(value, variable.dtype)))
+        with tf.control_dependencies(assigned):
+            return tf.constant(True)
 
     def _guarded_step(self, data: Any) -> dict[str, Any]:
         if self._stop is None:

@@ -211,6 +211,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.max_to_keep = max_to_keep
         self._stop = _console.StopRequest()
 
+    @property
+    def stopped_by(self) -> str | None:
+        """'SIGTERM' or 'SIGINT' if a signal stopped the last `fit`, else None."""
+        return self._stop.signal_name
+
     def stop_requests(self) -> Any:
         """A context manager within which SIGTERM and a first Ctrl-C ask this callback to stop
         `fit` after the batch under way (entered by the `fit` of `trainop.keras.compile`)."""
@@ -232,7 +237,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self._batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch")
             self._seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches")
-        self._metrics = _fit.metric_variables(model)
+            # The metrics' running sums (`_fit.metric_state`).
+            self._metrics = tf.Variable(b"", dtype=tf.string, trainable=False, name="metrics")
         objects = {
             "model": model,
             "optimizer": model.optimizer,
@@ -247,7 +253,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._stopped = False
         self._last_batch_end = 0
         self._since_save = 0
-        self._resumed_metrics = None
         restored = self._checkpoints.restore_latest_finite()
         if restored is None:
             return
@@ -255,16 +260,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         logger.info("Resuming fit from %s at epoch %d, batch %d.", restored, epoch, consumed)
         model._initial_epoch = epoch
         if consumed:
-            step.skip_batches(consumed)
-            self._resumed_metrics = [v.numpy() for v in self._metrics]
+            # fit resets the metrics as the epoch begins: the step sets them to the backup's
+            # after passing over the batches trained on.
+            step.skip_batches(consumed, _fit.metric_values(self._metrics.numpy()))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        if self._resumed_metrics is not None:
-            # fit has reset the metrics: the resumed epoch's running means go on instead.
-            for variable, value in zip(self._metrics, self._resumed_metrics):
-                variable.assign(value)
-            self._resumed_metrics = None
-        else:
+        if epoch != self._epoch.numpy():
             self._batch.assign(0)
         self._epoch.assign(epoch)
         self._last_batch_end = int(self._batch.numpy())
@@ -299,6 +300,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _save(self) -> None:
         self._since_save = 0
+        self._metrics.assign(_fit.metric_state(self.model))
         try:
             self._checkpoints.save(int(self._seen.numpy()))
         except FloatingPointError as error:

@@ -53,14 +53,19 @@ def latest_checkpoint(outdir: str) -> tuple[str, int] | None:
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files of `logdir`, by tag, as (step, value) sorted by step."""
+    """Every numeric scalar in the event files of `logdir`, by tag, as (step, value) sorted by
+    step (text, such as the model's configuration that Keras's TensorBoard callback writes, is
+    left out)."""
     series: dict[str, dict[int, float]] = {}
     for path in sorted(tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))):
         for record in tf.data.TFRecordDataset(path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
-                    number = float(tf.make_ndarray(value.tensor))
+                    array = tf.make_ndarray(value.tensor)
+                    if array.dtype.kind not in "biuf":
+                        continue
+                    number = float(array)
                 elif value.HasField("simple_value"):
                     number = value.simple_value
                 else:
@@ -70,14 +75,22 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
-def plot_training(logdir: str, metric_tag: str, metric_label: str, *, percent: bool = False) -> str:
+def plot_training(
+    logdir: str,
+    metric_tag: str,
+    metric_label: str,
+    *,
+    percent: bool = False,
+    directory: str | None = None,
+) -> str:
     """Plots `train/loss` and `metric_tag` from the events of `logdir`; returns the PNG path.
 
     Args:
-      logdir: the directory of the event files, where the plot goes.
+      logdir: the directory of the event files.
       metric_tag: the tag of the metric, plotted beside the loss.
       metric_label: the metric's title.
       percent: the metric is a fraction, plotted in percent.
+      directory: where the plot goes; by default `logdir`.
 
     Returns:
       The path of the PNG file.
@@ -85,7 +98,7 @@ def plot_training(logdir: str, metric_tag: str, metric_label: str, *, percent: b
     figure = training_figure(read_scalars(logdir), metric_tag, metric_label, percent=percent)
     from matplotlib import pyplot as plt
 
-    path = os.path.join(logdir, PLOT_FILE)
+    path = os.path.join(directory or logdir, PLOT_FILE)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 import trainop
+import trainop.keras
 from trainop._demos import common
 
 TARGET_ACCURACY = 0.95
@@ -127,4 +129,109 @@ def run(
         outdir,
         common.plot_training(outdir, "eval/accuracy", "test accuracy", percent=True),
         result.stopped_by,
+    )
+
+
+# The batch of the fit demo whose images are made NaN, to show the guard skip it.
+BAD_BATCH = 100
+BATCHES_PER_EPOCH = 100
+
+
+def run_fit(
+    outdir: str,
+    *,
+    steps: int = 1500,
+    seed: int = 0,
+    progress: bool | None = None,
+    say: Callable[[str], Any] = print,
+) -> common.DemoResult:
+    """Trains `small_convnet` with `model.fit` and trainop's step (`trainop.keras.compile`),
+    with the images of one batch made NaN, which the skip guard passes over.
+
+    `fit` runs epochs of `BATCHES_PER_EPOCH` batches of 64 to `steps` batches, the test
+    accuracy evaluated at the end of each; `trainop.keras.BackupAndRestore` backs up every
+    epoch (in `outdir/backup`, kept), so that a rerun resumes.
+
+    Args:
+      outdir: where the events (`outdir/train`, with Keras's TensorBoard callback), the backups
+        and the plot go.
+      steps: the batches to train on (rounded up to whole epochs), the bad one included.
+      seed: the seed of the split, the weights and the shuffling.
+      progress: Keras's progress bar: True, False, or None for when stdout is a terminal.
+      say: prints a line for the user.
+
+    Returns:
+      A `common.DemoResult` with the test accuracy; its global step is the optimizer's
+      iterations, which the skipped batch did not count.
+    """
+    (train_images, train_labels), (test_images, test_labels) = load(seed)
+    epochs = -(-steps // BATCHES_PER_EPOCH)
+    say(
+        f"Training a small convolutional network on scikit-learn's 8x8 digits with model.fit "
+        f"and trainop.keras.compile(check_numerics='skip'), {epochs} epochs of "
+        f"{BATCHES_PER_EPOCH} batches, the images of batch {BAD_BATCH} made NaN. "
+        f"Output: {outdir}"
+    )
+    keras.utils.set_random_seed(seed)
+    model = small_convnet()
+    guard = trainop.SkipNonFiniteSteps()
+    trainop.keras.compile(
+        model,
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        check_numerics=guard,
+        summarize_every_n_steps=10,
+    )
+
+    def poisoned(index: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple:
+        images, labels = batch
+        nan = tf.fill(tf.shape(images), float("nan"))
+        return tf.where(index == BAD_BATCH, nan, images), labels
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((train_images, train_labels))
+        .shuffle(len(train_images), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(64)
+        .enumerate()
+        .map(poisoned)
+    )
+
+    def accuracy() -> float:
+        logits = model(tf.constant(test_images), training=False).numpy()
+        return float(np.mean(np.argmax(logits, axis=1) == test_labels))
+
+    def evaluate(epoch: int, logs: dict) -> None:
+        # To the default writer: trainop's, in the TensorBoard callback's train directory.
+        tf.summary.scalar("eval/accuracy", accuracy(), step=model.optimizer.iterations)
+
+    backup = trainop.keras.BackupAndRestore(os.path.join(outdir, "backup"), delete_checkpoint=False)
+    model.fit(
+        dataset,
+        epochs=epochs,
+        steps_per_epoch=BATCHES_PER_EPOCH,
+        callbacks=[
+            keras.callbacks.TensorBoard(outdir),
+            keras.callbacks.LambdaCallback(on_epoch_end=evaluate),
+            backup,
+        ],
+        verbose={True: 1, False: 0, None: "auto"}[progress],
+    )
+    # The guard's counts are backed up with the model: a resumed run counts on.
+    say(
+        f"Batches skipped by the guard: {int(guard.skipped_steps)} (the NaN batch); the "
+        f"weights are all finite: {all(np.isfinite(w).all() for w in model.get_weights())}."
+    )
+    train_dir = os.path.join(outdir, "train")
+    return common.DemoResult(
+        "test accuracy",
+        accuracy(),
+        TARGET_ACCURACY,
+        int(model.optimizer.iterations),
+        outdir,
+        common.plot_training(
+            train_dir, "eval/accuracy", "test accuracy", percent=True, directory=outdir
+        ),
+        backup.stopped_by,
     )
