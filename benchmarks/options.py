@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 MODEL_NAMES = ("tiny", "mlp", "conv")
-SECTION_NAMES = ("speed", "build", "steady")
+SECTION_NAMES = ("speed", "fit", "build", "steady")
 DESCRIPTION = "trainop's benchmark suite: speed, build time and steady state, in one process."
 EPILOG = (
     "Each table is printed as soon as it is measured; a progress bar goes to stderr when it is "
@@ -37,8 +37,9 @@ def build_parser(
         "--sections",
         metavar="NAMES",
         default=",".join(SECTION_NAMES),
-        help="the sections to run, comma-separated, of speed (a table per model), build (build "
-        "time), steady (steady state); always in that order (default: all)",
+        help="the sections to run, comma-separated, of speed (a table per model), fit (Keras's "
+        "fit step with trainop's and without), build (build time), steady (steady state); "
+        "always in that order (default: all)",
     )
     parser.add_argument(
         "--blocks-scale",

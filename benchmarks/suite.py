@@ -7,9 +7,11 @@ process, with TensorFlow pinned to one thread, it reports:
    a small convolutional network on 32x32x3 images at batch 128), of each variant below,
    timed in short interleaved blocks (the order rotates every round), as the median time per
    step and its ratio to the hand-written step.
-2. Build time: how long building (and, in eager mode, tracing) a train op takes for a model of
+2. `fit`: the step of Keras's `model.fit` on the MLP with trainop's step (`trainop.keras`)
+   and without, with `steps_per_execution` 1 and 16 (`benchmarks.bench_fit`).
+3. Build time: how long building (and, in eager mode, tracing) a train op takes for a model of
    1,000 variables.
-3. Steady state: over 10,000 steps of the eager train op, the growth of the process's memory
+4. Steady state: over 10,000 steps of the eager train op, the growth of the process's memory
    (RSS) and the number of traces.
 
 The models are plain functions of their variables, so that every variant, eager or
@@ -334,15 +336,22 @@ def speed_summaries(
 
 
 def speed(
-    model: Model, blocks: int, steps_per_block: int, seed: int, record: dict[str, Any], bar: Any
+    model: Model,
+    blocks: int,
+    steps_per_block: int,
+    seed: int,
+    record: dict[str, Any],
+    bar: Any,
+    variants_of: Callable[[Model, int], tuple[list[Variant], list[str]]] | None = None,
 ) -> None:
     """Times every variant of `model` in interleaved blocks, the order rotating every round.
 
+    The variants are `variants_of(model, seed)` (default `make_variants`), with notes.
     `record["rounds_done"]` counts the rounds of blocks as they finish; `record["variants"]`
     gets the summaries of the rounds done when the timing ends, or is interrupted.
     """
     bar.set_postfix_str("building the variants")
-    variants, record["notes"] = make_variants(model, seed)
+    variants, record["notes"] = (variants_of or make_variants)(model, seed)
     bar.reset(total=len(variants) + blocks)
     for variant in variants:
         bar.set_postfix_str(f"warm-up: {variant.name}")
@@ -498,10 +507,13 @@ def build_time(num_variables: int, record: dict[str, Any], bar: Any) -> None:
 # --- Report ------------------------------------------------------------------------------------
 
 
-def speed_table(model: Model, record: dict[str, Any], interrupted: bool) -> str:
-    """The speed section's `record` for `model` as markdown: one row per variant."""
+def speed_table(
+    model: Model, record: dict[str, Any], interrupted: bool, title: str | None = None
+) -> str:
+    """The speed section's `record` for `model` as markdown: one row per variant, under
+    `title` (by default the model's name)."""
     heading = (
-        f"### {model.name}: batch {model.batch_size}, "
+        f"### {title or model.name}: batch {model.batch_size}, "
         f"{record['blocks']} blocks x {record['steps_per_block']} steps"
     )
     if interrupted:
@@ -593,6 +605,40 @@ def plan(args: argparse.Namespace, seed: int = 0) -> list[Section]:
                     },
                     functools.partial(speed, model, blocks, steps, seed),
                     functools.partial(speed_table, model),
+                )
+            )
+    if "fit" in args.sections:
+        from benchmarks import bench_fit
+
+        model = MODELS["mlp"]
+        blocks = max(2, round(model.blocks * args.blocks_scale))
+        steps = max(2, round(model.steps_per_block * min(1.0, args.blocks_scale * 10)))
+        for per_call in (1, 16):
+            title = f"fit, {model.name}, steps_per_execution={per_call}"
+            if per_call > 1:
+                title += f" (a step: one call of {per_call} batches)"
+            sections.append(
+                Section(
+                    f"fit, steps_per_execution={per_call}",
+                    ("fit", f"steps_per_execution_{per_call}"),
+                    {
+                        "blocks": blocks,
+                        "steps_per_block": steps if per_call == 1 else 1,
+                        "rounds_done": 0,
+                        "variants": {},
+                        "notes": [],
+                    },
+                    functools.partial(
+                        speed,
+                        model,
+                        blocks,
+                        steps if per_call == 1 else 1,
+                        seed,
+                        variants_of=functools.partial(
+                            bench_fit.fit_variants, steps_per_execution=per_call
+                        ),
+                    ),
+                    functools.partial(speed_table, model, title=title),
                 )
             )
     if "build" in args.sections:

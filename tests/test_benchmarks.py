@@ -73,6 +73,8 @@ def test_benchmark_suite_quick_run(tmp_path):
     headings = [line for line in result.stdout.splitlines() if line.startswith("### ")]
     assert [h.split(",")[0].split(":")[0] for h in headings] == [
         "### tiny",
+        "### fit",
+        "### fit",
         "### Build time",
         "### Steady state",
     ]
@@ -91,6 +93,11 @@ def test_benchmark_suite_quick_run(tmp_path):
     assert expected <= set(variants)
     assert variants["baseline"]["time_ratio"] == 1.0
     assert all(v["median_s_per_step"] > 0 for v in variants.values())
+    for per_call in (1, 16):
+        fit = results["fit"][f"steps_per_execution_{per_call}"]["variants"]
+        assert set(fit) == {"baseline", "trainop", "trainop_skip"}
+        assert fit["baseline"]["time_ratio"] == 1.0
+        assert all(v["median_s_per_step"] > 0 for v in fit.values())
     steady = results["steady_state"]
     # One trace for the whole run, and every step counted once.
     assert steady["traces_after_warmup"] == steady["traces_at_end"] == 1
@@ -102,7 +109,7 @@ def test_benchmark_suite_quick_run(tmp_path):
     "option, value, message",
     [
         ("--models", "huge", "--models must name some of tiny, mlp, conv; received 'huge'"),
-        ("--sections", "speed,x", "--sections must name some of speed, build, steady"),
+        ("--sections", "speed,x", "--sections must name some of speed, fit, build, steady"),
     ],
     ids=["models", "sections"],
 )
