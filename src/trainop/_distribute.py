@@ -68,6 +68,7 @@ def check_in_a_replica(config: _config.StepConfig) -> None:
             )
 
 
+@tf.autograph.experimental.do_not_convert
 def optimizer_applier(config: _config.StepConfig, in_function: bool) -> _core.Applier:
     """The `_core.Applier` of a step built where it runs, on one device or, called inside the
     user's `strategy.run`, on one replica: there a loss-scale optimizer, which decides on its
