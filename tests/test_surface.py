@@ -173,9 +173,7 @@ def api_surface() -> dict[str, Any]:
         "all_unique": len(set(trainop.__all__)) == len(trainop.__all__),
         "names": names,
         # trainop.keras, the step inside model.fit, imported when first used.
-        "keras": {
-            name: describe(getattr(trainop.keras, name)) for name in trainop.keras.__all__
-        },
+        "keras": {name: describe(getattr(trainop.keras, name)) for name in trainop.keras.__all__},
     }
 
 
