@@ -118,10 +118,18 @@ def test_skipped_batches_leave_the_state_metrics_and_history_of_a_fit_without_th
     assert all(np.isfinite(history.history["loss"]))
 
 
-def test_the_default_check_raises_with_nothing_changed_where_terminate_on_nan_keeps_nan():
+@pytest.mark.parametrize("steps_per_execution", [1, 8])
+def test_the_default_check_raises_with_nothing_changed_where_terminate_on_nan_keeps_nan(
+    steps_per_execution,
+):
     bad = [3]
     model = make_model("sequential")
-    trainop.keras.compile(model, optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    trainop.keras.compile(
+        model,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan"):
         model.fit(*with_bad_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
     # What the three batches before the bad one made, and nothing else.
