@@ -451,3 +451,19 @@ def test_a_tf_keras_model_is_refused_in_one_sentence():
     model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(5,))])
     with pytest.raises(TypeError, match="a tf_keras model, whose fit differs"):
         trainop.keras.compile(model, optimizer="sgd", loss="mse")
+
+
+def test_a_later_model_compile_gives_the_model_back_keras_step():
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", check_numerics="skip")
+    assert "skipped_steps" in model.fit(X, Y, batch_size=BATCH, verbose=0).history
+    model.compile(optimizer="sgd", loss="mse")
+    reference = make_model("sequential")
+    reference.compile(optimizer="sgd", loss="mse")
+    reference.set_weights(model.get_weights())
+    history = model.fit(*with_bad_batches([2]), batch_size=BATCH, shuffle=False, verbose=0)
+    expected = reference.fit(*with_bad_batches([2]), batch_size=BATCH, shuffle=False, verbose=0)
+    # Keras's own step again: no skipped_steps, and the NaN batch is trained on as Keras does.
+    assert set(history.history) == {"loss"}
+    assert not all(np.isfinite(w).all() for w in model.get_weights())
+    assert np.isnan(history.history["loss"][0]) and np.isnan(expected.history["loss"][0])

@@ -34,9 +34,37 @@ SKIPPED_STEPS_LOG = "skipped_steps"
 INSTALLED = "_trainop_fit_step"
 
 
+# The methods that `install` sets on the model object, in front of its class's.
+_METHODS = ("train_step", "make_train_function", "fit", "compile")
+
+
 def installed_step(model: Any) -> FitStep | None:
     """The `FitStep` that `trainop.keras.compile` gave `model`, or None."""
     return getattr(model, INSTALLED, None)
+
+
+def install(model: keras.Model, step: FitStep) -> None:
+    """Gives `model` trainop's step: `train_step`, `make_train_function` and `fit` set on the
+    object, and `compile`, which takes them away again (a later `model.compile` gives the
+    model back Keras's step)."""
+    setattr(model, INSTALLED, step)
+    model.train_step = step.train_step
+    model.make_train_function = step.make_train_function
+    model.fit = step.fit
+
+    @functools.wraps(type(model).compile)
+    def compile_with_keras_step(*args: Any, **kwargs: Any) -> None:
+        uninstall(model)
+        model.compile(*args, **kwargs)
+
+    model.compile = compile_with_keras_step
+
+
+def uninstall(model: keras.Model) -> None:
+    """Takes away what `install` set: the model's class's methods apply again."""
+    for name in (INSTALLED, *_METHODS):
+        # Set on the object, never found on its class: deleted from its __dict__.
+        model.__dict__.pop(name, None)
 
 
 def metric_state(model: keras.Model) -> bytes:

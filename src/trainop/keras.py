@@ -97,6 +97,7 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       ([1.0], 1)
     """
     _check_model(model)
+    _fit.uninstall(model)
     model.compile(*args, **kwargs)
     if model.optimizer is None:
         raise ValueError("`trainop.keras.compile` needs an optimizer: pass `optimizer=`.")
@@ -120,10 +121,7 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         accumulation_steps,
     )
     step = _fit.FitStep(model, config)
-    setattr(model, _fit.INSTALLED, step)
-    model.train_step = step.train_step
-    model.make_train_function = step.make_train_function
-    model.fit = step.fit
+    _fit.install(model, step)
 
 
 def _check_model(model: Any) -> None:
