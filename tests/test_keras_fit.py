@@ -467,3 +467,57 @@ def test_a_later_model_compile_gives_the_model_back_keras_step():
     assert set(history.history) == {"loss"}
     assert not all(np.isfinite(w).all() for w in model.get_weights())
     assert np.isnan(history.history["loss"][0]) and np.isnan(expected.history["loss"][0])
+
+
+def two_outputs_with_dropout() -> keras.Model:
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dropout(0.3)(keras.layers.Dense(8, activation="tanh")(inputs))
+    model = keras.Model(
+        inputs, {"a": keras.layers.Dense(1, name="a")(hidden), "b": keras.layers.Dense(1)(hidden)}
+    )
+    # Both outputs' metrics are named mean_absolute_error: the same variable paths.
+    trainop.keras.compile(
+        model,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss={"a": "mse", "b": "mse"},
+        metrics={"a": ["mae"], "b": ["mae"]},
+    )
+    return model
+
+
+def test_a_resumed_fit_with_dropout_and_metrics_sharing_names_equals_an_uninterrupted_one(
+    tmp_path,
+):
+    data = (X, {"a": Y, "b": 2 * Y})
+    fit = dict(batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    uninterrupted = two_outputs_with_dropout()
+    expected = uninterrupted.fit(*data, **fit).history
+    stopped = two_outputs_with_dropout()
+    stopped.fit(
+        *data, callbacks=[SignalAt(1, 2), trainop.keras.BackupAndRestore(str(tmp_path))], **fit
+    )
+    rerun = two_outputs_with_dropout()
+    history = rerun.fit(
+        *data, callbacks=[trainop.keras.BackupAndRestore(str(tmp_path))], **fit
+    ).history
+    assert set(history) == set(expected)
+    for key, values in history.items():
+        np.testing.assert_allclose(values, expected[key][1:], rtol=1e-5, err_msg=key)
+    # The dropout masks after the resume were the uninterrupted run's: the same weights.
+    assert_same_state(rerun, uninterrupted)
+    # A later fit starts at its own first epoch again.
+    assert len(rerun.fit(*data, **fit).history["loss"]) == 2
+
+
+def test_a_refused_setting_leaves_the_model_as_it_was():
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", check_numerics="skip")
+    step = model.train_step
+    with pytest.raises(ValueError, match="run_eagerly=True"):
+        trainop.keras.compile(model, optimizer="adam", loss="mae", run_eagerly=True)
+    with pytest.raises(ValueError, match="missing_gradients"):
+        trainop.keras.compile(model, optimizer="adam", loss="mae", missing_gradients="bogus")
+    # Still compiled as before, with trainop's step.
+    assert model.train_step == step
+    assert isinstance(model.optimizer, keras.optimizers.SGD)

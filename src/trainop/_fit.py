@@ -1,7 +1,7 @@
 """trainop's step inside `model.fit` (`FitStep`), which `trainop.keras.compile` installs.
 
 What a resumed `fit` skips (`FitStep.skip_batches`) and what it saves of the metrics
-(`metric_variables`) are here too, for `trainop.keras.BackupAndRestore`.
+(`metric_state`, `metric_values`) are here too, for `trainop.keras.BackupAndRestore`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ SKIPPED_STEPS_LOG = "skipped_steps"
 INSTALLED = "_trainop_fit_step"
 
 
+# What marks a train function that `FitStep.make_train_function` wrapped already.
+_WRAPPED = "_trainop_raises_after_the_call"
 # The methods that `install` sets on the model object, in front of its class's.
 _METHODS = ("train_step", "make_train_function", "fit", "compile")
 
@@ -68,24 +70,34 @@ def uninstall(model: keras.Model) -> None:
 
 
 def metric_state(model: keras.Model) -> bytes:
-    """The values of the model's metric variables (the loss tracker's included), by path, as
-    the bytes of an `.npz` file: an epoch's running sums, which a resumed epoch goes on from.
+    """The values of the model's metric variables (the loss tracker's included), keyed by
+    their position (two metrics may share a variable path), as the bytes of an `.npz` file: an
+    epoch's running sums, which a resumed epoch goes on from.
 
     Bytes, for a string variable of a checkpoint: the metrics of `compile` have no variables
     until the step is first traced, so that no fixed set of variables can hold them then.
     """
-    values = {v.path: np.asarray(v.numpy()) for m in model.metrics for v in m.variables}
+    values = {key: np.asarray(v.numpy()) for key, v in _metric_variables(model)}
     buffer = io.BytesIO()
     np.savez(buffer, **values)
     return buffer.getvalue()
 
 
 def metric_values(state: bytes) -> dict[str, np.ndarray]:
-    """What `metric_state` saved, by variable path; empty for empty `state`."""
+    """What `metric_state` saved, by key; empty for empty `state`."""
     if not state:
         return {}
     with np.load(io.BytesIO(state)) as values:
-        return {path: values[path] for path in values.files}
+        return {key: values[key] for key in values.files}
+
+
+def _metric_variables(model: keras.Model) -> list[tuple[str, Any]]:
+    """The model's metric variables, each with its key: the metric's and its own position."""
+    return [
+        (f"{i}_{j}", variable)
+        for i, metric in enumerate(model.metrics)
+        for j, variable in enumerate(metric.variables)
+    ]
 
 
 class FitStep:
@@ -123,17 +135,22 @@ class FitStep:
     def train_step(self, data: Any) -> dict[str, Any]:
         """One step on a batch, as Keras's `train_step` (the logs of the metrics) with
         trainop's guard, transform and accumulation; the logs also hold `skipped_steps`."""
+        model = self._model
+        compiled = getattr(model, "_compile_metrics", None)
+        if compiled is not None and not compiled.built:
+            # Built now, from the batch's shapes, outside any tf.cond or control dependency
+            # of the step: Keras would build them inside, at their first update.
+            model._symbolic_build(data_batch=data)
         if self._to_skip is None:
             return self._guarded_step(data)
-        # The batches of a resumed epoch consumed before the backup run nothing. (The step is
-        # traced first: the compiled metrics are built by their first update.)
+        # The batches of a resumed epoch trained on before the backup run nothing.
         return tf.cond(self._to_skip <= 0, lambda: self._guarded_step(data), self._pass_over)
 
     def skip_batches(self, count: int, metrics: dict[str, np.ndarray]) -> None:
         """Makes the next `count` batches that `fit` reads run nothing: the batches of a
-        resumed epoch that were trained on before the backup. With the last of them, the
-        metric variables are set to `metrics` (by path, from `metric_values`): the epoch's
-        running sums when the backup was written."""
+        resumed epoch that were trained on before the backup. With each of them, the metric
+        variables are set to `metrics` (from `metric_values`): the epoch's running sums when
+        the backup was written."""
         if self._to_skip is None:
             with tf.init_scope(), self._model.distribute_strategy.scope():
                 self._to_skip = tf.Variable(
@@ -149,9 +166,10 @@ class FitStep:
         self._to_skip.assign(count)
 
     def _pass_over(self) -> dict[str, Any]:
+        """A batch passed over: counted down, the metrics set to the backup's (fit reset them
+        as the epoch began), so that the logs show the epoch's running values."""
         left = self._to_skip.assign_sub(1)
-        restored = tf.cond(tf.equal(left, 0), self._restore_metrics, lambda: tf.constant(False))
-        with tf.control_dependencies([left, restored]):
+        with tf.control_dependencies([left, self._restore_metrics()]):
             return self._logs()
 
     def _restore_metrics(self) -> tf.Tensor:
@@ -159,14 +177,13 @@ class FitStep:
         share of a summed one, which is what a read adds up)."""
         replicas = self._model.distribute_strategy.num_replicas_in_sync
         assigned = []
-        for metric in self._model.metrics:
-            for variable in metric.variables:
-                value = self._resumed_metrics.get(variable.path)
-                if value is None:
-                    continue
-                if replicas > 1 and variable.aggregation == "sum":
-                    value = value / replicas
-                assigned.append(variable.assign(tf.cast(value, variable.dtype)))
+        for key, variable in _metric_variables(self._model):
+            value = self._resumed_metrics.get(key)
+            if value is None:
+                continue
+            if replicas > 1 and variable.aggregation == "sum":
+                value = value / replicas
+            assigned.append(variable.assign(tf.cast(value, variable.dtype)))
         with tf.control_dependencies(assigned):
             return tf.constant(True)
 
@@ -248,7 +265,7 @@ class FitStep:
         """Keras's train function, which under XLA raises the guard's error after the call."""
         self._keras_make_train_function(force)
         function = self._model.train_function
-        if self._stop is None or getattr(function, INSTALLED, False):
+        if self._stop is None or getattr(function, _WRAPPED, False):
             return function
 
         @functools.wraps(function)
@@ -264,7 +281,7 @@ class FitStep:
                 )
             return logs
 
-        setattr(train_function, INSTALLED, True)
+        setattr(train_function, _WRAPPED, True)
         self._model.train_function = train_function
         return train_function
 

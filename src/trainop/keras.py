@@ -11,15 +11,18 @@ regularizers, the optimizer's loss scaling, the loss tracker and `compute_metric
 trainop's: the numerics guard that changes nothing on a bad batch, gradient transforms,
 accumulation, the check for variables without gradient, and the train summaries.
 
-A design note: the model keeps its class, its `call`, its saving format; `compile` sets two
-methods on the model object (`train_step`, and `make_train_function` to raise the errors of
-a compiled step after the call) and wraps its `fit` (to write the summaries where the
-`keras.callbacks.TensorBoard` callback writes). A later `model.compile(...)` (Keras's own)
-gives the model back Keras's step.
+A design note: the model keeps its class, its `call`, its saving format; `compile` sets four
+methods on the model object: `train_step`; `make_train_function`, to raise the errors of a
+compiled step after the call; `fit`, to write the summaries where the
+`keras.callbacks.TensorBoard` callback writes and to hear SIGTERM for
+`trainop.keras.BackupAndRestore`; and `compile`, so that a later `model.compile(...)` gives the
+model back Keras's step. A model saved and loaded, or cloned, has Keras's step: compile it
+with `trainop.keras.compile` again.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +30,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainop import _checkpoints, _config, _console, _core, _data, _fit, numerics
+from trainop import _checkpoints, _config, _console, _core, _data, _fit, _variables, numerics
 from trainop._checks import check_count
 from trainop._fit import SKIPPED_STEPS_LOG
 
@@ -80,9 +83,10 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       TypeError: `model` is not a Keras 3 model (a `tf_keras` one is refused: its `fit`
         differs), or a trainop setting is of the wrong type.
       ValueError: a trainop setting is bad; `model` overrides `train_step` (trainop's step
-        would silently replace it); the model has no optimizer after `compile`; or
-        `jit_compile=True` under a `tf.distribute` strategy of more than one replica, which
-        this step does not support yet.
+        would silently replace it); `run_eagerly=True` (the step is built in a
+        `tf.function`); or `jit_compile=True` under a `tf.distribute` strategy of more than
+        one replica, which this step does not support yet. Nothing is compiled then: the
+        model is left as it was.
 
     Example:
       >>> import keras, numpy as np, trainop
@@ -97,20 +101,25 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       ([1.0], 1)
     """
     _check_model(model)
-    _fit.uninstall(model)
-    model.compile(*args, **kwargs)
-    if model.optimizer is None:
-        raise ValueError("`trainop.keras.compile` needs an optimizer: pass `optimizer=`.")
+    # Everything is checked before the model is compiled: a refused setting leaves it as it was.
+    arguments = inspect.signature(keras.Model.compile).bind(model, *args, **kwargs)
+    arguments.apply_defaults()
+    if arguments.arguments["run_eagerly"]:
+        raise ValueError(
+            "trainop.keras.compile does not support run_eagerly=True: trainop's step is built "
+            "in a tf.function. Debug with model.compile, or with trainop.create_train_op."
+        )
     strategy = model.distribute_strategy
-    if strategy.num_replicas_in_sync > 1 and model.jit_compile:
+    if strategy.num_replicas_in_sync > 1 and arguments.arguments["jit_compile"] is True:
         raise ValueError(
             "trainop.keras.compile does not support jit_compile=True under a tf.distribute "
             f"strategy of more than one replica ({type(strategy).__name__}, "
             f"{strategy.num_replicas_in_sync} replicas): compile with jit_compile=False."
         )
-    config = _config.resolve(
-        model.optimizer,
-        None,  # the step is counted by optimizer.iterations, as in Keras
+    with strategy.scope():
+        # The optimizer model.compile would make of a name, made here to check it first.
+        optimizer = keras.optimizers.get(arguments.arguments["optimizer"])
+    settings = (
         transform_grads_fn,
         summarize_gradients,
         _core.GATE_NONE,  # as Keras's GradientTape
@@ -120,6 +129,14 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         summarize_every_n_steps,
         accumulation_steps,
     )
+    # The step is counted by optimizer.iterations, as in Keras: no global step.
+    config = _config.resolve(optimizer, None, *settings)
+    arguments.arguments["optimizer"] = optimizer
+    _fit.uninstall(model)
+    keras.Model.compile(*arguments.args, **arguments.kwargs)
+    if model.optimizer is not optimizer:
+        # auto_scale_loss wrapped it in a LossScaleOptimizer.
+        config = _config.resolve(model.optimizer, None, *settings)
     step = _fit.FitStep(model, config)
     _fit.install(model, step)
 
@@ -239,6 +256,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._metrics = tf.Variable(b"", dtype=tf.string, trainable=False, name="metrics")
         objects = {
             "model": model,
+            # Its non-trainable state too (the random state of Dropout's seed generators,
+            # which the model's own checkpoint leaves out), by position.
+            "state": [_variables.as_tf_variable(v) for v in model.non_trainable_variables],
             "optimizer": model.optimizer,
             "position": tf.train.Checkpoint(epoch=self._epoch, batch=self._batch),
             "metrics": self._metrics,
@@ -293,6 +313,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._save()
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        # A later fit starts at its own initial_epoch again.
+        self.model._initial_epoch = None
         if not self._stopped and self.delete_checkpoint and tf.io.gfile.exists(self.backup_dir):
             tf.io.gfile.rmtree(self.backup_dir)
 

@@ -47,6 +47,12 @@ def small_convnet() -> keras.Model:
     )
 
 
+def test_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of `images` whose most likely class under `model` is their label."""
+    logits = model(tf.constant(images), training=False).numpy()
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
 def run(
     outdir: str,
     *,
@@ -104,8 +110,7 @@ def run(
     )
 
     def accuracy() -> float:
-        logits = model(tf.constant(test_images), training=False).numpy()
-        return float(np.mean(np.argmax(logits, axis=1) == test_labels))
+        return test_accuracy(model, test_images, test_labels)
 
     def evaluate(step: int, loss: float | None) -> None:
         tf.summary.scalar("eval/accuracy", accuracy(), step=step)
@@ -199,8 +204,7 @@ def run_fit(
     )
 
     def accuracy() -> float:
-        logits = model(tf.constant(test_images), training=False).numpy()
-        return float(np.mean(np.argmax(logits, axis=1) == test_labels))
+        return test_accuracy(model, test_images, test_labels)
 
     def evaluate(epoch: int, logs: dict) -> None:
         # To the default writer: trainop's, in the TensorBoard callback's train directory.
