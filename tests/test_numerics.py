@@ -454,3 +454,51 @@ def test_skip_works_when_the_train_op_is_built_inside_a_users_tf_function():
     np.testing.assert_allclose(w.numpy(), [0.5, 1.0])
     guard = trainop.numerics.resolve_check_numerics("skip", optimizer)
     assert int(guard.skipped_steps) == 1
+
+
+# --- What the forward pass writes, undone on a rejected step ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "check_numerics, jit_compile", [("skip", False), (True, False), ("skip", True), (True, True)]
+)
+def test_a_rejected_step_leaves_every_variable_of_the_model_as_it_was(check_numerics, jit_compile):
+    """Batch normalization's moving statistics and dropout's seed state are written by the
+    forward pass, before any check: a step that the guard skips or raises on writes them back,
+    bit for bit."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(1),
+        ]
+    )
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_mean(model(x, training=True) ** 2),
+        keras.optimizers.SGD(0.1),
+        global_step=None,
+        variables_to_train=model.trainable_variables,
+        check_numerics=check_numerics,
+        jit_compile=jit_compile,
+    )
+    good = tf.constant(np.random.default_rng(0).normal(size=(8, 3)), tf.float32)
+    train_op(good)
+    before = [v.numpy() for v in model.variables]
+    bad = tf.constant(np.full((8, 3), np.nan), tf.float32)
+    if check_numerics == "skip":
+        train_op(bad)
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan"):
+            train_op(bad)
+    after = [v.numpy() for v in model.variables]
+    assert [v.path for v in model.variables if "moving" in v.path or "seed" in v.path]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    # A good step after it trains on, moving the statistics again.
+    moving_mean = model.layers[1].moving_mean
+    index = [v.path for v in model.variables].index(moving_mean.path)
+    train_op(good)
+    assert not np.array_equal(moving_mean.numpy(), before[index])

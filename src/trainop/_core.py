@@ -267,14 +267,29 @@ def accumulating(config: StepConfig, update: Update) -> Update:
     return accumulate
 
 
-def checked_loss(config: StepConfig, loss: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+def checked_loss(
+    config: StepConfig, loss: tf.Tensor, undo: Callable[[], list[Any]] | None = None
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """The raising half of the numerics guard: with `check_numerics=True`, `loss` checked (it
     raises when evaluated if inf or NaN) and [it], for everything that changes state to wait
-    for, so that a failed check changes nothing; else `loss` and []."""
-    if config.check_numerics is True:
-        loss = numerics.check_loss_is_finite(loss)
-        return loss, [loss]
-    return loss, []
+    for, so that a failed check changes nothing; else `loss` and [].
+
+    With `undo` (what undoes the writes of the forward pass), a loss that fails the check
+    first runs it, in a `tf.cond`.
+    """
+    if config.check_numerics is not True:
+        return loss, []
+    if undo is not None:
+
+        def undone() -> tf.Tensor:
+            with tf.control_dependencies(undo()):
+                return tf.constant(True)
+
+        restored = tf.cond(tf.math.is_finite(loss), lambda: tf.constant(False), undone)
+        with tf.control_dependencies([restored]):
+            loss = tf.identity(loss)
+    loss = numerics.check_loss_is_finite(loss)
+    return loss, [loss]
 
 
 def apply_if_finite(
@@ -282,12 +297,14 @@ def apply_if_finite(
     update: Callable[[], list[Any]],
     loss_finite: Callable[[], tf.Tensor],
     grads_finite: Callable[[], tf.Tensor],
+    undo: Callable[[], list[Any]] | None = None,
 ) -> list[Any]:
     """The skipping half of the numerics guard, for one device and across replicas alike (as
     optax's `apply_if_finite`): with a `SkipNonFiniteSteps`, `update()` runs in a `tf.cond`
     on whether the loss (`loss_finite()`) and the gradients (`grads_finite()`) are finite, the
     guard counting what it skips; without one, `update()` runs. With a loss-scale optimizer
-    only the loss counts: an overflow of the scaled gradients is the optimizer's to skip.
+    only the loss counts: an overflow of the scaled gradients is the optimizer's to skip. A
+    skipped step first runs `undo` (what undoes the writes of the forward pass), if given.
 
     Returns:
       The ops to wait for.
@@ -300,7 +317,7 @@ def apply_if_finite(
     finite = loss_finite()
     if numerics.gradients_count(guard, config.adapter.scales_loss):
         finite = tf.logical_and(finite, grads_finite())
-    return [guard.update_if_finite(finite, update, step, step_name=step_name)]
+    return [guard.update_if_finite(finite, update, step, step_name=step_name, undo=undo)]
 
 
 @tf.autograph.experimental.do_not_convert
@@ -312,6 +329,7 @@ def build_step(
     apply: Applier,
     before_update: Callable[[], Sequence[Any]] | None = None,
     on_accepted: Callable[[], Sequence[Any]] | None = None,
+    undo: Callable[[], list[Any]] | None = None,
     v1_summaries: bool = False,
 ) -> tf.Tensor:
     """Adds the training step on `grads_and_vars` to the current graph.
@@ -336,6 +354,9 @@ def build_step(
         apply the window's update run them.
       on_accepted: called to add what every call that the numerics guard lets through runs,
         before any accumulation (the metrics of `model.fit`); returns the ops to wait for.
+      undo: called to add, where the numerics guard rejects the step (skips it, or raises),
+        the ops that undo what the forward pass wrote (`_variables.undo_writes`); returns
+        them.
       v1_summaries: whether the gradient summaries are TF1 summaries (in a `tf.compat.v1`
         graph without a v2 writer), which the caller's loop fetches from the SUMMARIES
         collection: built beside the step, not in it, on the gradients as applied.
@@ -366,7 +387,7 @@ def build_step(
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
                 return apply(present, loss_scale)
 
-    total_loss, checked = checked_loss(config, total_loss)
+    total_loss, checked = checked_loss(config, total_loss, undo)
     with tf.control_dependencies(checked):
         gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars)
         if config.accumulator is None:
@@ -384,6 +405,7 @@ def build_step(
             lambda: tf.math.is_finite(total_loss),
             # A frozen variable's None gradient does not count.
             lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),
+            undo,
         )
     if v1_summaries:
         # Named as TF-Slim's train op names them.

@@ -159,13 +159,18 @@ class ReplicaStep:
     def train_step(self, *args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
         _distribute.check_in_a_replica(self._config)
-        loss, total_loss, variables = self.loss_and_variables(*args, **kwargs)
+        # What the forward pass writes (batch normalization's statistics) is undone on a step
+        # the guard rejects; not inside a strategy's replica, whose variables are mirrored.
+        watching = not _distribute.in_a_replica()
+        with _variables.recording_writes() if watching else contextlib.nullcontext({}) as writes:
+            loss, total_loss, variables = self.loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,
             _core.step_gradients(total_loss, variables, self._config, self.reported_missing),
             self._config,
             apply=_distribute.optimizer_applier(self._config, in_function=True),
             before_update=self.run_update_ops,
+            undo=(lambda: _variables.undo_writes(writes)) if writes else None,
         )
         if self._total_loss_fn is None:
             return trained_loss

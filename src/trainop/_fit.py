@@ -22,7 +22,7 @@ import tensorflow as tf
 # As Keras's own train_step counts the loss of a replica; not exported by Keras.
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from trainop import _config, _core, _distribute, _global_step, numerics
+from trainop import _config, _core, _distribute, _global_step, _variables, numerics
 
 logger = logging.getLogger("trainop")
 
@@ -197,15 +197,20 @@ class FitStep:
     def _step(self, data: Any) -> dict[str, Any]:
         model = self._model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if getattr(model, "_call_has_training_arg", True):
-            y_pred = model(x, training=True)
-        else:
-            y_pred = model(x)
-        # Under a strategy, each replica's loss divided by the number of replicas, as Keras
-        # makes it: the sum over the replicas is the batch's.
-        loss = model._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
+        # What the forward pass and the loss write (batch normalization's statistics, dropout's
+        # seed state, the loss metrics of each output) is undone on a batch the guard rejects;
+        # not under a strategy of several replicas, whose variables are mirrored.
+        watching = self._replicated is None
+        with _variables.recording_writes() if watching else contextlib.nullcontext({}) as writes:
+            if getattr(model, "_call_has_training_arg", True):
+                y_pred = model(x, training=True)
+            else:
+                y_pred = model(x)
+            # Under a strategy, each replica's loss divided by the number of replicas, as
+            # Keras makes it: the sum over the replicas is the batch's.
+            loss = model._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
         variables = list(model.trainable_weights)
         if self._replicated is not None:
             trained = self._step_across_replicas(loss, variables, (x, y, y_pred, sample_weight))
@@ -219,6 +224,7 @@ class FitStep:
                 self._config,
                 apply=_distribute.optimizer_applier(self._config, in_function=True),
                 on_accepted=lambda: self._record_batch(loss, x, y, y_pred, sample_weight),
+                undo=(lambda: _variables.undo_writes(writes)) if writes else None,
             )
         with tf.control_dependencies([trained]):
             return self._logs()

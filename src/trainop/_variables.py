@@ -114,6 +114,85 @@ def recording_reads() -> Iterator[dict[int, Any]]:
             outer.update(reads)
 
 
+# --- What the forward pass writes -------------------------------------------------------------
+
+# The methods of `tf.Variable` (of its resource variables, which a Keras 3 variable wraps)
+# that `recording_writes` watches: what batch normalization's moving statistics, a seed
+# generator's state and a metric's update call.
+_WRITES = ("assign", "assign_add", "assign_sub")
+_writes_watched = False
+
+
+def _watch_writes() -> None:
+    """Wraps the `_WRITES` methods once, for `recording_writes`: outside one, a wrapped call
+    costs one attribute lookup more, when the op is built (not when it runs)."""
+    global _writes_watched
+    if _writes_watched:
+        return
+    from tensorflow.python.ops import resource_variable_ops
+
+    classes, pending = [], [resource_variable_ops.BaseResourceVariable]
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    # Each class that defines a method of its own (ResourceVariable overrides its base's).
+    for variable_class, name in [(c, n) for c in classes for n in _WRITES if n in vars(c)]:
+        original = vars(variable_class)[name]
+
+        def watched(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            writes = getattr(_recording, "writes", None)
+            if (
+                writes is not None
+                and id(self) not in writes
+                # Not in an inner graph (a loop body, whose tensors stay inside it), nor eager.
+                and tf.compat.v1.get_default_graph() is _recording.graph
+                and not tf.executing_eagerly()
+            ):
+                # Its value before the first write: read here, this op comes before the write
+                # (the automatic control dependencies keep the order of a variable's ops).
+                writes[id(self)] = (self, self.read_value())
+            return _original(self, *args, **kwargs)
+
+        setattr(variable_class, name, watched)
+    _writes_watched = True
+
+
+@contextlib.contextmanager
+def recording_writes() -> Iterator[dict[int, tuple[Any, Any]]]:
+    """Within it, while a graph is built (a `tf.function` traced), each variable that the code
+    assigns, with its value before the first assignment, by the variable's id.
+
+    What the forward pass of a loss writes (batch normalization's moving statistics, dropout's
+    seed state, the loss metrics of Keras's `compute_loss`) is recorded, so that a step that
+    the numerics guard rejects can write the old values back (`undo_writes`). Writes that run
+    eagerly (a variable's initialization in `tf.init_scope`), and those inside an inner graph
+    (a `tf.while_loop` body), are not recorded.
+
+    Yields:
+      A dict, filled as the code in the `with` block assigns variables.
+    """
+    _watch_writes()
+    outer = getattr(_recording, "writes", None)
+    outer_graph = getattr(_recording, "graph", None)
+    writes: dict[int, tuple[Any, Any]] = {}
+    _recording.writes = writes
+    _recording.graph = tf.compat.v1.get_default_graph()
+    try:
+        yield writes
+    finally:
+        _recording.writes = outer
+        _recording.graph = outer_graph
+        if outer is not None:
+            for key, value in writes.items():
+                outer.setdefault(key, value)
+
+
+def undo_writes(writes: dict[int, tuple[Any, Any]]) -> list[Any]:
+    """Adds the ops that write back the values `recording_writes` recorded; returns them."""
+    return [variable.assign(value, read_value=False) for variable, value in writes.values()]
+
+
 # What the search below found, by the id of each `tf.Variable`, both held weakly: its Keras
 # wrapper, or None for a variable that has none (a plain `tf.Variable`).
 _OWNERS: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}

@@ -143,6 +143,7 @@ class SkipNonFiniteSteps(tf.Module):
         update: Callable[[], Sequence[Any]],
         step: Any,
         step_name: str = "global step",
+        undo: Callable[[], Sequence[Any]] | None = None,
     ) -> tf.Tensor:
         """Adds to the current graph: `update()` if `finite`, else the skip.
 
@@ -158,6 +159,9 @@ class SkipNonFiniteSteps(tf.Module):
             to wait for.
           step: the step named in the error; or None.
           step_name: what `step` is, for the error.
+          undo: adds, to a bad step's branch, the ops that undo what the step wrote before the
+            decision (what the forward pass assigned); returns them. They run before the
+            branch counts, raises or stops.
 
         Returns:
           A boolean tensor (`finite`) that, once evaluated, has run the chosen branch.
@@ -173,15 +177,23 @@ class SkipNonFiniteSteps(tf.Module):
             with tf.control_dependencies([reset]):
                 return tf.constant(True)
 
+        def undone() -> list[Any]:
+            return list(undo()) if undo is not None else []
+
         stop = self._stop.variable if self._stop.in_use() else None
         if stop is not None:
-            return tf.cond(finite, apply, lambda: self._skip_or_stop(stop))
+
+            def skip_or_stop() -> tf.Tensor:
+                with tf.control_dependencies(undone()):
+                    return self._skip_or_stop(stop)
+
+            return tf.cond(finite, apply, skip_or_stop)
 
         def skip() -> tf.Tensor:
-            checks = []
+            checks = undone()
             if self.max_consecutive is not None:
-                checks.append(
-                    tf.debugging.Assert(
+                with tf.control_dependencies(checks):
+                    assertion = tf.debugging.Assert(
                         self.consecutive_skipped_steps < self.max_consecutive,
                         [
                             f"{NOT_FINITE_MESSAGE} at {step_name}",
@@ -190,7 +202,7 @@ class SkipNonFiniteSteps(tf.Module):
                             f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive}))",
                         ],
                     )
-                )
+                checks.append(assertion)
             with tf.control_dependencies(checks):
                 counted = [
                     self.skipped_steps.assign_add(1, read_value=False),
