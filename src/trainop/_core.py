@@ -268,25 +268,19 @@ def accumulating(config: StepConfig, update: Update) -> Update:
 
 
 def checked_loss(
-    config: StepConfig, loss: tf.Tensor, undo: Callable[[], list[Any]] | None = None
+    config: StepConfig, loss: tf.Tensor, undo: Callable[[Any], list[Any]] | None = None
 ) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """The raising half of the numerics guard: with `check_numerics=True`, `loss` checked (it
     raises when evaluated if inf or NaN) and [it], for everything that changes state to wait
     for, so that a failed check changes nothing; else `loss` and [].
 
-    With `undo` (what undoes the writes of the forward pass), a loss that fails the check
-    first runs it, in a `tf.cond`.
+    With `undo` (what undoes the writes of the forward pass, given a boolean tensor: keep
+    them where True), the check waits for `undo(loss is finite)`.
     """
     if config.check_numerics is not True:
         return loss, []
     if undo is not None:
-
-        def undone() -> tf.Tensor:
-            with tf.control_dependencies(undo()):
-                return tf.constant(True)
-
-        restored = tf.cond(tf.math.is_finite(loss), lambda: tf.constant(False), undone)
-        with tf.control_dependencies([restored]):
+        with tf.control_dependencies(undo(tf.math.is_finite(loss))):
             loss = tf.identity(loss)
     loss = numerics.check_loss_is_finite(loss)
     return loss, [loss]
@@ -329,7 +323,7 @@ def build_step(
     apply: Applier,
     before_update: Callable[[], Sequence[Any]] | None = None,
     on_accepted: Callable[[], Sequence[Any]] | None = None,
-    undo: Callable[[], list[Any]] | None = None,
+    undo: Callable[[Any], list[Any]] | None = None,
     v1_summaries: bool = False,
 ) -> tf.Tensor:
     """Adds the training step on `grads_and_vars` to the current graph.
@@ -354,9 +348,10 @@ def build_step(
         apply the window's update run them.
       on_accepted: called to add what every call that the numerics guard lets through runs,
         before any accumulation (the metrics of `model.fit`); returns the ops to wait for.
-      undo: called to add, where the numerics guard rejects the step (skips it, or raises),
-        the ops that undo what the forward pass wrote (`_variables.undo_writes`); returns
-        them.
+      undo: `undo(keep)` adds the ops that undo what the forward pass wrote (see
+        `_variables.undo_writes`: unconditionally, or where the boolean tensor `keep` is
+        False); returns them. Run where the numerics guard rejects the step (skips it, or
+        raises).
       v1_summaries: whether the gradient summaries are TF1 summaries (in a `tf.compat.v1`
         graph without a v2 writer), which the caller's loop fetches from the SUMMARIES
         collection: built beside the step, not in it, on the gradients as applied.
@@ -405,7 +400,7 @@ def build_step(
             lambda: tf.math.is_finite(total_loss),
             # A frozen variable's None gradient does not count.
             lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),
-            undo,
+            (lambda: undo(None)) if undo is not None else None,
         )
     if v1_summaries:
         # Named as TF-Slim's train op names them.

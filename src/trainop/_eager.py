@@ -170,7 +170,7 @@ class ReplicaStep:
             self._config,
             apply=_distribute.optimizer_applier(self._config, in_function=True),
             before_update=self.run_update_ops,
-            undo=(lambda: _variables.undo_writes(writes)) if writes else None,
+            undo=(lambda keep: _variables.undo_writes(writes, keep)) if writes else None,
         )
         if self._total_loss_fn is None:
             return trained_loss

@@ -224,7 +224,7 @@ class FitStep:
                 self._config,
                 apply=_distribute.optimizer_applier(self._config, in_function=True),
                 on_accepted=lambda: self._record_batch(loss, x, y, y_pred, sample_weight),
-                undo=(lambda: _variables.undo_writes(writes)) if writes else None,
+                undo=(lambda keep: _variables.undo_writes(writes, keep)) if writes else None,
             )
         with tf.control_dependencies([trained]):
             return self._logs()

@@ -188,9 +188,20 @@ def recording_writes() -> Iterator[dict[int, tuple[Any, Any]]]:
                 outer.setdefault(key, value)
 
 
-def undo_writes(writes: dict[int, tuple[Any, Any]]) -> list[Any]:
-    """Adds the ops that write back the values `recording_writes` recorded; returns them."""
-    return [variable.assign(value, read_value=False) for variable, value in writes.values()]
+def undo_writes(writes: dict[int, tuple[Any, Any]], unless: Any = None) -> list[Any]:
+    """Adds the ops that write back the values `recording_writes` recorded; returns them.
+
+    With `unless`, a boolean scalar tensor, each variable is assigned, unconditionally, its
+    value before where `unless` is False and its value now where it is True: a select and an
+    assignment per written variable (batch normalization's statistics are small), cheaper than
+    a `tf.cond` around the writes.
+    """
+    if unless is None:
+        return [variable.assign(value, read_value=False) for variable, value in writes.values()]
+    return [
+        variable.assign(tf.where(unless, variable.read_value(), value), read_value=False)
+        for variable, value in writes.values()
+    ]
 
 
 # What the search below found, by the id of each `tf.Variable`, both held weakly: its Keras
