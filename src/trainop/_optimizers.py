@@ -87,9 +87,9 @@ def optimizer_family(optimizer: Any) -> str:
         # Keras then applies one update every N calls: the global step would count calls.
         raise TypeError(
             "`optimizer` accumulates gradients (gradient_accumulation_steps="
-            f"{optimizer.gradient_accumulation_steps}), which create_train_op does not support "
-            "yet: the global step would count calls, not updates. "
-            f"Received: optimizer={optimizer!r}"
+            f"{optimizer.gradient_accumulation_steps}), which trainop's step does not support: "
+            "the global step would count calls, not updates. Pass accumulation_steps= to "
+            f"trainop instead. Received: optimizer={optimizer!r}"
         )
     for base, family in _optimizer_families():
         if isinstance(optimizer, base):
