@@ -133,7 +133,8 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     config = _config.resolve(optimizer, None, *settings)
     arguments.arguments["optimizer"] = optimizer
     _fit.uninstall(model)
-    keras.Model.compile(*arguments.args, **arguments.kwargs)
+    # The model's own compile (a subclass may extend it), with every argument by name.
+    model.compile(**{name: value for name, value in arguments.arguments.items() if name != "self"})
     if model.optimizer is not optimizer:
         # auto_scale_loss wrapped it in a LossScaleOptimizer.
         config = _config.resolve(model.optimizer, None, *settings)
