@@ -502,3 +502,32 @@ def test_a_rejected_step_leaves_every_variable_of_the_model_as_it_was(check_nume
     index = [v.path for v in model.variables].index(moving_mean.path)
     train_op(good)
     assert not np.array_equal(moving_mean.numpy(), before[index])
+
+
+def test_a_rejected_step_says_which_gradients_were_not_finite(capfd):
+    """The loss is finite, one of two gradients is NaN (the square root's at 0): the skip
+    guard prints, from the device, the step, the loss and the variable, and its error at the
+    limit says the same."""
+    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
+    train_op = trainop.create_train_op(
+        lambda z: w1**2 + tf.sqrt(tf.abs(w2 * z)),
+        keras.optimizers.SGD(0.1),
+        global_step=tf.Variable(0, dtype=tf.int64),
+        check_numerics=guard,
+    )
+    train_op(tf.constant(1.0))
+    capfd.readouterr()
+    train_op(tf.constant(0.0))
+    printed = capfd.readouterr().err
+    expected = "a step not applied at global step 1 - loss 0.64 - gradients not finite: 1 of 2"
+    assert f'trainop: {expected} ["w2"]' in printed.replace("0.640000045", "0.64")
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        train_op(tf.constant(0.0))
+    message = " ".join(str(raised.value).split())
+    assert "after 1 skipped steps in a row" in message
+    assert "[- gradients not finite:] [1] [of 2] [w2]" in message
+    # A healthy step prints nothing.
+    capfd.readouterr()
+    train_op(tf.constant(1.0))
+    assert "trainop:" not in capfd.readouterr().err

@@ -292,13 +292,15 @@ def apply_if_finite(
     loss_finite: Callable[[], tf.Tensor],
     grads_finite: Callable[[], tf.Tensor],
     undo: Callable[[], list[Any]] | None = None,
+    report: Callable[[], list[Any]] | None = None,
 ) -> list[Any]:
     """The skipping half of the numerics guard, for one device and across replicas alike (as
     optax's `apply_if_finite`): with a `SkipNonFiniteSteps`, `update()` runs in a `tf.cond`
     on whether the loss (`loss_finite()`) and the gradients (`grads_finite()`) are finite, the
     guard counting what it skips; without one, `update()` runs. With a loss-scale optimizer
     only the loss counts: an overflow of the scaled gradients is the optimizer's to skip. A
-    skipped step first runs `undo` (what undoes the writes of the forward pass), if given.
+    skipped step first runs `undo` (what undoes the writes of the forward pass), if given, and
+    says what was not finite with `report` (see `not_finite_report`).
 
     Returns:
       The ops to wait for.
@@ -311,7 +313,37 @@ def apply_if_finite(
     finite = loss_finite()
     if numerics.gradients_count(guard, config.adapter.scales_loss):
         finite = tf.logical_and(finite, grads_finite())
-    return [guard.update_if_finite(finite, update, step, step_name=step_name, undo=undo)]
+    return [
+        guard.update_if_finite(finite, update, step, step_name=step_name, undo=undo, report=report)
+    ]
+
+
+def not_finite_report(loss: tf.Tensor, pairs: list[tuple[Any, Any]]) -> Callable[[], list]:
+    """What a rejected step says was not finite, for `tf.print` and an `Assert`'s data: the
+    loss, and how many of the gradients hold inf or NaN, with the names of the first
+    `REPORTED_NAMES` of their variables. Built in the rejected branch only: a healthy step
+    pays nothing for it."""
+
+    def report() -> list[Any]:
+        present = [(g, v) for g, v in pairs if g is not None]
+        described: list[Any] = ["loss", loss]
+        if present:
+            names = tf.constant([_variables.variable_name(v) for _, v in present])
+            finite = tf.stack([_gradients.every_element_finite(g) for g, _ in present])
+            bad = tf.boolean_mask(names, tf.logical_not(finite))
+            described += [
+                "- gradients not finite:",
+                tf.size(bad),
+                f"of {len(present)}",
+                bad[:REPORTED_NAMES],
+            ]
+        return described
+
+    return report
+
+
+# How many names of variables with a gradient not finite a rejected step reports.
+REPORTED_NAMES = 5
 
 
 @tf.autograph.experimental.do_not_convert
@@ -401,6 +433,7 @@ def build_step(
             # A frozen variable's None gradient does not count.
             lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),
             (lambda: undo(None)) if undo is not None else None,
+            not_finite_report(total_loss, gradients.pairs),
         )
     if v1_summaries:
         # Named as TF-Slim's train op names them.

@@ -217,6 +217,16 @@ def scale(grad: Any, factor: Any, divide: bool = False) -> Any:
     return map_values(grad, scaled)
 
 
+def every_element_finite(grad: Any) -> tf.Tensor:
+    """A boolean scalar: whether every element of `grad` (both parts of a complex one) is
+    finite; exact, at the cost of a test of every element (see `all_finite` for the cheap
+    check of many)."""
+    v = values(grad)
+    if v.dtype.is_complex:
+        v = tf.stack([tf.math.real(v), tf.math.imag(v)])
+    return tf.reduce_all(tf.math.is_finite(v))
+
+
 def all_finite(tensors: Sequence[Any]) -> tf.Tensor:
     """A boolean scalar: whether every element of `tensors` (None left out) is finite.
 

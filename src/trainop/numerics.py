@@ -15,6 +15,7 @@ nothing else; the compiled train op runs no step after it and raises once the ca
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -144,6 +145,7 @@ class SkipNonFiniteSteps(tf.Module):
         step: Any,
         step_name: str = "global step",
         undo: Callable[[], Sequence[Any]] | None = None,
+        report: Callable[[], list[Any]] | None = None,
     ) -> tf.Tensor:
         """Adds to the current graph: `update()` if `finite`, else the skip.
 
@@ -162,6 +164,9 @@ class SkipNonFiniteSteps(tf.Module):
           undo: adds, to a bad step's branch, the ops that undo what the step wrote before the
             decision (what the forward pass assigned); returns them. They run before the
             branch counts, raises or stops.
+          report: returns, built in a bad step's branch only, what says what was not finite
+            (strings and tensors, see `_core.not_finite_report`): printed to stderr by the
+            device for every bad step, and added to the error of the one that raises.
 
         Returns:
           A boolean tensor (`finite`) that, once evaluated, has run the chosen branch.
@@ -191,6 +196,17 @@ class SkipNonFiniteSteps(tf.Module):
 
         def skip() -> tf.Tensor:
             checks = undone()
+            described = report() if report is not None else []
+            if described:
+                checks.append(
+                    tf.print(
+                        f"trainop: a step not applied at {step_name}",
+                        step if step is not None else "(none)",
+                        "-",
+                        *described,
+                        output_stream=sys.stderr,
+                    )
+                )
             if self.max_consecutive is not None:
                 with tf.control_dependencies(checks):
                     assertion = tf.debugging.Assert(
@@ -200,6 +216,7 @@ class SkipNonFiniteSteps(tf.Module):
                             step if step is not None else "(none)",
                             f"after {self.max_consecutive} skipped steps in a row: stopping "
                             f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive}))",
+                            *described,
                         ],
                     )
                 checks.append(assertion)
