@@ -531,3 +531,25 @@ def test_a_rejected_step_says_which_gradients_were_not_finite(capfd):
     capfd.readouterr()
     train_op(tf.constant(1.0))
     assert "trainop:" not in capfd.readouterr().err
+
+
+def test_the_default_checks_error_says_what_was_not_finite_and_train_says_which_batch():
+    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda x, z: w1**2 * x + w2 * z, keras.optimizers.SGD(0.1), global_step=step
+    )
+    batches = [(1.0, 1.0), (1.0, 1.0), (1.0, float("nan")), (1.0, 1.0)]
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        trainop.train(
+            train_op,
+            [tuple(map(tf.constant, b)) for b in batches],
+            progress=False,
+            global_step=step,
+        )
+    assert raised.value.message == (
+        "LossTensor is inf or nan at global step 2: the loss is nan; gradients not finite: "
+        "1 of 2 (w2) (batch 2 of the data)"
+    )
+    # Nothing of the bad step applied: the two good steps only.
+    assert int(step) == 2 and float(w1.numpy()) == pytest.approx(0.8**2)

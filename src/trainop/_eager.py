@@ -23,6 +23,7 @@ from trainop import (
     _global_step,
     _gradients,
     _variables,
+    numerics,
     summaries,
 )
 
@@ -94,7 +95,13 @@ def create_eager_train_op(
         xla_without_strategy=jit_compile and strategy is None,
     )
     if strategy is None:
-        return _compile.compiled(step.train_step, config, jit_compile, steps_per_call)
+        train_op = _compile.compiled(step.train_step, config, jit_compile, steps_per_call)
+        if config.check_numerics is True and steps_per_call == 1:
+            # The default check's error, which says only that the loss is inf or NaN, told
+            # what else was not finite: worked out after the failure, costing a healthy step
+            # nothing.
+            return DiagnosedTrainOp(train_op, step)
+        return train_op
     step_fn = _distribute.across_replicas(
         step.loss_and_variables,
         strategy,
@@ -110,6 +117,53 @@ def create_eager_train_op(
         if jit_compile
         else tf.function(step_fn)
     )
+
+
+class DiagnosedTrainOp:
+    """An eager train op with the default check, whose error says what was not finite.
+
+    The check raises `tf.errors.InvalidArgumentError` (`numerics.LOSS_NOT_FINITE_MESSAGE`)
+    when the loss is inf or NaN, with nothing changed (what the forward pass wrote, written
+    back). This then computes, in a second function traced on the first failure only, the
+    loss and the gradients of the same arguments, and raises the same error type with the
+    step, the loss and the variables whose gradients hold inf or NaN (the first
+    `_core.REPORTED_NAMES`, and how many). Everything else is the train op's
+    (`get_concrete_function`, `experimental_get_tracing_count`, ...).
+    """
+
+    def __init__(self, train_op: Any, step: ReplicaStep):
+        self._train_op = train_op
+        self._step = step
+        self._diagnosis: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._train_op(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            if numerics.LOSS_NOT_FINITE_MESSAGE not in str(error):
+                raise
+            described = self._describe(*args, **kwargs)
+            raise tf.errors.InvalidArgumentError(
+                error.node_def, error.op, f"{numerics.LOSS_NOT_FINITE_MESSAGE} {described}"
+            ) from error
+
+    def _describe(self, *args: Any, **kwargs: Any) -> str:
+        """What was not finite in the step on these arguments, as words."""
+        if self._diagnosis is None:
+            self._diagnosis = tf.function(self._step.not_finite)
+        loss, names, finite = self._diagnosis(*args, **kwargs)
+        bad = [name.decode() for name, ok in zip(names.numpy(), finite.numpy()) if not ok]
+        config = self._step.config
+        counter, step_name = _global_step.counter(config.global_step, config.adapter.iterations)
+        at = f"at {step_name} {int(counter.numpy())}" if counter is not None else "at a step"
+        shown = ", ".join(bad[: _core.REPORTED_NAMES]) + (" ..." if len(bad) > 5 else "")
+        return (
+            f"{at}: the loss is {float(loss.numpy())}; gradients not finite: {len(bad)} of "
+            f"{len(names)}" + (f" ({shown})" if bad else "")
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._train_op, name)
 
 
 class ReplicaStep:
@@ -138,8 +192,31 @@ class ReplicaStep:
         # Names of variables without gradient already logged: once per train op, across traces.
         self.reported_missing: set[str] = set()
 
+    @property
+    def config(self) -> _config.StepConfig:
+        return self._config
+
     def run_update_ops(self) -> list[Any]:
         return [fn() for fn in self._update_fns]
+
+    def not_finite(self, *args: Any, **kwargs: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The loss of the step on these arguments, the names of the variables it trains and
+        whether each one's gradient is finite; what the forward pass writes is written back.
+        For `DiagnosedTrainOp`, after a failed check."""
+        with _variables.recording_writes() as writes:
+            _, total_loss, variables = self.loss_and_variables(*args, **kwargs)
+        grads = tf.gradients(total_loss, [_variables.as_tf_variable(v) for v in variables])
+        finite = tf.stack(
+            [
+                _gradients.every_element_finite(g) if g is not None else tf.constant(True)
+                for g in grads
+            ]
+        )
+        with tf.control_dependencies([total_loss, finite]):
+            undone = _variables.undo_writes(writes)
+        with tf.control_dependencies(undone):
+            names = tf.constant([_variables.variable_name(v) for v in variables])
+            return tf.identity(total_loss), names, tf.identity(finite)
 
     def loss_and_variables(self, *args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
         """The loss structure, the loss to minimize and the variables to train."""

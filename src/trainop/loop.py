@@ -119,9 +119,10 @@ def train(
       RuntimeError: the global step did not move in 1,000 calls of the train op.
       KeyboardInterrupt: a second Ctrl-C.
 
-    Errors of the train op itself (a `tf.errors.InvalidArgumentError` of its numerics check)
-    and of a hook pass through, after the progress bar is closed; no checkpoint is written
-    for them.
+    Errors of the train op itself (a `tf.errors.InvalidArgumentError` of its numerics check,
+    to whose message the loop adds the index of the batch in the data, counted from 0 since the
+    start of the run, resumed runs included) and of a hook pass through, after the progress
+    bar is closed; no checkpoint is written for them.
 
     Example:
       >>> import keras, tensorflow as tf, trainop
@@ -178,7 +179,7 @@ def train(
     writer = _writer(logdir) if logdir is not None else None
     with writer.as_default() if writer is not None else contextlib.nullcontext():
         return _run.run(
-            lambda: _data.call_with_batch(train_op, next(batches)),
+            lambda: _step_on_next_batch(train_op, batches),
             read_step=lambda: int(step_variable.numpy()),
             saver=saver,
             resumed_from=resumed_from,
@@ -187,6 +188,17 @@ def train(
             hooks=hooks,
             progress=progress,
         )
+
+
+def _step_on_next_batch(train_op: Callable[..., Any], batches: _data.Batches) -> Any:
+    """The train op on the next batch; its numerics error names the batch's index."""
+    batch = next(batches)
+    try:
+        return _data.call_with_batch(train_op, batch)
+    except tf.errors.InvalidArgumentError as error:
+        raise type(error)(
+            error.node_def, error.op, f"{error.message} (batch {batches.consumed - 1} of the data)"
+        ) from error
 
 
 def _graph_of(train_op: Any) -> tf.Graph | None:
