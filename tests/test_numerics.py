@@ -533,11 +533,17 @@ def test_a_rejected_step_says_which_gradients_were_not_finite(capfd):
     assert "trainop:" not in capfd.readouterr().err
 
 
-def test_the_default_checks_error_says_what_was_not_finite_and_train_says_which_batch():
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_the_default_checks_error_says_what_was_not_finite_and_train_says_which_batch(
+    jit_compile,
+):
     w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
     step = tf.Variable(0, dtype=tf.int64)
     train_op = trainop.create_train_op(
-        lambda x, z: w1**2 * x + w2 * z, keras.optimizers.SGD(0.1), global_step=step
+        lambda x, z: w1**2 * x + w2 * z,
+        keras.optimizers.SGD(0.1),
+        global_step=step,
+        jit_compile=jit_compile,
     )
     batches = [(1.0, 1.0), (1.0, 1.0), (1.0, float("nan")), (1.0, 1.0)]
     with pytest.raises(tf.errors.InvalidArgumentError) as raised:

@@ -96,7 +96,11 @@ def create_eager_train_op(
     )
     if strategy is None:
         train_op = _compile.compiled(step.train_step, config, jit_compile, steps_per_call)
-        if config.check_numerics is True and steps_per_call == 1:
+        # (Under XLA, the default check is a LossCheckUnderXLA, raised after the call.)
+        default_check = config.check_numerics is True or isinstance(
+            config.check_numerics, numerics.LossCheckUnderXLA
+        )
+        if default_check and steps_per_call == 1:
             # The default check's error, which says only that the loss is inf or NaN, told
             # what else was not finite: worked out after the failure, costing a healthy step
             # nothing.
