@@ -160,7 +160,9 @@ class DiagnosedTrainOp:
         config = self._step.config
         counter, step_name = _global_step.counter(config.global_step, config.adapter.iterations)
         at = f"at {step_name} {int(counter.numpy())}" if counter is not None else "at a step"
-        shown = ", ".join(bad[: _core.REPORTED_NAMES]) + (" ..." if len(bad) > 5 else "")
+        shown = ", ".join(bad[: _core.REPORTED_NAMES])
+        if len(bad) > _core.REPORTED_NAMES:
+            shown += " ..."
         return (
             f"{at}: the loss is {float(loss.numpy())}; gradients not finite: {len(bad)} of "
             f"{len(names)}" + (f" ({shown})" if bad else "")
