@@ -99,6 +99,39 @@ def test_constraint_is_applied_by_every_family(family, given):
     np.testing.assert_allclose(head.bias.numpy(), expected_bias, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inner_tf_variables_given_stand_for_their_keras_variables(family):
+    """The `tf.Variable` inside each Keras variable (`variable.value`, or what a tape
+    watched), given as `variables_to_train`: its Keras variable's constraint is applied."""
+    model, head = _constrained_model()
+    expected_kernel, expected_bias = _hand_sgd(model, [head.kernel, head.bias])
+    inner = [v.value for v in model.trainable_variables]
+    assert all(type(v) is not type(head.kernel) for v in inner)
+
+    trainop.create_train_op(_loss_fn(model), make_optimizer(family), variables_to_train=inner)()
+
+    np.testing.assert_allclose(
+        head.kernel.numpy(), np.maximum(expected_kernel, 0.0), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(head.bias.numpy(), expected_bias, rtol=1e-6, atol=1e-7)
+
+
+def test_inner_tf_variable_of_a_frozen_layer_given_is_refused():
+    """Keras never changes the inner `tf.Variable`'s own `trainable`: the frozen layer's is
+    told by its Keras variable, and refused before anything changes."""
+    model, base, _ = _frozen_base_model()
+    before = [v.numpy() for v in model.weights]
+    with pytest.raises(ValueError, match="not trainable: .*kernel.*layer.trainable = True"):
+        trainop.create_train_op(
+            _loss_fn(model),
+            make_optimizer("v1"),
+            variables_to_train=[v.value for v in model.weights],
+        )
+    assert base.kernel.value.trainable
+    for v, value in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), value)
+
+
 def test_constraint_as_keras_applies_it():
     """The reference: Keras's own `apply_gradients` on the Keras variables."""
     model, head = _constrained_model()

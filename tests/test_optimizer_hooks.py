@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -280,3 +283,104 @@ def test_v1_mixed_precision_loss_scale_optimizer_trains_as_its_minimize(runner, 
     expected = W0 - 0.1 * 2 * W0
     expected = expected - 0.1 * 2 * expected
     np.testing.assert_allclose(runner.read(w), expected, rtol=1e-6)
+
+
+# --- SyncReplicasOptimizer: ops built apart from the step ------------------------------------
+
+
+def _sync_replicas_run(scales, make_step, applied):
+    """Runs a graph with `w = [1, 2]`, loss `x * sum(w * w)`, a SyncReplicasOptimizer over
+    SGD 0.1 (one replica, one gradient to aggregate) in a MonitoredSession with its hook, one
+    call per value of `scales`; returns w, once the chief applied `applied` updates (it
+    applies them in a thread of its own), and how many calls raised.
+
+    With one replica, a call's gradients are stale (dropped by the optimizer) unless the call
+    before it took the token of the last update: the first call's are applied, the second's
+    dropped, the third's applied, and so on; a call that raises takes no token."""
+    with tf.Graph().as_default():
+        w = tf.Variable(W0, name="w")
+        x = tf.compat.v1.placeholder(tf.float32, [])
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        optimizer = tf.compat.v1.train.SyncReplicasOptimizer(
+            tf.compat.v1.train.GradientDescentOptimizer(0.1),
+            replicas_to_aggregate=1,
+            total_num_replicas=1,
+        )
+        step = make_step(x * tf.reduce_sum(w * w), optimizer, global_step)
+        raised = 0
+        hook = optimizer.make_session_run_hook(is_chief=True)
+        # The chief's thread waits for gradients until the session closes: do not wait for it.
+        with tf.compat.v1.train.MonitoredSession(hooks=[hook], stop_grace_period_secs=0) as session:
+            for value in scales:
+                try:
+                    session.run(step, {x: value})
+                except tf.errors.InvalidArgumentError:
+                    raised += 1
+            deadline = time.monotonic() + 60
+            while session.run(global_step) < applied and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert session.run(global_step) == applied
+            return session.run(w), raised
+
+
+def test_sync_replicas_optimizer_trains_as_its_minimize():
+    """SyncReplicasOptimizer builds, in `apply_gradients`, ops that its session hook runs when
+    the session is made (a readiness check of the variables, its token queue): built under the
+    step's loss check they waited for the step's input, and the session could not be made."""
+    w, raised = _sync_replicas_run(
+        [1.0, 1.0, 1.0],
+        lambda loss, opt, gs: trainop.create_train_op(loss, opt, global_step=gs),
+        applied=2,
+    )
+    reference, _ = _sync_replicas_run(
+        [1.0, 1.0, 1.0], lambda loss, opt, gs: opt.minimize(loss, global_step=gs), applied=2
+    )
+    np.testing.assert_allclose(w, W0 * 0.8 * 0.8, rtol=1e-6)
+    np.testing.assert_array_equal(w, reference)
+    assert raised == 0
+
+
+def test_sync_replicas_optimizer_step_whose_loss_is_nan_applies_nothing():
+    # Applied: the first call; the NaN one raises (no token taken); the third is stale; the
+    # fourth applied.
+    w, raised = _sync_replicas_run(
+        [1.0, math.nan, 1.0, 1.0],
+        lambda loss, opt, gs: trainop.create_train_op(loss, opt, global_step=gs),
+        applied=2,
+    )
+    np.testing.assert_allclose(w, W0 * 0.8 * 0.8, rtol=1e-6)
+    assert raised == 1
+
+
+@pytest.mark.parametrize(
+    "argument", [dict(check_numerics=trainop.SkipNonFiniteSteps()), dict(accumulation_steps=2)]
+)
+def test_sync_replicas_optimizer_refuses_an_update_in_a_cond(argument):
+    (name,) = argument
+    with tf.Graph().as_default():
+        w = tf.Variable(W0)
+        optimizer = tf.compat.v1.train.SyncReplicasOptimizer(
+            tf.compat.v1.train.GradientDescentOptimizer(0.1), 1, 1
+        )
+        with pytest.raises(ValueError, match=f"`{name}` cannot be used with a SyncReplicas"):
+            trainop.create_train_op(tf.reduce_sum(w * w), optimizer, **argument)
+
+
+def test_v1_optimizer_applies_a_tf_variable_constraint_after_the_update_in_a_graph():
+    """A `tf.Variable(constraint=...)`: a v1 optimizer projects it after its update (as its
+    own `minimize` does), and a step the guard skips leaves it as it was."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        w = tf.Variable(W0, constraint=lambda v: tf.clip_by_value(v, -0.5, 1.5))
+        x = tf.compat.v1.placeholder(tf.float32, [])
+        step = trainop.create_train_op(
+            x * tf.reduce_sum(w * w),
+            tf.compat.v1.train.GradientDescentOptimizer(0.1),
+            check_numerics=trainop.SkipNonFiniteSteps(),
+        )
+        session.run(tf.compat.v1.global_variables_initializer())
+        seen = []
+        for value in [1.0, math.nan, 1.0]:
+            session.run(step, {x: value})
+            seen.append(session.run(w))
+    # [1, 2] -> 0.8 * [1, 2] = [0.8, 1.6], projected to [0.8, 1.5]; skipped; 0.8 * that.
+    np.testing.assert_allclose(seen, [[0.8, 1.5], [0.8, 1.5], [0.64, 1.2]], rtol=1e-6)

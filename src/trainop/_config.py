@@ -85,10 +85,16 @@ def check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
                 "`variables_to_train` must hold variables. "
                 f"Received an element of type {type(v).__name__}: {v!r:.200}"
             )
+    # The `tf.Variable` inside a Keras 3 variable (`variable.value`, or what a tape watched)
+    # stands for its Keras variable, whose `trainable` follows its layer's and whose
+    # constraint must be applied.
+    variables = _variables.keras_owners(variables, {})
+    for v in variables:
         if not (v.trainable or id(v) in graph_trainable):
             raise ValueError(
                 "`variables_to_train` holds a variable that is not trainable: "
-                f"{_variables.variable_name(v)}. Create it with trainable=True or leave it out."
+                f"{_variables.variable_name(v)}. Create it with trainable=True (a Keras "
+                "layer's: set layer.trainable = True) or leave it out."
             )
     seen: set[int] = set()
     unique = []
@@ -181,6 +187,7 @@ def resolve(
             "`missing_gradients` must be 'log' or 'raise'. "
             f"Received: missing_gradients={missing_gradients!r}"
         )
+    check_ops_apart(adapter, check_numerics, accumulation_steps)
     return StepConfig(
         adapter=adapter,
         global_step=_global_step.resolve(global_step),
@@ -199,6 +206,29 @@ def resolve(
             else None
         ),
     )
+
+
+def check_ops_apart(
+    adapter: _optimizers.OptimizerAdapter, check_numerics: Any, accumulation_steps: Any
+) -> None:
+    """Refuses what would put the ops a `SyncReplicasOptimizer` builds apart from the step
+    (see `OptimizerAdapter.builds_ops_apart`) in a `tf.cond` branch: the skip guard and
+    accumulation, which apply the update in one."""
+    if not adapter.builds_ops_apart:
+        return
+    conditional = {
+        "check_numerics": isinstance(check_numerics, numerics.SkipNonFiniteSteps),
+        "accumulation_steps": accumulation_steps != 1,
+    }
+    for name, refused in conditional.items():
+        if refused:
+            raise ValueError(
+                f"`{name}` cannot be used with a SyncReplicasOptimizer: it applies the update in "
+                "a tf.cond branch, where the optimizer's token queue and chief update (run by "
+                "its session hook) cannot be built. Use check_numerics=True and "
+                "accumulation_steps=1 with it, or tf.distribute's MultiWorkerMirroredStrategy "
+                "(SyncReplicasOptimizer is deprecated)."
+            )
 
 
 def is_loss_callable(total_loss: Any) -> bool:

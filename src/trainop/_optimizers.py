@@ -411,6 +411,8 @@ class OptimizerAdapter:
                 for g, v in pairs
             ]
 
+        if self.family == FAMILY_V1 and self.builds_ops_apart:
+            return self._apply_apart(pairs, global_step)
         if self.family == FAMILY_V1:
             return self.optimizer.apply_gradients(pairs, global_step=global_step)
 
@@ -435,6 +437,26 @@ class OptimizerAdapter:
             if before is not None:
                 return _global_step.count_once(global_step, self.iterations.read_value() > before)
             return _global_step.count_once(global_step)
+
+    @property
+    def builds_ops_apart(self) -> bool:
+        """Whether `apply_gradients` also builds ops that run apart from the step.
+
+        A `tf.compat.v1.train.SyncReplicasOptimizer` does: its token queue, its chief's update
+        and its readiness check, run by its session hook when the session is made. They cannot
+        wait for a step's inputs, nor live in a `tf.cond` branch.
+        """
+        return isinstance(self.optimizer, tf.compat.v1.train.SyncReplicasOptimizer)
+
+    def _apply_apart(self, pairs: list[tuple[Any, Any]], global_step: Any) -> tf.Operation:
+        # What the update waits for here (the loss check, the update ops, the summaries) gates
+        # the gradients instead, and the optimizer builds its ops outside it: the gradients are
+        # all its update reads from the step.
+        gate = tf.no_op(name="gate")  # made under the control dependencies in force
+        with tf.control_dependencies(None):
+            with tf.control_dependencies([gate]):
+                gated = [(_gradients.map_values(g, tf.identity), v) for g, v in pairs]
+            return self.optimizer.apply_gradients(gated, global_step=global_step)
 
     def _apply_in_function(self, pairs: list[tuple[Any, Any]]) -> tf.Operation:
         # Keras 3 and current tf_keras optimizers chain their updates only through a

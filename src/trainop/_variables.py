@@ -210,7 +210,8 @@ _OWNERS: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}
 
 
 def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
-    """Each of `tf_variables`, or the Keras 3 variable that wraps it.
+    """Each of `tf_variables`, or the Keras 3 variable that wraps it (a Keras 3 variable
+    stays itself).
 
     The wrapper is the one `reads` (from `recording_reads`) saw read. A variable the loss read
     without its wrapper's `value` (inside a `tf.function` traced before, or through a
@@ -222,6 +223,8 @@ def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
     owners = {}
     unknown = []
     for v in tf_variables:
+        if variable_type is not None and isinstance(v, variable_type):
+            continue  # A Keras variable already.
         owner = reads.get(id(v))
         if owner is None:
             cached = _OWNERS.get(id(v))
