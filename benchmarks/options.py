@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 
 MODEL_NAMES = ("tiny", "mlp", "conv")
@@ -82,6 +83,14 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _writable_file(path: str) -> bool:
+    """Whether a file can be written at `path` (checked before the suite runs, not after)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return False
+    return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
+
+
 def parse(
     argv: Sequence[str] | None,
     prog: str = "python -m benchmarks",
@@ -119,6 +128,10 @@ def parse(
             f"--build-variables must be at least 10; received {args.build_variables}",
         ),
         (args.threads >= 1, f"--threads must be at least 1; received {args.threads}"),
+        (
+            args.json is None or _writable_file(args.json),
+            f"--json {args.json}: its directory does not exist or cannot be written in",
+        ),
     ]
     for ok, message in checks:
         if not ok:

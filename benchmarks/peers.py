@@ -29,13 +29,18 @@ def find_wheel(name: str, directory: pathlib.Path | None = None) -> pathlib.Path
     return wheels[0] if wheels else None
 
 
+DOWNLOAD = "pip download --no-deps --dest .peers tf-slim==1.1.0 tf-agents==0.19.0"
+
+
+def missing_wheel(name: str, directory: pathlib.Path | None = None) -> str:
+    """That the wheel of `name` is not in `directory`, and the command that downloads it."""
+    return f"no {name} wheel in {directory or wheel_dir()}: run `{DOWNLOAD}` to compare with it"
+
+
 def _require_wheel(name: str, directory: pathlib.Path | None) -> pathlib.Path:
     wheel = find_wheel(name, directory)
     if wheel is None:
-        raise ImportError(
-            f"no {name} wheel in {directory or wheel_dir()}: run `pip download --no-deps "
-            "--dest .peers tf-slim==1.1.0 tf-agents==0.19.0`"
-        )
+        raise ImportError(missing_wheel(name, directory))
     return wheel
 
 

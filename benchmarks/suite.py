@@ -288,9 +288,9 @@ def make_variants(model: Model, seed: int) -> tuple[list[Variant], list[str]]:
             )
         )
     else:
-        notes.append(f"tf_slim skipped: no wheel in {peers.wheel_dir()}")
+        notes.append(f"tf_slim skipped: {peers.missing_wheel('tf_slim')}")
     if not peers.find_wheel("tf_agents"):
-        notes.append(f"tf_agents skipped: no wheel in {peers.wheel_dir()}")
+        notes.append(f"tf_agents skipped: {peers.missing_wheel('tf_agents')}")
     return variants, notes
 
 

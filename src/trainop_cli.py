@@ -124,7 +124,12 @@ def _parser() -> OneLineErrorParser:
         "pip install 'trainop[demo]'.",
         epilog=EXIT_STATUSES,
     )
-    demo.add_argument("--task", choices=sorted(DEMO_STEPS), default="digits")
+    demo.add_argument(
+        "--task",
+        choices=sorted(DEMO_STEPS),
+        default="digits",
+        help="digits (default): a convolutional network on 8x8 digits; cartpole: a DQN",
+    )
     demo.add_argument(
         "--outdir",
         help="output directory (default: ./trainop-demo-TASK, ./trainop-demo-digits-fit with "
@@ -205,7 +210,12 @@ def _prepare(argv: Sequence[str]) -> Callable[[], int]:
     if args.command is None:
         parser.error("the following arguments are required: {demo,bench}")
     if args.fit and args.task != "digits":
-        parser.error("--fit trains the digits demo only")
+        _cannot_start("trainop demo", "--fit trains the digits demo only (see trainop demo --help)")
+    problem = _unwritable_directory(args.outdir)
+    if problem is not None:
+        _cannot_start(
+            "trainop demo", f"--outdir {args.outdir}: {problem} (see trainop demo --help)"
+        )
     requirements = list(DEMO_REQUIREMENTS[args.task])
     if not args.no_progress and sys.stderr.isatty():
         requirements.append(TQDM)
@@ -213,6 +223,26 @@ def _prepare(argv: Sequence[str]) -> Callable[[], int]:
     if message is not None:
         _cannot_start("trainop demo", message)
     return lambda: _demo(args)
+
+
+def _unwritable_directory(path: str | None) -> str | None:
+    """Why `path` cannot be the output directory (a file, or under one it cannot write in), in
+    a few words; None if it can (or if it is None: the default, in the working directory)."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "it is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"it cannot be created in {parent} (not writable)"
+    return None
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -84,6 +84,10 @@ def test_help_says_what_each_command_does():
         (["train"], "trainop", "argument {demo,bench}: invalid choice: 'train'"),
         ([], "trainop", "the following arguments are required: {demo,bench}"),
         (["bench", "--models", "huge"], "trainop bench", "--models must name some of tiny"),
+        (["bench", "--json", "/dev/null/x.json"], "trainop bench", "--json /dev/null/x.json: "),
+        (["demo", "--fit", "--task", "cartpole"], "trainop demo", "--fit trains the digits"),
+        (["demo", "--outdir", "/dev/null"], "trainop demo", "--outdir /dev/null: it is a file"),
+        (["demo", "--outdir", "/dev/null/x"], "trainop demo", "/dev/null is a file, not a"),
     ],
 )
 def test_a_bad_option_is_one_line_naming_it_and_exit_status_2(args, prog, message):

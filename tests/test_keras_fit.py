@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import pathlib
 import signal
@@ -350,6 +352,33 @@ def test_a_fit_stopped_by_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninte
     assert_same_state(rerun, uninterrupted)
     # Completed: the backups are deleted, as Keras's.
     assert not tmp_path.exists()
+
+
+def test_a_rerun_of_a_finished_fit_restores_the_optimizer_at_once(tmp_path, caplog):
+    """With nothing left to train, no step builds the optimizer: it is built before the
+    backup is restored (as by Keras's own BackupAndRestore), so its state is restored, not
+    left unused with a warning per value."""
+    data = with_bad_batches([])
+    fit = dict(batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    first = compiled_for_backup()
+    first.fit(
+        *data,
+        callbacks=[trainop.keras.BackupAndRestore(str(tmp_path), delete_checkpoint=False)],
+        **fit,
+    )
+
+    rerun = compiled_for_backup()
+    with caplog.at_level(logging.WARNING):
+        history = rerun.fit(
+            *data,
+            callbacks=[trainop.keras.BackupAndRestore(str(tmp_path), delete_checkpoint=False)],
+            **fit,
+        )
+        del history
+        gc.collect()  # an unused restore warns when it is collected
+    assert int(rerun.optimizer.iterations) == int(first.optimizer.iterations) == 2 * BATCHES
+    assert_same_state(rerun, first)
+    assert not [r for r in caplog.records if "could not be found" in r.getMessage()]
 
 
 def test_a_backup_holding_nan_is_never_written_and_fit_stops(tmp_path):

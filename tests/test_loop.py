@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import queue
@@ -275,6 +276,23 @@ def test_the_progress_bar_turns_itself_off_without_a_terminal(capsys):
     assert re.search(r"\b10/10 \[.*(\?step/s|[\d.]+step/s|[\d.]+s/step), loss=", final_bar), (
         final_bar
     )
+
+
+def test_a_log_line_during_the_progress_bar_starts_a_line_of_its_own(capsys):
+    """A hook's (or a signal's) warning while the bar is drawn is written above the bar, not
+    glued to the end of its line."""
+    w, loss_fn = _linear()
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(loss_fn, make_optimizer("keras", "sgd", 0.1), step)
+
+    def warn(step, loss):
+        if step == 3:
+            logging.getLogger("trainop").warning("a warning at step 3")
+
+    hooks = [trainop.Hook(warn)]
+    trainop.train(train_op, max_steps=5, global_step=step, progress=True, hooks=hooks)
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)
+    assert "a warning at step 3" in lines
 
 
 def test_graph_train_op_trains_saves_and_resumes(tmp_path):

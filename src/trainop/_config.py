@@ -67,6 +67,7 @@ def check_callable_or_none(name: str, value: Any) -> None:
         raise TypeError(f"`{name}` must be a callable or None. Received: {name}={value!r:.200}")
 
 
+@tf.autograph.experimental.do_not_convert
 def check_variables_to_train(variables: Any, in_graph: bool) -> list[Any]:
     """Returns `variables` as a list, each once, after checking that each is trainable.
 

@@ -64,6 +64,8 @@ class Progress:
                 self._bar = tqdm(
                     total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr
                 )
+                self._logging = _logging_above_the_bar()
+                self._logging.__enter__()
         self._last_refresh = 0.0
 
     @property
@@ -83,4 +85,19 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._logging.__exit__(None, None, None)
             self._bar.close()
+
+
+def _logging_above_the_bar() -> contextlib.AbstractContextManager:
+    """While the bar is drawn, the loop's log lines (a signal heard, a step skipped) are
+    written above it rather than onto its line: through tqdm's own redirection, of the root
+    logger's console handlers if it has any (its format kept), else of trainop's logger
+    (whose lines Python's last-resort handler would print)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    root_prints = any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+        for h in logging.root.handlers
+    )
+    return logging_redirect_tqdm(loggers=[logging.root if root_prints else logger])

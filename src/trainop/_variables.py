@@ -209,6 +209,7 @@ def undo_writes(writes: dict[int, tuple[Any, Any]], unless: Any = None) -> list[
 _OWNERS: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}
 
 
+@tf.autograph.experimental.do_not_convert
 def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
     """Each of `tf_variables`, or the Keras 3 variable that wraps it (a Keras 3 variable
     stays itself).
@@ -240,6 +241,7 @@ def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
     return [owners.get(id(v), v) for v in tf_variables]
 
 
+@tf.autograph.experimental.do_not_convert
 def _search(unknown: list[Any], variable_type: type) -> dict[int, Any]:
     wanted = {id(v): v for v in unknown}
     found = {}

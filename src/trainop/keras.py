@@ -272,6 +272,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._stopped = False
         self._last_batch_end = 0
         self._since_save = 0
+        if model.built and model.optimizer is not None and not model.optimizer.built:
+            # As Keras's own BackupAndRestore: restored now, not deferred to the first step
+            # (none runs when the backup's fit had finished, and its values would go unused).
+            model.optimizer.build(model.trainable_variables)
         restored = self._checkpoints.restore_latest_finite()
         if restored is None:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -210,7 +211,10 @@ def run_fit(
         # To the default writer: trainop's, in the TensorBoard callback's train directory.
         tf.summary.scalar("eval/accuracy", accuracy(), step=model.optimizer.iterations)
 
-    backup = trainop.keras.BackupAndRestore(os.path.join(outdir, "backup"), delete_checkpoint=False)
+    backup_dir = os.path.join(outdir, "backup")
+    backup = trainop.keras.BackupAndRestore(backup_dir, delete_checkpoint=False)
+    if tf.train.latest_checkpoint(backup_dir):
+        say(f"Resuming from the backup in {backup_dir}.")
     model.fit(
         dataset,
         epochs=epochs,
@@ -220,12 +224,15 @@ def run_fit(
             keras.callbacks.LambdaCallback(on_epoch_end=evaluate),
             backup,
         ],
-        verbose={True: 1, False: 0, None: "auto"}[progress],
+        # Keras's "auto" draws its bar even into a file: one line an epoch there.
+        verbose={True: 1, False: 0, None: 1 if sys.stdout.isatty() else 2}[progress],
     )
     # The guard's counts are backed up with the model: a resumed run counts on.
+    reached_bad_batch = epochs * BATCHES_PER_EPOCH > BAD_BATCH
     say(
-        f"Batches skipped by the guard: {int(guard.skipped_steps)} (the NaN batch); the "
-        f"weights are all finite: {all(np.isfinite(w).all() for w in model.get_weights())}."
+        f"Batches skipped by the guard: {int(guard.skipped_steps)}"
+        f"{' (the NaN batch)' if reached_bad_batch else ''}; the weights are all finite: "
+        f"{all(np.isfinite(w).all() for w in model.get_weights())}."
     )
     train_dir = os.path.join(outdir, "train")
     return common.DemoResult(
