@@ -10,6 +10,8 @@ process, each variant trains its own identical copy of the model on the same bat
   `tf.summary` file writer: loss, global gradient norm, learning rate and a histogram and norm
   per gradient, written every 100th step.
 * ``skip_summaries``: both.
+* ``skip_spikes``: a `SkipNonFiniteSteps(spike_threshold=6.0)`: the skip guard that also judges
+  the loss and the global gradient norm against their running statistics.
 
 The variants run in short alternating blocks (`bench_core.time_interleaved`). The time ratio is
 of the medians of the per-step block times; the mean ratio also counts the blocks in which a
@@ -64,6 +66,8 @@ FEATURES: dict[str, dict[str, Any]] = {
         "summarize_gradients": True,
         "summarize_every_n_steps": SUMMARY_EVERY_N_STEPS,
     },
+    # A guard is made per train op (its counters and statistics are its own).
+    "skip_spikes": {"check_numerics": lambda: trainop.SkipNonFiniteSteps(spike_threshold=6.0)},
 }
 
 
@@ -77,7 +81,8 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
     """
     base_model = make_model()
     variants = []
-    for name, kwargs in FEATURES.items():
+    for name, settings in FEATURES.items():
+        kwargs = {key: value() if callable(value) else value for key, value in settings.items()}
         model = copy_model(base_model)
         optimizer = keras.optimizers.Adam(LEARNING_RATE)
         step = trainop.create_train_op(

@@ -79,6 +79,7 @@ _REFUSED = [
     "variables_to_train",
     "global_step",
     "xla",
+    "spike_threshold",
     "create_train_step",
     "graph",
 ]

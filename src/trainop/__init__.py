@@ -31,7 +31,7 @@ if tuple(int(part) for part in _tf.__version__.split(".")[:2]) < (2, 16):
         "`pip install --upgrade tensorflow` (or tensorflow-cpu)."
     )
 
-from trainop.loop import Hook, StopTraining, TrainResult, train
+from trainop.loop import Hook, Rollback, StopTraining, TrainResult, train
 from trainop.numerics import LOSS_NOT_FINITE_MESSAGE, NOT_FINITE_MESSAGE, SkipNonFiniteSteps
 from trainop.summaries import add_gradients_summaries, add_variables_summaries
 from trainop.train_op import USE_GLOBAL_STEP, create_train_op, create_train_step
@@ -66,6 +66,7 @@ __all__ = [
     "LOSS_NOT_FINITE_MESSAGE",
     "NOT_FINITE_MESSAGE",
     "Hook",
+    "Rollback",
     "SkipNonFiniteSteps",
     "StopTraining",
     "TrainResult",

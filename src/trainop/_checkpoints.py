@@ -96,15 +96,22 @@ class Checkpoints:
             self._batches.before_save()
         return self.manager.save(checkpoint_number=step)
 
-    def restore_latest_finite(self) -> str | None:
+    def restore_latest_finite(self, data_position: bool = True) -> str | None:
         """Restores the newest checkpoint whose variables are all finite; returns its path.
+
+        Args:
+          data_position: False: all but the data position, which stays where it is (a roll
+            back goes on with the batches that come next).
 
         Raises:
           FloatingPointError: if every checkpoint holds inf or NaN (the variables now hold the
             oldest one's values: training must not go on from them).
         """
         for path in reversed(self.manager.checkpoints):
-            self._restore(path)
+            if data_position:
+                self._restore(path)
+            else:
+                self._run_restore(self._without_data, path)
             bad = self.non_finite_variables()
             if not bad:
                 return path

@@ -293,6 +293,7 @@ def apply_if_finite(
     grads_finite: Callable[[], tf.Tensor],
     undo: Callable[[], list[Any]] | None = None,
     report: Callable[[], list[Any]] | None = None,
+    spike_values: Callable[[], tuple[tf.Tensor, tf.Tensor]] | None = None,
 ) -> list[Any]:
     """The skipping half of the numerics guard, for one device and across replicas alike (as
     optax's `apply_if_finite`): with a `SkipNonFiniteSteps`, `update()` runs in a `tf.cond`
@@ -300,7 +301,9 @@ def apply_if_finite(
     guard counting what it skips; without one, `update()` runs. With a loss-scale optimizer
     only the loss counts: an overflow of the scaled gradients is the optimizer's to skip. A
     skipped step first runs `undo` (what undoes the writes of the forward pass), if given, and
-    says what was not finite with `report` (see `not_finite_report`).
+    says what was not finite with `report` (see `not_finite_report`). A guard that judges
+    spikes is given the step's loss and gradient norm by `spike_values` (see `spike_values`);
+    without it (across replicas), such a guard is refused.
 
     Returns:
       The ops to wait for.
@@ -314,8 +317,33 @@ def apply_if_finite(
     if numerics.gradients_count(guard, config.adapter.scales_loss):
         finite = tf.logical_and(finite, grads_finite())
     return [
-        guard.update_if_finite(finite, update, step, step_name=step_name, undo=undo, report=report)
+        guard.update_if_finite(
+            finite,
+            update,
+            step,
+            step_name=step_name,
+            undo=undo,
+            report=report,
+            spike_values=spike_values,
+        )
     ]
+
+
+def spike_values(
+    config: StepConfig, loss: tf.Tensor, pairs: list[tuple[Any, Any]]
+) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
+    """What a guard that judges spikes is given: the loss, and the global norm of the
+    gradients `pairs` (before any transform, as the `global_gradient_norm` summary), or 0 with
+    a loss-scale optimizer, whose gradients may overflow."""
+
+    def values() -> tuple[tf.Tensor, tf.Tensor]:
+        grads = [g for g, _ in pairs if g is not None]
+        counted = numerics.gradients_count(config.check_numerics, config.adapter.scales_loss)
+        if not (grads and counted):
+            return loss, tf.constant(0.0)
+        return loss, _gradients.global_norm(grads)
+
+    return values
 
 
 def not_finite_report(loss: tf.Tensor, pairs: list[tuple[Any, Any]]) -> Callable[[], list]:
@@ -434,6 +462,7 @@ def build_step(
             lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),
             (lambda: undo(None)) if undo is not None else None,
             not_finite_report(total_loss, gradients.pairs),
+            spike_values(config, total_loss, grads_and_vars),
         )
     if v1_summaries:
         # Named as TF-Slim's train op names them.

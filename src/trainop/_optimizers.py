@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from trainop import _global_step, _gradients
@@ -326,6 +327,35 @@ class OptimizerAdapter:
                     f"(optimizer.build(model_a_variables + model_b_variables)). "
                     f"Received: optimizer={self.optimizer!r}"
                 )
+
+    def learning_rate_variable(self) -> tf.Variable | None:
+        """The `tf.Variable` that holds the learning rate, which the next updates read; None
+        if it is not one (a schedule, a Python number a v1 optimizer bakes into its step).
+
+        A tf_keras legacy optimizer made with a number makes the variable on its first update:
+        None before.
+        """
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if self.family == FAMILY_V1:
+            rate = getattr(optimizer, "_learning_rate", getattr(optimizer, "_lr", None))
+        elif self.family == FAMILY_TF_KERAS_LEGACY:
+            rate = optimizer._hyper.get("learning_rate")
+        else:
+            rate = optimizer._learning_rate
+        rate = as_tf_variable(rate)
+        return rate if isinstance(rate, tf.Variable) else None
+
+    def learning_rate_is_a_number(self) -> bool:
+        """Whether the learning rate is a plain value (a variable, or a number a tf_keras legacy
+        optimizer turns into one), not a schedule nor a callable."""
+        if self.learning_rate_variable() is not None:
+            return True
+        if self.family != FAMILY_TF_KERAS_LEGACY:
+            return False
+        rate = self.optimizer._hyper.get("learning_rate")
+        return isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(
+            rate, bool
+        )
 
     def learning_rate(self) -> tf.Tensor | None:
         """The learning rate the next update uses, as a float32 tensor; None if unknown."""

@@ -116,6 +116,7 @@ class TrainResult:
       resumed_from: the path of the checkpoint restored at the start, or None.
       last_checkpoint: the path of the newest checkpoint at the end (written by this run or
         restored), or None.
+      rollbacks: how many times the run rolled back (see `trainop.Rollback`).
 
     Example:
       >>> import keras, tensorflow as tf, trainop
@@ -135,6 +136,7 @@ class TrainResult:
     stopped_by: str
     resumed_from: str | None
     last_checkpoint: str | None
+    rollbacks: int = 0
 
 
 def first_loss(result: Any) -> Any:
@@ -180,6 +182,7 @@ class Run:
         self._saved_step = self.step if resumed_from is not None else None
         self.loss: Any = None
         self.steps_run = 0
+        self.rollbacks = 0
         self._calls_without_progress = 0
 
     def after_step(self, loss: Any, bar: _console.Progress) -> str | None:
@@ -219,6 +222,15 @@ class Run:
             self.save()
         return None
 
+    def rolled_back_to(self, path: str, bar: _console.Progress) -> None:
+        """Takes in a roll back to the checkpoint `path` (see `trainop.Rollback`)."""
+        self.rollbacks += 1
+        self.step = self._read_step()
+        self.last_checkpoint = path
+        self._saved_step = self.step
+        self._calls_without_progress = 0
+        bar.update(self.step, lambda: None)
+
     def save(self) -> None:
         """Saves a checkpoint, unless there is no saver or this step is saved already."""
         if self._saver is not None and self._saved_step != self.step:
@@ -233,6 +245,7 @@ class Run:
             stopped_by=stopped_by,
             resumed_from=self.resumed_from,
             last_checkpoint=self.last_checkpoint,
+            rollbacks=self.rollbacks,
         )
 
 
@@ -246,15 +259,19 @@ def run(
     save_every_n_steps: int,
     hooks: list[Hook],
     progress: bool | None,
+    rollback: Any = None,
 ) -> TrainResult:
     """Calls `run_step` until `max_steps`, the end of the data, a hook or a signal stops it;
-    saves at the cadence and at the end."""
+    saves at the cadence and at the end. With a `trainop.Rollback` (and `saver`), saves first,
+    and answers the numerics guard's errors by rolling back."""
     run = Run(read_step, saver, resumed_from, hooks, save_every_n_steps)
     bar = _console.Progress(progress, run.step, max_steps)
     stop = _console.StopRequest()
     stopped_by = None
     try:
         with stop.installed():
+            if rollback is not None:
+                run.save()  # a healthy checkpoint to go back to
             while stop.signal_name is None and (max_steps is None or run.step < max_steps):
                 try:
                     loss = run_step()
@@ -262,6 +279,14 @@ def run(
                     # The end of the data, as a MonitoredSession takes an OutOfRangeError.
                     stopped_by = END_OF_DATA
                     break
+                except tf.errors.InvalidArgumentError as error:
+                    if rollback is None or not rollback.gave_up(error):
+                        raise
+                    path = rollback.roll_back(saver, error, run.rollbacks)
+                    if path is None:
+                        raise
+                    run.rolled_back_to(path, bar)
+                    continue
                 stopped_by = run.after_step(loss, bar)
                 if stopped_by is not None:
                     break

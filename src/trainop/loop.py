@@ -19,6 +19,7 @@ import tensorflow as tf
 from trainop import _checkpoints, _data, _global_step, _run
 from trainop._checks import check_count
 from trainop._global_step import USE_GLOBAL_STEP
+from trainop._rollback import Rollback
 from trainop._run import END_OF_DATA, MAX_STEPS, Hook, StopTraining, TrainResult
 
 # The loop's public names; `Hook`, `StopTraining` and `TrainResult` are defined with its body.
@@ -53,6 +54,7 @@ def train(
     global_step: Any = USE_GLOBAL_STEP,
     session: Any = None,
     restore_data_position: bool = True,
+    rollback: Rollback | None = None,
 ) -> TrainResult:
     """Runs a train op until `max_steps` or the end of `dataset`, saving and resuming.
 
@@ -62,7 +64,8 @@ def train(
     all finite, so that a restarted run continues at the saved global step on the batches that
     come next; it saves every `save_every_n_steps` global steps and at the end. With `logdir`,
     it is the default `tf.summary` writer around the train op's first call (when it is traced):
-    the train op's summaries (`create_train_op`'s loss, gradient norm, learning rate) go there.
+    the train op's summaries (`create_train_op`'s loss, gradient norm, learning rate) go there
+    (not for a train op compiled by XLA, `jit_compile=True`, which writes none).
 
     On SIGTERM or a first Ctrl-C the loop finishes the step under way, saves a checkpoint and
     returns (`stopped_by` says which); a second Ctrl-C raises `KeyboardInterrupt` at once.
@@ -98,6 +101,9 @@ def train(
         iterator's state, or the count of batches consumed, which are then skipped). False:
         resume everything else, and read `dataset` from its start, for a run whose input
         pipeline changed since the checkpoint was written.
+      rollback: a `trainop.Rollback`: when the numerics guard gives up, restore the newest
+        healthy checkpoint, lower the learning rate and go on (eager train ops, with `logdir`
+        and `checkpoint`); None (the default): the guard's error ends the run.
 
     Returns:
       A `TrainResult`; its `stopped_by` says why the run ended (also logged, on the `trainop`
@@ -144,6 +150,7 @@ def train(
         hooks=hooks,
         checkpoint=checkpoint,
         logdir=logdir,
+        rollback=rollback,
     )
     if graph is not None:
         return _train_graph(
@@ -176,7 +183,9 @@ def train(
     if resumed_from is not None:
         batches.resumed()
         logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable.numpy()))
-    writer = _writer(logdir) if logdir is not None else None
+    # XLA compiles no summary write: a compiled train op refuses a default writer.
+    compiled = getattr(train_op, "_jit_compile", None) is True
+    writer = _writer(logdir) if logdir is not None and not compiled else None
     with writer.as_default() if writer is not None else contextlib.nullcontext():
         return _run.run(
             lambda: _step_on_next_batch(train_op, batches),
@@ -187,6 +196,7 @@ def train(
             save_every_n_steps=save_every_n_steps,
             hooks=hooks,
             progress=progress,
+            rollback=rollback,
         )
 
 
@@ -232,6 +242,7 @@ def _check_arguments(
     hooks: list[Any],
     checkpoint: Any,
     logdir: Any,
+    rollback: Any,
 ) -> None:
     """Raises, before anything runs, for the arguments of `train` that cannot work together
     or are of the wrong type (see `train`'s Raises)."""
@@ -270,6 +281,20 @@ def _check_arguments(
             raise ValueError("A graph train op needs `max_steps`: it has no end of data.")
     elif dataset is None and max_steps is None:
         raise ValueError("Pass `dataset`, `max_steps` or both: there is nothing to stop the loop.")
+    if rollback is not None:
+        if not isinstance(rollback, Rollback):
+            raise TypeError(
+                f"`rollback` must be a trainop.Rollback or None. Received: {rollback!r:.200}"
+            )
+        if graph is not None:
+            raise ValueError(
+                "`rollback` needs an eager train op (a callable): a graph train op has none."
+            )
+        if checkpoint is None:
+            raise ValueError(
+                "`rollback` needs `logdir` and `checkpoint`: it goes back to the newest healthy "
+                "checkpoint there."
+            )
 
 
 def _train_graph(

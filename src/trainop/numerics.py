@@ -67,21 +67,51 @@ class SkipNonFiniteSteps(tf.Module):
     restarts. Its variables belong to the graph it was created in (in eager mode, to the eager
     context): create it where the train op is built.
 
+    With `spike_threshold`, the guard also skips a step whose loss or global gradient norm
+    (of the gradients before `transform_grads_fn`, as the `global_gradient_norm` summary) is
+    more than `spike_threshold` standard deviations above its recent mean: a running mean and
+    variance of each, kept on the device (exponentially weighted, `spike_decay`), updated by
+    applied steps only, and judged once `spike_warmup_steps` steps were applied. Such a step
+    changes nothing, as a non-finite one, and is counted in `spike_skipped_steps` (not in
+    `skipped_steps`); it counts in `consecutive_skipped_steps`, so that a lasting change that
+    every step exceeds ends in the error rather than in skipping for ever. This is how large
+    model trainers survive loss spikes: OLMo-core's `SkipStepOptimizer` (a rolling window of
+    the loss and the gradient norm, 6 standard deviations) and ZClip (an exponentially
+    weighted mean and variance of the gradient norm). With a loss-scale optimizer, only the
+    loss is judged. A spike that holds inf or NaN is counted as not finite. Not under a
+    `tf.distribute` strategy with several replicas (a `ValueError` when the train op is
+    built). Costs one global norm a step (the summaries' norm, if they are on, is another).
+
     Args:
       max_consecutive: how many steps in a row may be skipped before a bad step raises; None
         for no limit. With 0 no step is skipped: the first bad step raises, which extends the
         default check (the loss only) to the gradients.
       name: the module's name.
+      spike_threshold: a positive number of standard deviations, or None (the default) to
+        skip non-finite steps only.
+      spike_warmup_steps: how many applied steps the statistics see before a step is judged
+        (an integer >= 2).
+      spike_decay: the weight of the past in the running statistics, in (0, 1): 0.99 averages
+        over about the last 100 applied steps. Until 1 / (1 - decay) steps were applied, the
+        statistics are the plain mean and variance of all of them.
 
     Attributes:
       max_consecutive: the limit given, as an `int`, or None.
-      skipped_steps: an int64 `tf.Variable`: how many steps were skipped in all.
+      skipped_steps: an int64 `tf.Variable`: how many steps were skipped in all for a loss or
+        gradient that was not finite.
       consecutive_skipped_steps: an int64 `tf.Variable`: how many steps in a row were skipped
-        up to the last step; an applied step resets it to 0.
+        up to the last step (spikes included); an applied step resets it to 0.
+      spike_skipped_steps: an int64 `tf.Variable`: how many finite steps were skipped as
+        spikes; None without `spike_threshold`.
+      spike_statistics: a float32 `tf.Variable` of shape [2, 2]: the running mean (column 0)
+        and variance (column 1) of the loss (row 0) and of the global gradient norm (row 1);
+        None without `spike_threshold`.
       checks_gradients: whether the gradients are checked besides the loss (True).
 
     Raises:
-      ValueError: if `max_consecutive` is not an integer >= 0 or None.
+      ValueError: if `max_consecutive` is not an integer >= 0 or None, `spike_threshold` not a
+        positive finite number or None, `spike_warmup_steps` not an integer >= 2, or
+        `spike_decay` not in (0, 1).
 
     Example:
       >>> import keras, numpy as np, tensorflow as tf, trainop
@@ -97,10 +127,22 @@ class SkipNonFiniteSteps(tf.Module):
       (0.8, 0)
     """
 
-    def __init__(self, max_consecutive: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS, name=None):
+    def __init__(
+        self,
+        max_consecutive: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        name: str | None = None,
+        *,
+        spike_threshold: float | None = None,
+        spike_warmup_steps: int = 100,
+        spike_decay: float = 0.99,
+    ):
         super().__init__(name=name)
         check_count("max_consecutive", max_consecutive, minimum=0, allow_none=True)
         self.max_consecutive = None if max_consecutive is None else int(max_consecutive)
+        _check_spike_settings(spike_threshold, spike_warmup_steps, spike_decay)
+        self.spike_threshold = None if spike_threshold is None else float(spike_threshold)
+        self.spike_warmup_steps = int(spike_warmup_steps)
+        self.spike_decay = float(spike_decay)
         with tf.init_scope():
             self._graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
             self.skipped_steps = tf.Variable(
@@ -109,6 +151,19 @@ class SkipNonFiniteSteps(tf.Module):
             self.consecutive_skipped_steps = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="consecutive_skipped_steps"
             )
+            self.spike_skipped_steps = None
+            self.spike_statistics = None
+            self._observed_steps = None
+            if self.spike_threshold is not None:
+                self.spike_skipped_steps = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="spike_skipped_steps"
+                )
+                self.spike_statistics = tf.Variable(
+                    tf.zeros([2, 2]), trainable=False, name="spike_statistics"
+                )
+                self._observed_steps = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="observed_steps"
+                )
         # A plain object: what it holds is neither checkpointed nor in `self.variables`.
         self._stop = _StopFlag()
 
@@ -117,7 +172,13 @@ class SkipNonFiniteSteps(tf.Module):
 
     def __repr__(self) -> str:
         """`SkipNonFiniteSteps(max_consecutive=N)`, as it would be created."""
-        return f"SkipNonFiniteSteps(max_consecutive={self.max_consecutive})"
+        spikes = ""
+        if self.spike_threshold is not None:
+            spikes = (
+                f", spike_threshold={self.spike_threshold}, "
+                f"spike_warmup_steps={self.spike_warmup_steps}, spike_decay={self.spike_decay}"
+            )
+        return f"SkipNonFiniteSteps(max_consecutive={self.max_consecutive}{spikes})"
 
     # The methods below are what the train op calls to build its guarded step; a user needs
     # none of them.
@@ -146,14 +207,15 @@ class SkipNonFiniteSteps(tf.Module):
         step_name: str = "global step",
         undo: Callable[[], Sequence[Any]] | None = None,
         report: Callable[[], list[Any]] | None = None,
+        spike_values: Callable[[], tuple[tf.Tensor, tf.Tensor]] | None = None,
     ) -> tf.Tensor:
-        """Adds to the current graph: `update()` if `finite`, else the skip.
+        """Adds to the current graph: `update()` if `finite` (and not a spike), else the skip.
 
-        The skip counts the step in `skipped_steps` and `consecutive_skipped_steps`, or, after
-        `max_consecutive` skipped steps in a row, fails an assertion (inside
-        `stopping_on_device`, sets the stop flag instead, counting nothing). One `tf.cond`:
-        the decision is taken on the device. An applied step resets
-        `consecutive_skipped_steps` to 0.
+        The skip counts the step in `skipped_steps` (a spike: in `spike_skipped_steps`) and
+        `consecutive_skipped_steps`, or, after `max_consecutive` skipped steps in a row, fails
+        an assertion (inside `stopping_on_device`, sets the stop flag instead, counting
+        nothing). One `tf.cond`: the decision is taken on the device. An applied step resets
+        `consecutive_skipped_steps` to 0 (and adds its values to `spike_statistics`).
 
         Args:
           finite: a boolean scalar, from `all_finite`.
@@ -167,19 +229,42 @@ class SkipNonFiniteSteps(tf.Module):
           report: returns, built in a bad step's branch only, what says what was not finite
             (strings and tensors, see `_core.not_finite_report`): printed to stderr by the
             device for every bad step, and added to the error of the one that raises.
+          spike_values: returns the step's loss and global gradient norm (a scalar 0 when the
+            norm is not judged); required with `spike_threshold`, ignored without.
 
         Returns:
-          A boolean tensor (`finite`) that, once evaluated, has run the chosen branch.
+          A boolean tensor, whether the update was applied, that, once evaluated, has run the
+          chosen branch.
 
         Raises:
           tf.errors.InvalidArgumentError: when the tensor is evaluated (not when it is built),
             for a bad step after `max_consecutive` skipped ones in a row.
+          ValueError: with `spike_threshold`, if `spike_values` is None (the caller cannot
+            judge spikes: under several replicas).
         """
+        spike = None
+        accepted = finite
+        if self.spike_threshold is not None:
+            if spike_values is None:
+                raise ValueError(
+                    "SkipNonFiniteSteps(spike_threshold=...) cannot judge spikes under a "
+                    "tf.distribute strategy with several replicas: use it on one device, or "
+                    "leave spike_threshold out."
+                )
+            # Read and computed here, outside the tf.cond: its applied branch only assigns.
+            spike, deviations, statistics = self._judge(*spike_values())
+            accepted = tf.logical_and(finite, tf.logical_not(spike))
+            spike = tf.logical_and(finite, spike)  # a spike holding inf or NaN is not finite
 
         def apply() -> tf.Tensor:
             with tf.control_dependencies(update()):
-                reset = self.consecutive_skipped_steps.assign(0, read_value=False)
-            with tf.control_dependencies([reset]):
+                done = [self.consecutive_skipped_steps.assign(0, read_value=False)]
+                if spike is not None:
+                    done += [
+                        self.spike_statistics.assign(statistics, read_value=False),
+                        self._observed_steps.assign_add(1, read_value=False),
+                    ]
+            with tf.control_dependencies(done):
                 return tf.constant(True)
 
         def undone() -> list[Any]:
@@ -190,45 +275,97 @@ class SkipNonFiniteSteps(tf.Module):
 
             def skip_or_stop() -> tf.Tensor:
                 with tf.control_dependencies(undone()):
-                    return self._skip_or_stop(stop)
+                    return self._skip_or_stop(stop, spike)
 
-            return tf.cond(finite, apply, skip_or_stop)
+            return tf.cond(accepted, apply, skip_or_stop)
+
+        def said(described: list[Any]) -> Callable[[], tf.Tensor]:
+            def say() -> tf.Tensor:
+                printed = tf.print(
+                    f"trainop: a step not applied at {step_name}",
+                    step if step is not None else "(none)",
+                    "-",
+                    *described,
+                    output_stream=sys.stderr,
+                )
+                with tf.control_dependencies([printed]):
+                    return tf.constant(True)
+
+            return say
 
         def skip() -> tf.Tensor:
             checks = undone()
             described = report() if report is not None else []
-            if described:
-                checks.append(
-                    tf.print(
-                        f"trainop: a step not applied at {step_name}",
-                        step if step is not None else "(none)",
-                        "-",
-                        *described,
-                        output_stream=sys.stderr,
-                    )
-                )
+            if described and spike is None:
+                checks.append(said(described)())
+            elif spike is not None:
+                spiked = [
+                    "a spike: standard deviations above the recent mean: loss",
+                    deviations[0],
+                    "gradient norm",
+                    deviations[1],
+                ]
+                checks.append(tf.cond(spike, said(spiked), said(described)))
+                described = described + ["-", *spiked]
             if self.max_consecutive is not None:
+                what = NOT_FINITE_MESSAGE if spike is None else f"{NOT_FINITE_MESSAGE}, or spiked,"
                 with tf.control_dependencies(checks):
                     assertion = tf.debugging.Assert(
                         self.consecutive_skipped_steps < self.max_consecutive,
                         [
-                            f"{NOT_FINITE_MESSAGE} at {step_name}",
+                            f"{what} at {step_name}",
                             step if step is not None else "(none)",
                             f"after {self.max_consecutive} skipped steps in a row: stopping "
-                            f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive}))",
+                            f"({self!r})",
                             *described,
                         ],
                     )
                 checks.append(assertion)
             with tf.control_dependencies(checks):
-                counted = [
-                    self.skipped_steps.assign_add(1, read_value=False),
-                    self.consecutive_skipped_steps.assign_add(1, read_value=False),
-                ]
+                counted = self._count(spike)
             with tf.control_dependencies(counted):
                 return tf.constant(False)
 
-        return tf.cond(finite, apply, skip)
+        return tf.cond(accepted, apply, skip)
+
+    def _count(self, spike: tf.Tensor | None) -> list[Any]:
+        """The ops that count a skipped step: as a spike where `spike` holds."""
+        if spike is None:
+            skipped = [self.skipped_steps.assign_add(1, read_value=False)]
+        else:
+            as_spike = tf.cast(spike, tf.int64)
+            skipped = [
+                self.skipped_steps.assign_add(1 - as_spike, read_value=False),
+                self.spike_skipped_steps.assign_add(as_spike, read_value=False),
+            ]
+        return [*skipped, self.consecutive_skipped_steps.assign_add(1, read_value=False)]
+
+    def _judge(self, loss: tf.Tensor, norm: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Whether `loss` or `norm` is a spike, how many standard deviations each is above its
+        running mean, and the statistics once they are added (for an applied step to keep).
+
+        The exponentially weighted mean and variance (West's incremental form), with the
+        weight of the past `min(spike_decay, n / (n + 1))` after n values: the plain mean and
+        variance while n < 1 / (1 - spike_decay).
+        """
+        values = tf.stack([tf.cast(loss, tf.float32), tf.cast(norm, tf.float32)])
+        statistics = self.spike_statistics.read_value()
+        observed = self._observed_steps.read_value()
+        mean, variance = statistics[:, 0], statistics[:, 1]
+        deviation = tf.sqrt(variance)
+        deviations = tf.math.divide_no_nan(values - mean, deviation)
+        spike = tf.logical_and(
+            observed >= self.spike_warmup_steps,
+            tf.reduce_any(values > mean + self.spike_threshold * deviation),
+        )
+        n = tf.cast(observed, tf.float32)
+        past = tf.minimum(self.spike_decay, n / (n + 1.0))
+        delta = values - mean
+        updated = tf.stack(
+            [mean + (1.0 - past) * delta, past * (variance + (1.0 - past) * tf.square(delta))],
+            axis=1,
+        )
+        return spike, deviations, updated
 
     # --- Under XLA, which compiles `Assert` away ------------------------------------------------
 
@@ -276,16 +413,13 @@ class SkipNonFiniteSteps(tf.Module):
             return False
         return self.consecutive_skipped_steps >= self.max_consecutive
 
-    def _skip_or_stop(self, stop: tf.Variable) -> tf.Tensor:
-        """The bad step's branch under `stopping_on_device`: counted as skipped, or, where the
-        uncompiled step raises, not counted and `stop` set."""
+    def _skip_or_stop(self, stop: tf.Variable, spike: tf.Tensor | None = None) -> tf.Tensor:
+        """The bad step's branch under `stopping_on_device`: counted as skipped (as a spike
+        where `spike` holds), or, where the uncompiled step raises, not counted and `stop`
+        set."""
 
         def count() -> tf.Tensor:
-            counted = [
-                self.skipped_steps.assign_add(1, read_value=False),
-                self.consecutive_skipped_steps.assign_add(1, read_value=False),
-            ]
-            with tf.control_dependencies(counted):
+            with tf.control_dependencies(self._count(spike)):
                 return tf.constant(False)
 
         def stop_here() -> tf.Tensor:
@@ -321,6 +455,25 @@ class SkipNonFiniteSteps(tf.Module):
             f"{NOT_FINITE_MESSAGE}{at} after {consecutive} skipped steps in a row: stopping "
             f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive})) (a compiled step)",
         )
+
+
+def _check_spike_settings(threshold: Any, warmup_steps: Any, decay: Any) -> None:
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float, np.integer, np.floating))
+        or not 0 < threshold < np.inf
+    ):
+        raise ValueError(
+            "`spike_threshold` must be a positive number of standard deviations, or None. "
+            f"Received: spike_threshold={threshold!r}"
+        )
+    check_count("spike_warmup_steps", warmup_steps, minimum=2)
+    if (
+        isinstance(decay, bool)
+        or not isinstance(decay, (int, float, np.integer, np.floating))
+        or not 0 < decay < 1
+    ):
+        raise ValueError(f"`spike_decay` must be in (0, 1). Received: spike_decay={decay!r}")
 
 
 class _StopFlag:
@@ -365,6 +518,24 @@ class LossCheckUnderXLA(SkipNonFiniteSteps):
 _SKIP_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# The guards of the train ops built with each optimizer, held weakly both ways: what a roll back
+# (`trainop.Rollback`, given the optimizer) resets.
+_GUARDS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _register(optimizer: Any, guard: SkipNonFiniteSteps) -> None:
+    with contextlib.suppress(TypeError):  # an optimizer that cannot be weakly referenced
+        _GUARDS_OF.setdefault(optimizer, weakref.WeakSet()).add(guard)
+
+
+def guards_of(optimizer: Any) -> list[SkipNonFiniteSteps]:
+    """The skip guards of the train ops built with `optimizer` that are still alive."""
+    try:
+        return list(_GUARDS_OF.get(optimizer, ()))
+    except TypeError:
+        return []
+
+
 def gradients_count(guard: SkipNonFiniteSteps, loss_scaled: bool) -> bool:
     """Whether a step's gradients count in the guard's verdict besides its loss: not with a
     loss-scale optimizer, whose overflowing steps are its own to skip (it cannot tell an
@@ -380,6 +551,7 @@ def resolve_check_numerics(check_numerics: Any, optimizer: Any) -> bool | SkipNo
       ValueError: if it is a string other than 'skip'.
     """
     if isinstance(check_numerics, SkipNonFiniteSteps):
+        _register(optimizer, check_numerics)
         return check_numerics
     # np.bool_ too: a flag read from a config array.
     if isinstance(check_numerics, (bool, np.bool_)):
@@ -398,6 +570,7 @@ def resolve_check_numerics(check_numerics: Any, optimizer: Any) -> bool | SkipNo
             guards = {}
         if context not in guards:
             guards[context] = SkipNonFiniteSteps()
+        _register(optimizer, guards[context])
         return guards[context]
     raise TypeError(
         "`check_numerics` must be True, False, 'skip' or a trainop.SkipNonFiniteSteps. "

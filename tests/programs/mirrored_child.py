@@ -636,6 +636,19 @@ def refused_cases():
 
     refused("xla", call_compiled, "XLA cannot compile this train step")
 
+    def call_judging_spikes():
+        with two.scope():
+            train_op = trainop.create_train_op(
+                loss_fn,
+                keras.optimizers.SGD(0.1),
+                variables_to_train=variables,
+                check_numerics=trainop.SkipNonFiniteSteps(spike_threshold=6.0),
+            )
+        batches = tf.data.Dataset.from_tensors((X[:16], Y[:16]))
+        train_op(*next(iter(two.experimental_distribute_dataset(batches))))
+
+    refused("spike_threshold", call_judging_spikes, "cannot judge spikes under a tf.distribute")
+
     def build_train_step():
         with two.scope():
             trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
