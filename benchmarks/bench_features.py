@@ -12,6 +12,8 @@ process, each variant trains its own identical copy of the model on the same bat
 * ``skip_summaries``: both.
 * ``skip_spikes``: a `SkipNonFiniteSteps(spike_threshold=6.0)`: the skip guard that also judges
   the loss and the global gradient norm against their running statistics.
+* ``skip_updates``: a `SkipNonFiniteSteps(check_updates=True)`: the skip guard that also checks
+  the updated weights, and undoes an update that made them inf or NaN.
 
 The variants run in short alternating blocks (`bench_core.time_interleaved`). The time ratio is
 of the medians of the per-step block times; the mean ratio also counts the blocks in which a
@@ -56,6 +58,22 @@ from benchmarks.bench_core import (  # noqa: E402
 )
 
 SUMMARY_EVERY_N_STEPS = 100
+
+
+class _Guard:
+    """Makes a `SkipNonFiniteSteps(**settings)` for each variant that uses it; shown as such."""
+
+    def __init__(self, **settings: Any):
+        self.settings = settings
+
+    def __call__(self) -> trainop.SkipNonFiniteSteps:
+        return trainop.SkipNonFiniteSteps(**self.settings)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
+        return f"SkipNonFiniteSteps({shown})"
+
+
 REFERENCE = "trainop"
 FEATURES: dict[str, dict[str, Any]] = {
     "trainop": {},
@@ -67,7 +85,8 @@ FEATURES: dict[str, dict[str, Any]] = {
         "summarize_every_n_steps": SUMMARY_EVERY_N_STEPS,
     },
     # A guard is made per train op (its counters and statistics are its own).
-    "skip_spikes": {"check_numerics": lambda: trainop.SkipNonFiniteSteps(spike_threshold=6.0)},
+    "skip_spikes": {"check_numerics": _Guard(spike_threshold=6.0)},
+    "skip_updates": {"check_numerics": _Guard(check_updates=True)},
 }
 
 

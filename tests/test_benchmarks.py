@@ -63,13 +63,20 @@ def test_bench_features_smoke_run(tmp_path):
         "benchmarks.bench_features", tmp_path, "--blocks", "2", "--steps-per-block", "2"
     )
     assert "| skip | " in result.stdout and "| summaries | " in result.stdout
-    assert set(results["ratios"]) == {"skip", "summaries", "skip_summaries", "skip_spikes"}
+    assert set(results["ratios"]) == {
+        "skip",
+        "summaries",
+        "skip_summaries",
+        "skip_spikes",
+        "skip_updates",
+    }
     # On healthy batches the guard and the summaries change nothing that is trained.
     assert results["max_weight_diff"] == {
         "skip": 0.0,
         "summaries": 0.0,
         "skip_summaries": 0.0,
         "skip_spikes": 0.0,
+        "skip_updates": 0.0,
     }
 
 

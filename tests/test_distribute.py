@@ -80,6 +80,7 @@ _REFUSED = [
     "global_step",
     "xla",
     "spike_threshold",
+    "check_updates",
     "create_train_step",
     "graph",
 ]

@@ -294,6 +294,7 @@ def apply_if_finite(
     undo: Callable[[], list[Any]] | None = None,
     report: Callable[[], list[Any]] | None = None,
     spike_values: Callable[[], tuple[tf.Tensor, tf.Tensor]] | None = None,
+    updated: Callable[[], tuple[list[Any], list[Any]]] | None = None,
 ) -> list[Any]:
     """The skipping half of the numerics guard, for one device and across replicas alike (as
     optax's `apply_if_finite`): with a `SkipNonFiniteSteps`, `update()` runs in a `tf.cond`
@@ -302,8 +303,9 @@ def apply_if_finite(
     only the loss counts: an overflow of the scaled gradients is the optimizer's to skip. A
     skipped step first runs `undo` (what undoes the writes of the forward pass), if given, and
     says what was not finite with `report` (see `not_finite_report`). A guard that judges
-    spikes is given the step's loss and gradient norm by `spike_values` (see `spike_values`);
-    without it (across replicas), such a guard is refused.
+    spikes is given the step's loss and gradient norm by `spike_values` (see `spike_values`),
+    one that checks the updated values what the update writes by `updated` (see
+    `updated_variables`); without them (across replicas), such a guard is refused.
 
     Returns:
       The ops to wait for.
@@ -325,8 +327,27 @@ def apply_if_finite(
             undo=undo,
             report=report,
             spike_values=spike_values,
+            updated=updated,
         )
     ]
+
+
+def updated_variables(
+    config: StepConfig, pairs: list[tuple[Any, Any]]
+) -> Callable[[], tuple[list[Any], list[Any]]]:
+    """What a guard that checks the updated values is given: the `tf.Variable`s the update
+    trains (those of `pairs` with a gradient), and the others it may write (the optimizer's
+    state, built now for every variable of `pairs`, and the global step)."""
+
+    def variables() -> tuple[list[Any], list[Any]]:
+        trained = [_variables.as_tf_variable(v) for g, v in pairs if g is not None]
+        others = config.adapter.state_variables([v for _, v in pairs])
+        if config.global_step is not None:
+            others.append(config.global_step)
+        known = {id(v) for v in trained}
+        return trained, [v for v in others if id(v) not in known and not known.add(id(v))]
+
+    return variables
 
 
 def spike_values(
@@ -463,6 +484,8 @@ def build_step(
             (lambda: undo(None)) if undo is not None else None,
             not_finite_report(total_loss, gradients.pairs),
             spike_values(config, total_loss, grads_and_vars),
+            # Accumulation's update applies only every N calls: not undone as one step.
+            updated_variables(config, gradients.pairs) if config.accumulator is None else None,
         )
     if v1_summaries:
         # Named as TF-Slim's train op names them.

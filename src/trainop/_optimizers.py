@@ -328,6 +328,31 @@ class OptimizerAdapter:
                     f"Received: optimizer={self.optimizer!r}"
                 )
 
+    def state_variables(self, variables: list[Any]) -> list[tf.Variable]:
+        """Every `tf.Variable` that applying gradients to `variables` may write, besides them:
+        the optimizer's slots, counters, learning rate and loss scale. Creates what the
+        optimizer would create on its first update (its slots), so that their values before
+        the update can be read first.
+        """
+        optimizer = self.optimizer
+        tf_variables = [as_tf_variable(v) for v in variables]
+        with tf.init_scope():
+            if self.family == FAMILY_V1:
+                optimizer._create_slots(tf_variables)
+                found = optimizer.variables()
+            elif self.family == FAMILY_TF_KERAS_LEGACY:
+                optimizer._create_all_weights(tf_variables)
+                found = optimizer.variables()
+            elif self.family == FAMILY_TF_KERAS:
+                if not getattr(optimizer, "_built", False):
+                    optimizer.build(tf_variables)
+                found = optimizer.variables
+            else:
+                if not optimizer.built:
+                    optimizer.build(variables)
+                found = optimizer.variables
+        return [as_tf_variable(v) for v in found]
+
     def learning_rate_variable(self) -> tf.Variable | None:
         """The `tf.Variable` that holds the learning rate, which the next updates read; None
         if it is not one (a schedule, a Python number a v1 optimizer bakes into its step).

@@ -94,6 +94,14 @@ class SkipNonFiniteSteps(tf.Module):
       spike_decay: the weight of the past in the running statistics, in (0, 1): 0.99 averages
         over about the last 100 applied steps. Until 1 / (1 - decay) steps were applied, the
         statistics are the plain mean and variance of all of them.
+      check_updates: also check the trained variables after the update: an optimizer can make
+        inf or NaN weights out of finite gradients (a float16 Adam whose epsilon underflows, a
+        huge learning rate). Such an update is undone (the trained variables, the optimizer's
+        slots and counters and the global step written back, and what the forward pass
+        wrote) and the step counted in `skipped_steps`, said as the others. It reads every
+        variable the update writes before it, and the trained ones after it. Eager mode
+        (`tf.function`, compiled by XLA or not) on one device, without `accumulation_steps`;
+        elsewhere a `ValueError` when the train op is built or first called.
 
     Attributes:
       max_consecutive: the limit given, as an `int`, or None.
@@ -106,12 +114,14 @@ class SkipNonFiniteSteps(tf.Module):
       spike_statistics: a float32 `tf.Variable` of shape [2, 2]: the running mean (column 0)
         and variance (column 1) of the loss (row 0) and of the global gradient norm (row 1);
         None without `spike_threshold`.
+      check_updates: as given.
       checks_gradients: whether the gradients are checked besides the loss (True).
 
     Raises:
       ValueError: if `max_consecutive` is not an integer >= 0 or None, `spike_threshold` not a
         positive finite number or None, `spike_warmup_steps` not an integer >= 2, or
         `spike_decay` not in (0, 1).
+      TypeError: if `check_updates` is not a bool.
 
     Example:
       >>> import keras, numpy as np, tensorflow as tf, trainop
@@ -135,6 +145,7 @@ class SkipNonFiniteSteps(tf.Module):
         spike_threshold: float | None = None,
         spike_warmup_steps: int = 100,
         spike_decay: float = 0.99,
+        check_updates: bool = False,
     ):
         super().__init__(name=name)
         check_count("max_consecutive", max_consecutive, minimum=0, allow_none=True)
@@ -143,6 +154,11 @@ class SkipNonFiniteSteps(tf.Module):
         self.spike_threshold = None if spike_threshold is None else float(spike_threshold)
         self.spike_warmup_steps = int(spike_warmup_steps)
         self.spike_decay = float(spike_decay)
+        if not isinstance(check_updates, (bool, np.bool_)):
+            raise TypeError(
+                f"`check_updates` must be True or False. Received: check_updates={check_updates!r}"
+            )
+        self.check_updates = bool(check_updates)
         with tf.init_scope():
             self._graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
             self.skipped_steps = tf.Variable(
@@ -178,6 +194,8 @@ class SkipNonFiniteSteps(tf.Module):
                 f", spike_threshold={self.spike_threshold}, "
                 f"spike_warmup_steps={self.spike_warmup_steps}, spike_decay={self.spike_decay}"
             )
+        if self.check_updates:
+            spikes += ", check_updates=True"
         return f"SkipNonFiniteSteps(max_consecutive={self.max_consecutive}{spikes})"
 
     # The methods below are what the train op calls to build its guarded step; a user needs
@@ -208,6 +226,7 @@ class SkipNonFiniteSteps(tf.Module):
         undo: Callable[[], Sequence[Any]] | None = None,
         report: Callable[[], list[Any]] | None = None,
         spike_values: Callable[[], tuple[tf.Tensor, tf.Tensor]] | None = None,
+        updated: Callable[[], tuple[list[Any], list[Any]]] | None = None,
     ) -> tf.Tensor:
         """Adds to the current graph: `update()` if `finite` (and not a spike), else the skip.
 
@@ -215,7 +234,9 @@ class SkipNonFiniteSteps(tf.Module):
         `consecutive_skipped_steps`, or, after `max_consecutive` skipped steps in a row, fails
         an assertion (inside `stopping_on_device`, sets the stop flag instead, counting
         nothing). One `tf.cond`: the decision is taken on the device. An applied step resets
-        `consecutive_skipped_steps` to 0 (and adds its values to `spike_statistics`).
+        `consecutive_skipped_steps` to 0 (and adds its values to `spike_statistics`). With
+        `check_updates`, an applied step whose updated variables are not all finite is undone
+        (every variable of `updated` written back) and then skipped as a bad one.
 
         Args:
           finite: a boolean scalar, from `all_finite`.
@@ -231,16 +252,19 @@ class SkipNonFiniteSteps(tf.Module):
             device for every bad step, and added to the error of the one that raises.
           spike_values: returns the step's loss and global gradient norm (a scalar 0 when the
             norm is not judged); required with `spike_threshold`, ignored without.
+          updated: returns the `tf.Variable`s the update trains, and the others it may write
+            (the optimizer's slots and counters, the global step); required with
+            `check_updates`, ignored without.
 
         Returns:
-          A boolean tensor, whether the update was applied, that, once evaluated, has run the
-          chosen branch.
+          A boolean tensor, whether the update was accepted by the checks made before it,
+          that, once evaluated, has run the chosen branch.
 
         Raises:
           tf.errors.InvalidArgumentError: when the tensor is evaluated (not when it is built),
             for a bad step after `max_consecutive` skipped ones in a row.
-          ValueError: with `spike_threshold`, if `spike_values` is None (the caller cannot
-            judge spikes: under several replicas).
+          ValueError: with `spike_threshold` or `check_updates`, if `spike_values` or
+            `updated` is None (the caller cannot give them: under several replicas).
         """
         spike = None
         accepted = finite
@@ -255,58 +279,52 @@ class SkipNonFiniteSteps(tf.Module):
             spike, deviations, statistics = self._judge(*spike_values())
             accepted = tf.logical_and(finite, tf.logical_not(spike))
             spike = tf.logical_and(finite, spike)  # a spike holding inf or NaN is not finite
-
-        def apply() -> tf.Tensor:
-            with tf.control_dependencies(update()):
-                done = [self.consecutive_skipped_steps.assign(0, read_value=False)]
-                if spike is not None:
-                    done += [
-                        self.spike_statistics.assign(statistics, read_value=False),
-                        self._observed_steps.assign_add(1, read_value=False),
-                    ]
-            with tf.control_dependencies(done):
-                return tf.constant(True)
+        trained: list[Any] = []
+        written: list[Any] = []
+        before: list[tf.Tensor] = []
+        if self.check_updates:
+            if updated is None:
+                raise ValueError(
+                    "SkipNonFiniteSteps(check_updates=True) cannot undo an update under a "
+                    "tf.distribute strategy with several replicas, nor with accumulation_steps: "
+                    "use it on one device without accumulation, or leave check_updates out."
+                )
+            if not tf.inside_function():
+                raise ValueError(
+                    "SkipNonFiniteSteps(check_updates=True) works in eager mode (the train op "
+                    "is a tf.function), not in a tf.compat.v1 graph: there its tf.cond is run "
+                    "as Switch and Merge ops, which cannot order the values read back after the "
+                    "update. Leave check_updates out in graph mode."
+                )
+            trained, others = updated()
+            written = trained + others
+            # Read here, before the tf.cond that updates them: its inputs.
+            before = [v.read_value() for v in written]
+        stop = self._stop.variable if self._stop.in_use() else None
 
         def undone() -> list[Any]:
             return list(undo()) if undo is not None else []
 
-        stop = self._stop.variable if self._stop.in_use() else None
-        if stop is not None:
-
-            def skip_or_stop() -> tf.Tensor:
-                with tf.control_dependencies(undone()):
-                    return self._skip_or_stop(stop, spike)
-
-            return tf.cond(accepted, apply, skip_or_stop)
-
-        def said(described: list[Any]) -> Callable[[], tf.Tensor]:
-            def say() -> tf.Tensor:
-                printed = tf.print(
-                    f"trainop: a step not applied at {step_name}",
-                    step if step is not None else "(none)",
-                    "-",
-                    *described,
-                    output_stream=sys.stderr,
-                )
-                with tf.control_dependencies([printed]):
-                    return tf.constant(True)
-
-            return say
-
-        def skip() -> tf.Tensor:
-            checks = undone()
-            described = report() if report is not None else []
-            if described and spike is None:
-                checks.append(said(described)())
-            elif spike is not None:
-                spiked = [
-                    "a spike: standard deviations above the recent mean: loss",
-                    deviations[0],
-                    "gradient norm",
-                    deviations[1],
+        def kept() -> tf.Tensor:
+            done = [self.consecutive_skipped_steps.assign(0, read_value=False)]
+            if spike is not None:
+                done += [
+                    self.spike_statistics.assign(statistics, read_value=False),
+                    self._observed_steps.assign_add(1, read_value=False),
                 ]
-                checks.append(tf.cond(spike, said(spiked), said(described)))
-                described = described + ["-", *spiked]
+            with tf.control_dependencies(done):
+                return tf.constant(True)
+
+        def rejected(
+            describe: Callable[[], list[Any]], spiked: tf.Tensor | None, say: bool = True
+        ) -> tf.Tensor:
+            """The bad step's end: said (unless `say` is False: said already), then counted, or
+            the error, or the stop flag (which says nothing: XLA compiles no print, nor
+            `describe`'s string ops)."""
+            if stop is not None:
+                return self._skip_or_stop(stop, spiked)
+            described = describe()
+            checks = [_said(step_name, step, described)] if described and say else []
             if self.max_consecutive is not None:
                 what = NOT_FINITE_MESSAGE if spike is None else f"{NOT_FINITE_MESSAGE}, or spiked,"
                 with tf.control_dependencies(checks):
@@ -322,9 +340,42 @@ class SkipNonFiniteSteps(tf.Module):
                     )
                 checks.append(assertion)
             with tf.control_dependencies(checks):
-                counted = self._count(spike)
+                counted = self._count(spiked)
             with tf.control_dependencies(counted):
                 return tf.constant(False)
+
+        def apply() -> tf.Tensor:
+            with tf.control_dependencies(update()):
+                if not self.check_updates:
+                    return kept()
+                values = [v.read_value() for v in trained]
+
+            def update_undone() -> tf.Tensor:
+                restored = [v.assign(b, read_value=False) for v, b in zip(written, before)]
+                with tf.control_dependencies(restored + undone()):
+                    return rejected(lambda: _update_report(trained, values), None)
+
+            return tf.cond(_all_values_finite(values), kept, update_undone)
+
+        def skip() -> tf.Tensor:
+            with tf.control_dependencies(undone()):
+                if spike is None or stop is not None:
+                    return rejected(report or list, spike)
+                described = report() if report is not None else []
+                spiked = [
+                    "a spike: standard deviations above the recent mean: loss",
+                    deviations[0],
+                    "gradient norm",
+                    deviations[1],
+                ]
+                # Said as a spike or as not finite; the error at the limit holds both.
+                said = tf.cond(
+                    spike,
+                    lambda: _said(step_name, step, spiked),
+                    lambda: _said(step_name, step, described),
+                )
+                with tf.control_dependencies([said]):
+                    return rejected(lambda: [*described, "-", *spiked], spike, say=False)
 
         return tf.cond(accepted, apply, skip)
 
@@ -455,6 +506,46 @@ class SkipNonFiniteSteps(tf.Module):
             f"{NOT_FINITE_MESSAGE}{at} after {consecutive} skipped steps in a row: stopping "
             f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive})) (a compiled step)",
         )
+
+
+def _said(step_name: str, step: Any, described: list[Any]) -> tf.Tensor:
+    """Prints, from the device to stderr, that a step was not applied and why."""
+    printed = tf.print(
+        f"trainop: a step not applied at {step_name}",
+        step if step is not None else "(none)",
+        "-",
+        *described,
+        output_stream=sys.stderr,
+    )
+    with tf.control_dependencies([printed]):
+        return tf.constant(True)
+
+
+def _all_values_finite(values: list[tf.Tensor]) -> tf.Tensor:
+    """Whether every element of `values` (floating or complex) is finite."""
+    checks = [_finite(v) for v in values if v.dtype.is_floating or v.dtype.is_complex]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def _finite(value: tf.Tensor) -> tf.Tensor:
+    if value.dtype.is_complex:
+        value = tf.stack([tf.math.real(value), tf.math.imag(value)])
+    return tf.reduce_all(tf.math.is_finite(value))
+
+
+def _update_report(variables: list[Any], values: list[tf.Tensor]) -> list[Any]:
+    """What an update that made values inf or NaN says: how many variables, and the first 5."""
+    from trainop import _variables
+
+    names = tf.constant([_variables.variable_name(v) for v in variables])
+    finite = tf.stack([_finite(v) for v in values])
+    bad = tf.boolean_mask(names, tf.logical_not(finite))
+    return [
+        "the update made variables not finite (from finite gradients):",
+        tf.size(bad),
+        f"of {len(variables)}",
+        bad[:5],
+    ]
 
 
 def _check_spike_settings(threshold: Any, warmup_steps: Any, decay: Any) -> None:

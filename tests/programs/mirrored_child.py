@@ -649,6 +649,19 @@ def refused_cases():
 
     refused("spike_threshold", call_judging_spikes, "cannot judge spikes under a tf.distribute")
 
+    def call_checking_updates():
+        with two.scope():
+            train_op = trainop.create_train_op(
+                loss_fn,
+                keras.optimizers.SGD(0.1),
+                variables_to_train=variables,
+                check_numerics=trainop.SkipNonFiniteSteps(check_updates=True),
+            )
+        batches = tf.data.Dataset.from_tensors((X[:16], Y[:16]))
+        train_op(*next(iter(two.experimental_distribute_dataset(batches))))
+
+    refused("check_updates", call_checking_updates, "cannot undo an update under a tf.distribute")
+
     def build_train_step():
         with two.scope():
             trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
