@@ -200,3 +200,39 @@ def test_train_refuses_a_rollback_it_cannot_do(tmp_path):
                 checkpoint={"v": v},
                 rollback=trainop.Rollback(keras.optimizers.SGD(0.1)),
             )
+
+
+def test_the_batch_the_guard_gave_up_on_is_saved_for_inspection(tmp_path):
+    w = tf.Variable(W0.astype(np.float32))
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda x, y: tf.reduce_sum((w - x) ** 2 * y), keras.optimizers.SGD(0.1), global_step=step
+    )
+    x = X.astype(np.float32)
+    x[3, 1] = np.nan
+    y = np.arange(STEPS, dtype=np.float32)
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        trainop.train(
+            train_op,
+            data,
+            logdir=str(tmp_path),
+            global_step=step,
+            progress=False,
+            save_bad_batch=True,
+        )
+    path = tmp_path / "bad_batch-3.npz"
+    assert f"(batch 3 of the data, saved in {path})" in str(raised.value)
+    saved = np.load(path)
+    assert sorted(saved.files) == ["0", "1"]
+    np.testing.assert_array_equal(saved["0"], x[3])
+    assert saved["1"] == y[3]
+
+
+def test_save_bad_batch_needs_a_logdir():
+    w = tf.Variable(1.0)
+    train_op = trainop.create_train_op(lambda: w * w, keras.optimizers.SGD(0.1), global_step=None)
+    with pytest.raises(ValueError, match="`save_bad_batch` needs `logdir`"):
+        trainop.train(
+            train_op, max_steps=2, global_step=tf.Variable(0, dtype=tf.int64), save_bad_batch=True
+        )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -70,3 +72,24 @@ def call_with_batch(train_op: Callable[..., Any], batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return train_op(**batch)
     return train_op(batch)
+
+
+def save_batch(batch: Any, directory: str, index: int) -> str:
+    """Saves `batch` as `directory/bad_batch-<index>.npz`, one array per element, named by its
+    place in the batch (`0`, `1` for a tuple; its keys for a dict; `batch` for one tensor; a
+    nested element's leaves as `name.0`, `name.1`, ...). Returns the file's path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"bad_batch-{index}.npz")
+    if isinstance(batch, Mapping):
+        elements = [(str(key), value) for key, value in batch.items()]
+    elif isinstance(batch, (tuple, list)):
+        elements = [(str(i), value) for i, value in enumerate(batch)]
+    else:
+        elements = [("batch", batch)]
+    arrays = {}
+    for name, element in elements:
+        leaves = tf.nest.flatten(element)
+        for j, leaf in enumerate(leaves):
+            arrays[name if len(leaves) == 1 else f"{name}.{j}"] = np.asarray(leaf)
+    np.savez(path, **arrays)
+    return path

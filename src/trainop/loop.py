@@ -55,6 +55,7 @@ def train(
     session: Any = None,
     restore_data_position: bool = True,
     rollback: Rollback | None = None,
+    save_bad_batch: bool = False,
 ) -> TrainResult:
     """Runs a train op until `max_steps` or the end of `dataset`, saving and resuming.
 
@@ -104,6 +105,11 @@ def train(
       rollback: a `trainop.Rollback`: when the numerics guard gives up, restore the newest
         healthy checkpoint, lower the learning rate and go on (eager train ops, with `logdir`
         and `checkpoint`); None (the default): the guard's error ends the run.
+      save_bad_batch: when the numerics guard raises on a batch, save that batch in `logdir`
+        (`bad_batch-K.npz`, K its index in the data; one array per element of the batch,
+        named by its place in the batch: `0`, `1` for a tuple, its keys for a dict), to load
+        with `numpy.load` and inspect. The path is added to the error and to the roll back's
+        log line.
 
     Returns:
       A `TrainResult`; its `stopped_by` says why the run ended (also logged, on the `trainop`
@@ -151,6 +157,7 @@ def train(
         checkpoint=checkpoint,
         logdir=logdir,
         rollback=rollback,
+        save_bad_batch=save_bad_batch,
     )
     if graph is not None:
         return _train_graph(
@@ -188,7 +195,7 @@ def train(
     writer = _writer(logdir) if logdir is not None and not compiled else None
     with writer.as_default() if writer is not None else contextlib.nullcontext():
         return _run.run(
-            lambda: _step_on_next_batch(train_op, batches),
+            lambda: _step_on_next_batch(train_op, batches, logdir if save_bad_batch else None),
             read_step=lambda: int(step_variable.numpy()),
             saver=saver,
             resumed_from=resumed_from,
@@ -200,15 +207,20 @@ def train(
         )
 
 
-def _step_on_next_batch(train_op: Callable[..., Any], batches: _data.Batches) -> Any:
-    """The train op on the next batch; its numerics error names the batch's index."""
+def _step_on_next_batch(
+    train_op: Callable[..., Any], batches: _data.Batches, bad_batch_dir: str | None = None
+) -> Any:
+    """The train op on the next batch; its numerics error names the batch's index (and where
+    the batch was saved, with `bad_batch_dir`)."""
     batch = next(batches)
     try:
         return _data.call_with_batch(train_op, batch)
     except tf.errors.InvalidArgumentError as error:
-        raise type(error)(
-            error.node_def, error.op, f"{error.message} (batch {batches.consumed - 1} of the data)"
-        ) from error
+        index = batches.consumed - 1
+        where = f"batch {index} of the data"
+        if bad_batch_dir is not None and Rollback.gave_up(error):
+            where += f", saved in {_data.save_batch(batch, bad_batch_dir, index)}"
+        raise type(error)(error.node_def, error.op, f"{error.message} ({where})") from error
 
 
 def _graph_of(train_op: Any) -> tf.Graph | None:
@@ -243,6 +255,7 @@ def _check_arguments(
     checkpoint: Any,
     logdir: Any,
     rollback: Any,
+    save_bad_batch: Any,
 ) -> None:
     """Raises, before anything runs, for the arguments of `train` that cannot work together
     or are of the wrong type (see `train`'s Raises)."""
@@ -281,6 +294,15 @@ def _check_arguments(
             raise ValueError("A graph train op needs `max_steps`: it has no end of data.")
     elif dataset is None and max_steps is None:
         raise ValueError("Pass `dataset`, `max_steps` or both: there is nothing to stop the loop.")
+    if not isinstance(save_bad_batch, bool):
+        raise TypeError(
+            f"`save_bad_batch` must be True or False. Received: save_bad_batch={save_bad_batch!r}"
+        )
+    if save_bad_batch and (logdir is None or graph is not None):
+        raise ValueError(
+            "`save_bad_batch` needs `logdir`, where the batch is saved, and an eager train op "
+            "(a graph train op reads its own input)."
+        )
     if rollback is not None:
         if not isinstance(rollback, Rollback):
             raise TypeError(
