@@ -268,21 +268,46 @@ def accumulating(config: StepConfig, update: Update) -> Update:
 
 
 def checked_loss(
-    config: StepConfig, loss: tf.Tensor, undo: Callable[[Any], list[Any]] | None = None
+    config: StepConfig,
+    loss: tf.Tensor,
+    undo: Callable[[Any], list[Any]] | None = None,
+    report: Callable[[], list[Any]] | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """The raising half of the numerics guard: with `check_numerics=True`, `loss` checked (it
     raises when evaluated if inf or NaN) and [it], for everything that changes state to wait
     for, so that a failed check changes nothing; else `loss` and [].
 
     With `undo` (what undoes the writes of the forward pass, given a boolean tensor: keep
-    them where True), the check waits for `undo(loss is finite)`.
+    them where True), the check waits for `undo(loss is finite)`. With `report` (see
+    `not_finite_report`), the error also says the step and what was not finite, worked out in
+    a `tf.cond` branch that only a failing step runs (a graph train op's check: an eager one is
+    diagnosed after the failure, `_eager.DiagnosedTrainOp`).
     """
     if config.check_numerics is not True:
         return loss, []
     if undo is not None:
         with tf.control_dependencies(undo(tf.math.is_finite(loss))):
             loss = tf.identity(loss)
-    loss = numerics.check_loss_is_finite(loss)
+    if report is None:
+        loss = numerics.check_loss_is_finite(loss)
+        return loss, [loss]
+    step, step_name = _global_step.counter(config.global_step, config.adapter.iterations)
+    unchecked = loss
+
+    def failed() -> tf.Tensor:
+        said = tf.debugging.Assert(
+            False,
+            [
+                f"{numerics.LOSS_NOT_FINITE_MESSAGE} at {step_name}",
+                step if step is not None else "(none)",
+                "-",
+                *report(),
+            ],
+        )
+        with tf.control_dependencies([said]):
+            return tf.identity(unchecked)
+
+    loss = tf.cond(tf.math.is_finite(loss), lambda: tf.identity(unchecked), failed)
     return loss, [loss]
 
 
@@ -406,6 +431,7 @@ def build_step(
     on_accepted: Callable[[], Sequence[Any]] | None = None,
     undo: Callable[[Any], list[Any]] | None = None,
     v1_summaries: bool = False,
+    diagnose_loss: bool = False,
 ) -> tf.Tensor:
     """Adds the training step on `grads_and_vars` to the current graph.
 
@@ -436,6 +462,8 @@ def build_step(
       v1_summaries: whether the gradient summaries are TF1 summaries (in a `tf.compat.v1`
         graph without a v2 writer), which the caller's loop fetches from the SUMMARIES
         collection: built beside the step, not in it, on the gradients as applied.
+      diagnose_loss: whether the default check's error says, from the device, the step and
+        what was not finite (see `checked_loss`).
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
@@ -463,7 +491,8 @@ def build_step(
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
                 return apply(present, loss_scale)
 
-    total_loss, checked = checked_loss(config, total_loss, undo)
+    report = not_finite_report(total_loss, grads_and_vars) if diagnose_loss else None
+    total_loss, checked = checked_loss(config, total_loss, undo, report)
     with tf.control_dependencies(checked):
         gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars)
         if config.accumulator is None:

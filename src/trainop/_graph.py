@@ -82,6 +82,8 @@ def create_graph_train_op(
         v1_summaries=(
             config.summarize_gradients and not in_function and not summaries.writes_v2_summaries()
         ),
+        # The default check's error says what was not finite: the graph's Session raises it.
+        diagnose_loss=True,
     )
     if not in_function:
         # TF-Slim's loop finds the train op here. (Compared by identity: `==` on tensors is
