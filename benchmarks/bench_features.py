@@ -101,7 +101,9 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
     base_model = make_model()
     variants = []
     for name, settings in FEATURES.items():
-        kwargs = {key: value() if callable(value) else value for key, value in settings.items()}
+        kwargs = {
+            key: value() if isinstance(value, _Guard) else value for key, value in settings.items()
+        }
         model = copy_model(base_model)
         optimizer = keras.optimizers.Adam(LEARNING_RATE)
         step = trainop.create_train_op(

@@ -130,7 +130,8 @@ def parse(
         (args.threads >= 1, f"--threads must be at least 1; received {args.threads}"),
         (
             args.json is None or _writable_file(args.json),
-            f"--json {args.json}: its directory does not exist or cannot be written in",
+            f"--json {args.json}: not a file that can be written (a directory, or in a "
+            "directory that does not exist or cannot be written in)",
         ),
     ]
     for ok, message in checks:

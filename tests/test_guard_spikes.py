@@ -262,3 +262,22 @@ def test_the_guard_without_spikes_holds_only_its_counters():
         "SkipNonFiniteSteps(max_consecutive=10, spike_threshold=4.0, spike_warmup_steps=10, "
         "spike_decay=0.99)"
     )
+
+
+def test_a_quantity_that_has_not_varied_does_not_make_every_rise_a_spike():
+    """The loss constant through the warm-up (variance 0): a rise of a ten-thousandth is not a
+    spike (the deviation is taken as at least a thousandth of the mean); a doubling is."""
+    w = tf.Variable(0.0)
+    guard = trainop.SkipNonFiniteSteps(spike_threshold=4.0, spike_warmup_steps=10)
+    train_op = trainop.create_train_op(
+        lambda level: level + 0.0 * w,
+        keras.optimizers.SGD(0.1),
+        global_step=None,
+        check_numerics=guard,
+    )
+    for _ in range(12):
+        train_op(tf.constant(1.0))
+    train_op(tf.constant(1.0001))
+    assert int(guard.spike_skipped_steps) == 0
+    train_op(tf.constant(2.0))
+    assert int(guard.spike_skipped_steps) == 1

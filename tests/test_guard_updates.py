@@ -85,10 +85,14 @@ def test_an_update_made_not_finite_is_undone_and_skipped(family, jit_compile, ca
     assert int(guard.consecutive_skipped_steps) == 0
     if not jit_compile:  # XLA compiles no print
         said = [line for line in capfd.readouterr().err.splitlines() if "trainop:" in line]
-        assert said == [
-            "trainop: a step not applied at global step 1 - the update made variables not "
-            'finite (from finite gradients): 1 of 1 ["Variable"]'
-        ]
+        # The weight went inf (and, depending on the family, its momentum); of the floating
+        # variables the update writes (weights, slots; Keras's learning rate too).
+        assert len(said) == 1
+        assert re.fullmatch(
+            r"trainop: a step not applied at global step 1 - the update made variables not "
+            r'finite \(from finite gradients\): [12] of [23] \["Variable".*\]',
+            said[0],
+        ), said[0]
 
 
 def test_a_float16_adam_whose_epsilon_underflows_is_undone():
@@ -174,7 +178,7 @@ def test_updates_made_not_finite_count_towards_the_limit():
     train_op()
     with pytest.raises(tf.errors.InvalidArgumentError) as raised:
         train_op()
-    assert re.search(r"the update made variables not finite.*\W1\W+of 1", str(raised.value))
+    assert re.search(r"the update made variables not finite.*\W1\W+of \d", str(raised.value))
     np.testing.assert_array_equal(w.numpy(), W0)
 
 

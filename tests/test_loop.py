@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 import trainop
-from conftest import make_optimizer
+from conftest import make_optimizer, read_summaries
 
 CHILD = pathlib.Path(__file__).parent / "programs" / "train_child.py"
 
@@ -622,3 +622,27 @@ def test_a_counted_position_is_not_skipped_without_restore_data_position(tmp_pat
     total.assign(0.0)
     trainop.train(train_op, batches, max_steps=7, **kwargs)
     assert float(total.numpy()) == 2 + 3  # the position saved at step 5 (two batches read)
+
+
+def test_a_compiled_train_op_trains_in_a_logdir_and_its_hooks_write_there(tmp_path):
+    """XLA compiles no summary write: the loop's writer is not the default one when the
+    compiled train op is traced (it would refuse it), but is around the hooks."""
+    w = tf.Variable(1.0)
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda: (w - 3.0) ** 2, make_optimizer("keras", "sgd", 0.1), step, jit_compile=True
+    )
+
+    def write(global_step, loss):
+        tf.summary.scalar("hook/loss", loss, step=global_step)
+
+    result = trainop.train(
+        train_op,
+        max_steps=4,
+        logdir=str(tmp_path),
+        global_step=step,
+        progress=False,
+        hooks=[trainop.Hook(write, every_n_steps=2)],
+    )
+    assert result.global_step == 4
+    assert [s for s, _ in read_summaries(str(tmp_path))["hook/loss"]] == [2, 4]

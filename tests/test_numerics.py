@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import keras
 import numpy as np
@@ -531,6 +532,43 @@ def test_a_rejected_step_says_which_gradients_were_not_finite(capfd):
     capfd.readouterr()
     train_op(tf.constant(1.0))
     assert "trainop:" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_a_compiled_rejected_step_is_said_after_the_call(caplog, steps_per_call):
+    """Under XLA, which prints nothing, the step records what was not finite on the device and
+    the train op says it after the call, from the host; the error at the limit ends with it.
+    A healthy call says nothing."""
+    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
+    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
+    train_op = trainop.create_train_op(
+        lambda z: w1**2 + tf.sqrt(tf.abs(w2 * z)),
+        keras.optimizers.SGD(0.1),
+        global_step=tf.Variable(0, dtype=tf.int64),
+        check_numerics=guard,
+        jit_compile=True,
+        steps_per_call=steps_per_call,
+    )
+
+    def batch(z):
+        return tf.constant([z] * steps_per_call if steps_per_call > 1 else z)
+
+    with caplog.at_level(logging.WARNING, logger="trainop"):
+        train_op(batch(1.0))
+        assert not caplog.records
+        train_op(tf.constant([1.0, 0.0]) if steps_per_call > 1 else batch(0.0))
+        said = [r.getMessage() for r in caplog.records]
+    at = 2 * steps_per_call - 1  # the steps applied before the rejected one
+    loss = f"{0.8 ** (2 * at):.6g}"
+    assert len(said) == 1 and said[0].startswith(
+        f"trainop: a step not applied at global step {at} - loss {loss}"
+    )
+    assert said[0].endswith("- gradients not finite: 1 of 2 (w2)")
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        train_op(batch(0.0))
+    assert str(raised.value).endswith(
+        f"(a compiled step) - loss {loss} - gradients not finite: 1 of 2 (w2)"
+    )
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

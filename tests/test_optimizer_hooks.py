@@ -353,7 +353,12 @@ def test_sync_replicas_optimizer_step_whose_loss_is_nan_applies_nothing():
 
 
 @pytest.mark.parametrize(
-    "argument", [dict(check_numerics=trainop.SkipNonFiniteSteps()), dict(accumulation_steps=2)]
+    "argument",
+    [
+        dict(check_numerics=trainop.SkipNonFiniteSteps()),
+        dict(check_numerics="skip"),
+        dict(accumulation_steps=2),
+    ],
 )
 def test_sync_replicas_optimizer_refuses_an_update_in_a_cond(argument):
     (name,) = argument

@@ -90,6 +90,9 @@ def test_a_bad_stretch_under_the_skip_guard_rolls_back_lowers_the_rate_and_finis
     assert len(rollbacks) == 1
     assert f"Rolled back to {tmp_path / 'ckpt-20'} (roll back 1 of 3)" in rollbacks[0]
     assert "Learning rate 0.1 -> 0.05" in rollbacks[0]
+    # The guard's own words, and the batch.
+    assert "The loss or a gradient is inf or nan at global step" in rollbacks[0]
+    assert "gradients not finite:" in rollbacks[0] and "(batch 22 of the data)" in rollbacks[0]
 
 
 @pytest.mark.parametrize("check_numerics", [True, "skip_at_once"])
@@ -235,4 +238,39 @@ def test_save_bad_batch_needs_a_logdir():
     with pytest.raises(ValueError, match="`save_bad_batch` needs `logdir`"):
         trainop.train(
             train_op, max_steps=2, global_step=tf.Variable(0, dtype=tf.int64), save_bad_batch=True
+        )
+
+
+def test_a_roll_back_before_the_first_scheduled_save_restores_the_optimizers_slots(tmp_path):
+    """Adam, the NaN batch 2 under the default check: back to the checkpoint written after the
+    first call (its slots and counter included), so the run equals Adam on batch 0, then on
+    batches 3 onwards at half the rate: batch 1's update leaves nothing behind."""
+    optimizer = keras.optimizers.Adam(0.1)
+    result, w = _train(tmp_path, [2], optimizer, True)
+
+    reference = keras.Variable(W0.astype(np.float32))
+    reference_optimizer = keras.optimizers.Adam(0.1)
+    for i in [0, *range(3, STEPS)]:
+        if i == 3:
+            reference_optimizer.learning_rate = 0.05
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((reference - X[i].astype(np.float32)) ** 2)
+        reference_optimizer.apply_gradients([(tape.gradient(loss, reference), reference)])
+    np.testing.assert_allclose(w, reference.numpy(), rtol=1e-5)
+    assert result.rollbacks == 1
+    assert int(optimizer.iterations) == int(reference_optimizer.iterations) == STEPS - 2
+
+
+def test_rollback_needs_its_optimizer_in_the_checkpoint(tmp_path):
+    optimizer = keras.optimizers.SGD(0.1)
+    w = tf.Variable(1.0)
+    train_op = trainop.create_train_op(lambda: w * w, optimizer, global_step=None)
+    with pytest.raises(ValueError, match="`rollback`'s optimizer is not in `checkpoint`"):
+        trainop.train(
+            train_op,
+            max_steps=3,
+            global_step=tf.Variable(0, dtype=tf.int64),
+            logdir=str(tmp_path),
+            checkpoint={"w": w},
+            rollback=trainop.Rollback(optimizer),
         )

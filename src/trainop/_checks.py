@@ -20,3 +20,8 @@ def check_count(name: str, value: Any, minimum: int = 1, allow_none: bool = Fals
             f"`{name}` must be {expected}{' or None' if allow_none else ''}. "
             f"Received: {name}={value!r}"
         )
+
+
+def is_number(value: Any) -> bool:
+    """Whether `value` is a real Python or NumPy number (booleans are not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))

@@ -4,6 +4,7 @@ that raises the numerics guard's errors after a compiled call.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,13 @@ def as_tensor_if_array(value: Any) -> Any:
     return tf.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
 
 
+logger = logging.getLogger("trainop")
+
+# What a compiled guarded call returns as its status: every step applied, a step skipped, or
+# the guard stopped (the call raises).
+_APPLIED, _SKIPPED, _STOPPED = 0, 1, 2
+
+
 class CompiledTrainOp:
     """A `jit_compile=True` train op: the `tf.function`, its numerics errors raised by Python.
 
@@ -102,12 +110,16 @@ class CompiledTrainOp:
         guard = self._guard
         if guard is None:
             return self._call(*args, **kwargs)
-        result, stopped, consecutive, step = self._call(*args, **kwargs)
-        if bool(stopped):
+        result, status, consecutive, step = self._call(*args, **kwargs)
+        status = int(status)  # the one value read to the host on a healthy call
+        if status == _STOPPED:
             # A step of -1: there is no counter.
             raise guard.stopped_error(
                 int(consecutive), self._step_name, int(step) if int(step) >= 0 else None
             )
+        if status == _SKIPPED:
+            # What the uncompiled step prints from the device, XLA cannot: said from here.
+            logger.warning("trainop: a step not applied %s", guard.last_rejected(self._step_name))
         return result
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
@@ -156,6 +168,7 @@ def compiled(
         return CompiledTrainOp(tf.function(step_fn, jit_compile=True), None)
 
     def step_and_counts(*args: Any, **kwargs: Any) -> Any:
+        skipped_before = guard.skipped_steps.read_value()
         with guard.stopping_on_device():
             result = step_fn(*args, **kwargs)
         # Read after the step's updates (automatic control dependencies keep the order), and
@@ -164,10 +177,12 @@ def compiled(
         stopped = stop.read_value()
         with tf.control_dependencies([stopped]):
             stop.assign(False, read_value=False)
+        skipped = guard.skipped_steps.read_value() > skipped_before
+        status = tf.where(stopped, _STOPPED, tf.where(skipped, _SKIPPED, _APPLIED))
         counter, _ = _global_step.counter(global_step, adapter.iterations)
         return (
             result,
-            stopped,
+            status,
             guard.consecutive_skipped_steps.read_value(),
             # The step the stopped step was at (neither it nor the ones after it counted).
             tf.cast(counter, tf.int64) if counter is not None else tf.constant(-1, tf.int64),

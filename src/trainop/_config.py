@@ -218,7 +218,7 @@ def check_ops_apart(
     if not adapter.builds_ops_apart:
         return
     conditional = {
-        "check_numerics": isinstance(check_numerics, numerics.SkipNonFiniteSteps),
+        "check_numerics": isinstance(check_numerics, (numerics.SkipNonFiniteSteps, str)),
         "accumulation_steps": accumulation_steps != 1,
     }
     for name, refused in conditional.items():

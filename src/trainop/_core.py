@@ -279,7 +279,7 @@ def checked_loss(
 
     With `undo` (what undoes the writes of the forward pass, given a boolean tensor: keep
     them where True), the check waits for `undo(loss is finite)`. With `report` (see
-    `not_finite_report`), the error also says the step and what was not finite, worked out in
+    `NotFiniteReport`), the error also says the step and what was not finite, worked out in
     a `tf.cond` branch that only a failing step runs (a graph train op's check: an eager one is
     diagnosed after the failure, `_eager.DiagnosedTrainOp`).
     """
@@ -327,8 +327,9 @@ def apply_if_finite(
     guard counting what it skips; without one, `update()` runs. With a loss-scale optimizer
     only the loss counts: an overflow of the scaled gradients is the optimizer's to skip. A
     skipped step first runs `undo` (what undoes the writes of the forward pass), if given, and
-    says what was not finite with `report` (see `not_finite_report`). A guard that judges
-    spikes is given the step's loss and gradient norm by `spike_values` (see `spike_values`),
+    says what was not finite with `report` (see `NotFiniteReport`). A guard that judges
+    spikes is given the step's loss and gradient norm by `spike_values` (see
+    `loss_and_gradient_norm`),
     one that checks the updated values what the update writes by `updated` (see
     `updated_variables`); without them (across replicas), such a guard is refused.
 
@@ -366,16 +367,22 @@ def updated_variables(
 
     def variables() -> tuple[list[Any], list[Any]]:
         trained = [_variables.as_tf_variable(v) for g, v in pairs if g is not None]
-        others = config.adapter.state_variables([v for _, v in pairs])
+        candidates = config.adapter.state_variables([v for _, v in pairs])
         if config.global_step is not None:
-            others.append(config.global_step)
-        known = {id(v) for v in trained}
-        return trained, [v for v in others if id(v) not in known and not known.add(id(v))]
+            candidates.append(_variables.as_tf_variable(config.global_step))
+        # Each once (the global step may be the optimizer's own counter).
+        others: list[Any] = []
+        seen = {id(v) for v in trained}
+        for v in candidates:
+            if id(v) not in seen:
+                seen.add(id(v))
+                others.append(v)
+        return trained, others
 
     return variables
 
 
-def spike_values(
+def loss_and_gradient_norm(
     config: StepConfig, loss: tf.Tensor, pairs: list[tuple[Any, Any]]
 ) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
     """What a guard that judges spikes is given: the loss, and the global norm of the
@@ -392,15 +399,24 @@ def spike_values(
     return values
 
 
-def not_finite_report(loss: tf.Tensor, pairs: list[tuple[Any, Any]]) -> Callable[[], list]:
+class NotFiniteReport:
     """What a rejected step says was not finite, for `tf.print` and an `Assert`'s data: the
     loss, and how many of the gradients hold inf or NaN, with the names of the first
     `REPORTED_NAMES` of their variables. Built in the rejected branch only: a healthy step
-    pays nothing for it."""
+    pays nothing for it.
 
-    def report() -> list[Any]:
-        present = [(g, v) for g, v in pairs if g is not None]
-        described: list[Any] = ["loss", loss]
+    Called, it returns the strings and tensors to print; `values()` returns the same as numbers
+    (the loss as float32, a boolean per gradient, and the variables' names), which a step
+    compiled by XLA (no strings, no print) records for the host to say.
+    """
+
+    def __init__(self, loss: tf.Tensor, pairs: list[tuple[Any, Any]]):
+        self._loss = loss
+        self._pairs = pairs
+
+    def __call__(self) -> list[Any]:
+        present = [(g, v) for g, v in self._pairs if g is not None]
+        described: list[Any] = ["loss", self._loss]
         if present:
             names = tf.constant([_variables.variable_name(v) for _, v in present])
             finite = tf.stack([_gradients.every_element_finite(g) for g, _ in present])
@@ -413,7 +429,14 @@ def not_finite_report(loss: tf.Tensor, pairs: list[tuple[Any, Any]]) -> Callable
             ]
         return described
 
-    return report
+    def values(self) -> tuple[tf.Tensor, tf.Tensor, list[str]]:
+        present = [(g, v) for g, v in self._pairs if g is not None]
+        finite = [_gradients.every_element_finite(g) for g, _ in present]
+        return (
+            tf.cast(self._loss, tf.float32),
+            tf.stack(finite) if finite else tf.zeros([0], tf.bool),
+            [_variables.variable_name(v) for _, v in present],
+        )
 
 
 # How many names of variables with a gradient not finite a rejected step reports.
@@ -491,7 +514,7 @@ def build_step(
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
                 return apply(present, loss_scale)
 
-    report = not_finite_report(total_loss, grads_and_vars) if diagnose_loss else None
+    report = NotFiniteReport(total_loss, grads_and_vars) if diagnose_loss else None
     total_loss, checked = checked_loss(config, total_loss, undo, report)
     with tf.control_dependencies(checked):
         gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars)
@@ -511,8 +534,8 @@ def build_step(
             # A frozen variable's None gradient does not count.
             lambda: _gradients.all_finite([g for g, _ in gradients.pairs]),
             (lambda: undo(None)) if undo is not None else None,
-            not_finite_report(total_loss, gradients.pairs),
-            spike_values(config, total_loss, grads_and_vars),
+            NotFiniteReport(total_loss, gradients.pairs),
+            loss_and_gradient_norm(config, total_loss, grads_and_vars),
             # Accumulation's update applies only every N calls: not undone as one step.
             updated_variables(config, gradients.pairs) if config.accumulator is None else None,
         )

@@ -330,28 +330,12 @@ class OptimizerAdapter:
 
     def state_variables(self, variables: list[Any]) -> list[tf.Variable]:
         """Every `tf.Variable` that applying gradients to `variables` may write, besides them:
-        the optimizer's slots, counters, learning rate and loss scale. Creates what the
-        optimizer would create on its first update (its slots), so that their values before
-        the update can be read first.
+        the optimizer's slots, counters, learning rate and loss scale. Builds the optimizer's
+        state first (`build`), so that their values before the update can be read.
         """
-        optimizer = self.optimizer
-        tf_variables = [as_tf_variable(v) for v in variables]
-        with tf.init_scope():
-            if self.family == FAMILY_V1:
-                optimizer._create_slots(tf_variables)
-                found = optimizer.variables()
-            elif self.family == FAMILY_TF_KERAS_LEGACY:
-                optimizer._create_all_weights(tf_variables)
-                found = optimizer.variables()
-            elif self.family == FAMILY_TF_KERAS:
-                if not getattr(optimizer, "_built", False):
-                    optimizer.build(tf_variables)
-                found = optimizer.variables
-            else:
-                if not optimizer.built:
-                    optimizer.build(variables)
-                found = optimizer.variables
-        return [as_tf_variable(v) for v in found]
+        self.build(variables)
+        found = self.optimizer.variables
+        return [as_tf_variable(v) for v in (found() if callable(found) else found)]
 
     def learning_rate_variable(self) -> tf.Variable | None:
         """The `tf.Variable` that holds the learning rate, which the next updates read; None

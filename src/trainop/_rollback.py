@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from trainop import _checkpoints, _optimizers, numerics
-from trainop._checks import check_count
+from trainop._checks import check_count, is_number
 
 logger = logging.getLogger("trainop")
 
@@ -28,7 +27,9 @@ class Rollback:
     around a loss spike (PaLM, section 5.1). Each roll back is logged (a warning on the
     `trainop` logger) and counted in `TrainResult.rollbacks`; after `max_rollbacks` of them in
     one call of `train`, the guard's next error passes through, with its diagnosis. `train`
-    writes a checkpoint before its first step, so that there is one to go back to.
+    writes a checkpoint after its first call (once the optimizer's slots exist), so that there
+    is one to go back to; an error before it passes through. The optimizer must be in
+    `checkpoint` (or held by something there), so that rolling back restores its state.
 
     The learning rate must be a value the steps read (a Keras 3 or tf_keras optimizer made with
     a number, or a `tf.compat.v1` optimizer given a `tf.Variable`), not a schedule, unless
@@ -61,11 +62,7 @@ class Rollback:
     def __init__(self, optimizer: Any, max_rollbacks: int = 3, learning_rate_factor: float = 0.5):
         self._adapter = _optimizers.OptimizerAdapter(optimizer)
         check_count("max_rollbacks", max_rollbacks)
-        if (
-            isinstance(learning_rate_factor, bool)
-            or not isinstance(learning_rate_factor, (int, float, np.integer, np.floating))
-            or not 0 < learning_rate_factor <= 1
-        ):
+        if not (is_number(learning_rate_factor) and 0 < learning_rate_factor <= 1):
             raise ValueError(
                 "`learning_rate_factor` must be in (0, 1]. "
                 f"Received: learning_rate_factor={learning_rate_factor!r}"
@@ -95,11 +92,28 @@ class Rollback:
             for message in (numerics.LOSS_NOT_FINITE_MESSAGE, numerics.NOT_FINITE_MESSAGE)
         )
 
+    def check_saved_in(self, checkpoint: Any) -> None:
+        """Raises a ValueError unless the optimizer is among what `checkpoint` (the mapping
+        given to `train`) saves, directly or held by one of its objects."""
+        root = tf.train.Checkpoint(**checkpoint)  # held: the view refers to it weakly
+        saved = tf.train.TrackableView(root).descendants()
+        if not any(node is self.optimizer for node in saved):
+            raise ValueError(
+                "`rollback`'s optimizer is not in `checkpoint`: rolling back could not restore "
+                "its state. Add it (checkpoint={..., 'optimizer': optimizer}), and pass the "
+                "train op's own optimizer to Rollback."
+            )
+
     def roll_back(
         self, saver: _checkpoints.Checkpoints, error: BaseException, done: int
     ) -> str | None:
         """Rolls back after `error`, the `done + 1`-th time; returns the checkpoint restored, or
-        None if no more roll backs are allowed or there is no healthy checkpoint."""
+        None (logged) if no more roll backs are allowed or no checkpoint was written yet.
+
+        Raises:
+          FloatingPointError: if every checkpoint holds inf or NaN (from
+            `Checkpoints.restore_latest_finite`).
+        """
         if done >= self.max_rollbacks:
             logger.error(
                 "The numerics guard gave up after %d roll back(s), the most allowed: stopping.",
@@ -110,6 +124,9 @@ class Rollback:
         before = self._learning_rate() if scaled else None
         path = saver.restore_latest_finite(data_position=False)
         if path is None:
+            logger.error(
+                "The numerics guard gave up before a first checkpoint: nothing to roll back to."
+            )
             return None
         rate = "learning rate unchanged"
         if before is not None:
@@ -124,7 +141,7 @@ class Rollback:
             path,
             done + 1,
             self.max_rollbacks,
-            error.message.strip().splitlines()[-1][:500],
+            _what_failed(error),
             rate[0].upper() + rate[1:],
         )
         return path
@@ -141,3 +158,19 @@ class Rollback:
             variable.assign(tf.cast(value, variable.dtype))
         else:
             self.optimizer.learning_rate = value  # tf_keras legacy: its own setter
+
+
+def _what_failed(error: BaseException) -> str:
+    """The line of the guard's error that says what failed (an assertion's is in the middle of
+    TensorFlow's message), with where the batch was, which ends the message."""
+    lines = [line.strip() for line in error.message.splitlines() if line.strip()]
+    said = next(
+        (
+            line
+            for line in lines
+            if numerics.LOSS_NOT_FINITE_MESSAGE in line or numerics.NOT_FINITE_MESSAGE in line
+        ),
+        lines[-1] if lines else "",
+    )
+    where = lines[-1][lines[-1].rfind(" (batch ") :] if lines and " (batch " in lines[-1] else ""
+    return (said if where in said else said + where)[:1000]

@@ -5,6 +5,7 @@ user (`Hook`, `StopTraining`, `TrainResult`, re-exported by `trainop`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -171,8 +172,11 @@ class Run:
         resumed_from: str | None,
         hooks: list[Hook],
         save_every_n_steps: int,
+        hooks_writer: Any = None,
     ):
         self._read_step = read_step
+        # The default tf.summary writer around the hooks, when it is not around the whole run.
+        self._hooks_writer = hooks_writer
         self._saver = saver
         self._hooks = hooks
         self._save_every_n_steps = save_every_n_steps
@@ -210,10 +214,12 @@ class Run:
         else:
             self._calls_without_progress = 0
         bar.update(self.step, lambda value=loss: as_float(first_loss(value)))
+        writer = self._hooks_writer
         try:
-            for hook in self._hooks:
-                if self.step // hook.every_n_steps > previous // hook.every_n_steps:
-                    hook.fn(self.step, as_float(first_loss(loss)))
+            with writer.as_default() if writer is not None else contextlib.nullcontext():
+                for hook in self._hooks:
+                    if self.step // hook.every_n_steps > previous // hook.every_n_steps:
+                        hook.fn(self.step, as_float(first_loss(loss)))
         except StopTraining as request:
             stopped_by = f"StopTraining: {request}"
             logger.info("%s at global step %d.", stopped_by, self.step)
@@ -260,18 +266,17 @@ def run(
     hooks: list[Hook],
     progress: bool | None,
     rollback: Any = None,
+    hooks_writer: Any = None,
 ) -> TrainResult:
     """Calls `run_step` until `max_steps`, the end of the data, a hook or a signal stops it;
-    saves at the cadence and at the end. With a `trainop.Rollback` (and `saver`), saves first,
-    and answers the numerics guard's errors by rolling back."""
-    run = Run(read_step, saver, resumed_from, hooks, save_every_n_steps)
+    saves at the cadence and at the end. With a `trainop.Rollback` (and `saver`), saves after
+    the first call too, and answers the numerics guard's errors by rolling back."""
+    run = Run(read_step, saver, resumed_from, hooks, save_every_n_steps, hooks_writer)
     bar = _console.Progress(progress, run.step, max_steps)
     stop = _console.StopRequest()
     stopped_by = None
     try:
         with stop.installed():
-            if rollback is not None:
-                run.save()  # a healthy checkpoint to go back to
             while stop.signal_name is None and (max_steps is None or run.step < max_steps):
                 try:
                     loss = run_step()
@@ -287,6 +292,10 @@ def run(
                         raise
                     run.rolled_back_to(path, bar)
                     continue
+                if rollback is not None and run.last_checkpoint is None:
+                    # A checkpoint to go back to, once the first call has built what the step
+                    # makes (the optimizer's slots, a model built on its first call).
+                    run.save()
                 stopped_by = run.after_step(loss, bar)
                 if stopped_by is not None:
                     break

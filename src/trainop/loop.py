@@ -66,7 +66,8 @@ def train(
     come next; it saves every `save_every_n_steps` global steps and at the end. With `logdir`,
     it is the default `tf.summary` writer around the train op's first call (when it is traced):
     the train op's summaries (`create_train_op`'s loss, gradient norm, learning rate) go there
-    (not for a train op compiled by XLA, `jit_compile=True`, which writes none).
+    (for a train op compiled by XLA, `jit_compile=True`, which writes none, it is the default
+    writer around the hooks only).
 
     On SIGTERM or a first Ctrl-C the loop finishes the step under way, saves a checkpoint and
     returns (`stopped_by` says which); a second Ctrl-C raises `KeyboardInterrupt` at once.
@@ -190,10 +191,12 @@ def train(
     if resumed_from is not None:
         batches.resumed()
         logger.info("Resumed from %s at global step %d.", resumed_from, int(step_variable.numpy()))
-    # XLA compiles no summary write: a compiled train op refuses a default writer.
+    writer = _writer(logdir) if logdir is not None else None
+    # XLA compiles no summary write: a compiled train op refuses a default writer when traced,
+    # so the writer is the default one around the hooks only.
     compiled = getattr(train_op, "_jit_compile", None) is True
-    writer = _writer(logdir) if logdir is not None and not compiled else None
-    with writer.as_default() if writer is not None else contextlib.nullcontext():
+    around_all = writer if writer is not None and not compiled else None
+    with around_all.as_default() if around_all is not None else contextlib.nullcontext():
         return _run.run(
             lambda: _step_on_next_batch(train_op, batches, logdir if save_bad_batch else None),
             read_step=lambda: int(step_variable.numpy()),
@@ -204,6 +207,7 @@ def train(
             hooks=hooks,
             progress=progress,
             rollback=rollback,
+            hooks_writer=writer if compiled else None,
         )
 
 
@@ -317,6 +321,7 @@ def _check_arguments(
                 "`rollback` needs `logdir` and `checkpoint`: it goes back to the newest healthy "
                 "checkpoint there."
             )
+        rollback.check_saved_in(checkpoint)
 
 
 def _train_graph(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop._checks import check_count
+from trainop._checks import check_count, is_number
 
 # The message that begins the `tf.errors.InvalidArgumentError` of `check_numerics=True` when the
 # loss is inf or NaN: TF-Slim's and TF-Agents' own text, so that code matching their error
@@ -78,7 +78,10 @@ class SkipNonFiniteSteps(tf.Module):
     model trainers survive loss spikes: OLMo-core's `SkipStepOptimizer` (a rolling window of
     the loss and the gradient norm, 6 standard deviations) and ZClip (an exponentially
     weighted mean and variance of the gradient norm). With a loss-scale optimizer, only the
-    loss is judged. A spike that holds inf or NaN is counted as not finite. Not under a
+    loss is judged. A spike that holds inf or NaN is counted as not finite. A quantity that has
+    not varied is taken to vary by at least a thousandth of its mean, so that a loss stuck at a
+    value does not make every rise a spike. Use one such guard per train op: two train ops
+    sharing it would mix their losses' statistics. Not under a
     `tf.distribute` strategy with several replicas (a `ValueError` when the train op is
     built). Costs one global norm a step (the summaries' norm, if they are on, is another).
 
@@ -98,8 +101,11 @@ class SkipNonFiniteSteps(tf.Module):
         inf or NaN weights out of finite gradients (a float16 Adam whose epsilon underflows, a
         huge learning rate). Such an update is undone (the trained variables, the optimizer's
         slots and counters and the global step written back, and what the forward pass
-        wrote) and the step counted in `skipped_steps`, said as the others. It reads every
-        variable the update writes before it, and the trained ones after it. Eager mode
+        wrote) and the step counted in `skipped_steps`, said as the others; the eager
+        `update_ops`, `fit`'s metrics and the summaries of that step, which ran with the
+        update, are not undone. It reads every variable the update writes (weights, slots,
+        counters) before it and the floating ones after it: with an embedding, a copy of the
+        table and its slots every step. Eager mode
         (`tf.function`, compiled by XLA or not) on one device, without `accumulation_steps`;
         elsewhere a `ValueError` when the train op is built or first called.
 
@@ -248,7 +254,7 @@ class SkipNonFiniteSteps(tf.Module):
             decision (what the forward pass assigned); returns them. They run before the
             branch counts, raises or stops.
           report: returns, built in a bad step's branch only, what says what was not finite
-            (strings and tensors, see `_core.not_finite_report`): printed to stderr by the
+            (strings and tensors, see `_core.NotFiniteReport`): printed to stderr by the
             device for every bad step, and added to the error of the one that raises.
           spike_values: returns the step's loss and global gradient norm (a scalar 0 when the
             norm is not judged); required with `spike_threshold`, ignored without.
@@ -257,8 +263,9 @@ class SkipNonFiniteSteps(tf.Module):
             `check_updates`, ignored without.
 
         Returns:
-          A boolean tensor, whether the update was accepted by the checks made before it,
-          that, once evaluated, has run the chosen branch.
+          A boolean tensor, whether the step passed the checks made before the update (an
+          update undone by `check_updates` is not told by it), that, once evaluated, has run
+          the chosen branch.
 
         Raises:
           tf.errors.InvalidArgumentError: when the tensor is evaluated (not when it is built),
@@ -302,6 +309,11 @@ class SkipNonFiniteSteps(tf.Module):
             before = [v.read_value() for v in written]
         stop = self._stop.variable if self._stop.in_use() else None
 
+        def recorded() -> list[Any]:
+            # Under XLA: what a rejected step held, kept for the host to say.
+            values = getattr(report, "values", None)
+            return self._stop.record(*values(), step) if values is not None else []
+
         def undone() -> list[Any]:
             return list(undo()) if undo is not None else []
 
@@ -322,16 +334,15 @@ class SkipNonFiniteSteps(tf.Module):
             the error, or the stop flag (which says nothing: XLA compiles no print, nor
             `describe`'s string ops)."""
             if stop is not None:
-                return self._skip_or_stop(stop, spiked)
+                return self._skip_or_stop(stop, spiked, recorded)
             described = describe()
             checks = [_said(step_name, step, described)] if described and say else []
             if self.max_consecutive is not None:
-                what = NOT_FINITE_MESSAGE if spike is None else f"{NOT_FINITE_MESSAGE}, or spiked,"
                 with tf.control_dependencies(checks):
                     assertion = tf.debugging.Assert(
                         self.consecutive_skipped_steps < self.max_consecutive,
                         [
-                            f"{what} at {step_name}",
+                            f"{self._what()} at {step_name}",
                             step if step is not None else "(none)",
                             f"after {self.max_consecutive} skipped steps in a row: stopping "
                             f"({self!r})",
@@ -348,12 +359,14 @@ class SkipNonFiniteSteps(tf.Module):
             with tf.control_dependencies(update()):
                 if not self.check_updates:
                     return kept()
-                values = [v.read_value() for v in trained]
+                # The weights, and the slots (a float16 Adam's second moment can overflow while
+                # the weights stay finite, and poison every later step).
+                values = [v.read_value() for v in written]
 
             def update_undone() -> tf.Tensor:
                 restored = [v.assign(b, read_value=False) for v, b in zip(written, before)]
                 with tf.control_dependencies(restored + undone()):
-                    return rejected(lambda: _update_report(trained, values), None)
+                    return rejected(lambda: _update_report(written, values), None)
 
             return tf.cond(_all_values_finite(values), kept, update_undone)
 
@@ -403,7 +416,9 @@ class SkipNonFiniteSteps(tf.Module):
         statistics = self.spike_statistics.read_value()
         observed = self._observed_steps.read_value()
         mean, variance = statistics[:, 0], statistics[:, 1]
-        deviation = tf.sqrt(variance)
+        # At least a thousandth of the mean: a quantity that has not varied (a loss stuck at a
+        # value) does not make every rise a spike.
+        deviation = tf.maximum(tf.sqrt(variance), 1e-3 * tf.abs(mean))
         deviations = tf.math.divide_no_nan(values - mean, deviation)
         spike = tf.logical_and(
             observed >= self.spike_warmup_steps,
@@ -416,6 +431,9 @@ class SkipNonFiniteSteps(tf.Module):
             [mean + (1.0 - past) * delta, past * (variance + (1.0 - past) * tf.square(delta))],
             axis=1,
         )
+        # An applied step whose norm overflowed float32 (finite gradients, an inf sum of
+        # squares) leaves the statistics as they were.
+        updated = tf.where(tf.reduce_all(tf.math.is_finite(updated)), updated, statistics)
         return spike, deviations, updated
 
     # --- Under XLA, which compiles `Assert` away ------------------------------------------------
@@ -425,8 +443,9 @@ class SkipNonFiniteSteps(tf.Module):
         raise; made on the first call, in the guard's context.
 
         It is not part of the guard's state: not checkpointed (a checkpoint of the guard holds
-        its two counters, as before the flag existed), not in `variables`. The compiled train
-        op that reads it clears it in the same call (see `_compile.CompiledTrainOp`).
+        its counters and spike statistics, as before the flag existed), not in `variables`. The
+        compiled train op that reads it clears it in the same call (see
+        `_compile.CompiledTrainOp`).
 
         Returns:
           The scalar `tf.bool` variable, the same one at every call.
@@ -464,17 +483,23 @@ class SkipNonFiniteSteps(tf.Module):
             return False
         return self.consecutive_skipped_steps >= self.max_consecutive
 
-    def _skip_or_stop(self, stop: tf.Variable, spike: tf.Tensor | None = None) -> tf.Tensor:
+    def _skip_or_stop(
+        self,
+        stop: tf.Variable,
+        spike: tf.Tensor | None = None,
+        recorded: Callable[[], list[Any]] | None = None,
+    ) -> tf.Tensor:
         """The bad step's branch under `stopping_on_device`: counted as skipped (as a spike
         where `spike` holds), or, where the uncompiled step raises, not counted and `stop`
-        set."""
+        set; either way after `recorded()` kept what the step held, for the host."""
 
         def count() -> tf.Tensor:
-            with tf.control_dependencies(self._count(spike)):
+            with tf.control_dependencies(self._count(spike) + (recorded() if recorded else [])):
                 return tf.constant(False)
 
         def stop_here() -> tf.Tensor:
-            with tf.control_dependencies([stop.assign(True, read_value=False)]):
+            marked = [stop.assign(True, read_value=False)] + (recorded() if recorded else [])
+            with tf.control_dependencies(marked):
                 return tf.constant(False)
 
         stops = self._stops_now()
@@ -500,12 +525,27 @@ class SkipNonFiniteSteps(tf.Module):
           beginning with `NOT_FINITE_MESSAGE` and ending with "(a compiled step)".
         """
         at = f" at {step_name} {step}" if step is not None else ""
+        described = self._stop.described(step_name).split(" - ", 1)[-1]
         return tf.errors.InvalidArgumentError(
             None,
             None,
-            f"{NOT_FINITE_MESSAGE}{at} after {consecutive} skipped steps in a row: stopping "
-            f"(SkipNonFiniteSteps(max_consecutive={self.max_consecutive})) (a compiled step)",
+            f"{self._what()}{at} after {consecutive} skipped steps in a row: stopping "
+            f"({self!r}) (a compiled step)" + (f" - {described}" if described else ""),
         )
+
+    def _what(self) -> str:
+        """What the error at the limit says was wrong: `NOT_FINITE_MESSAGE`, and what else the
+        guard skips."""
+        also = ["spiked"] if self.spike_threshold is not None else []
+        if self.check_updates:
+            also.append("the update made a variable so")
+        return NOT_FINITE_MESSAGE + (f", or {' or '.join(also)}," if also else "")
+
+    def last_rejected(self, step_name: str = "global step") -> str:
+        """Under XLA, what the last rejected step held, in words (see `stopping_on_device`):
+        `at global step N - loss L - gradients not finite: K of M (names)`; "" if none was
+        recorded."""
+        return self._stop.described(step_name)
 
 
 def _said(step_name: str, step: Any, described: list[Any]) -> tf.Tensor:
@@ -521,49 +561,44 @@ def _said(step_name: str, step: Any, described: list[Any]) -> tf.Tensor:
         return tf.constant(True)
 
 
+def _floating(values: list[tf.Tensor]) -> list[tf.Tensor]:
+    return [v for v in values if v.dtype.is_floating or v.dtype.is_complex]
+
+
 def _all_values_finite(values: list[tf.Tensor]) -> tf.Tensor:
-    """Whether every element of `values` (floating or complex) is finite."""
-    checks = [_finite(v) for v in values if v.dtype.is_floating or v.dtype.is_complex]
-    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+    """Whether every element of the floating (or complex) `values` is finite."""
+    from trainop import _gradients
 
-
-def _finite(value: tf.Tensor) -> tf.Tensor:
-    if value.dtype.is_complex:
-        value = tf.stack([tf.math.real(value), tf.math.imag(value)])
-    return tf.reduce_all(tf.math.is_finite(value))
+    return _gradients.all_finite(_floating(values))
 
 
 def _update_report(variables: list[Any], values: list[tf.Tensor]) -> list[Any]:
-    """What an update that made values inf or NaN says: how many variables, and the first 5."""
-    from trainop import _variables
+    """What an update that made values inf or NaN says: how many of the floating variables
+    it wrote (weights and slots), and the first 5."""
+    from trainop import _gradients, _variables
 
-    names = tf.constant([_variables.variable_name(v) for v in variables])
-    finite = tf.stack([_finite(v) for v in values])
+    floating = [
+        (v, x) for v, x in zip(variables, values) if x.dtype.is_floating or x.dtype.is_complex
+    ]
+    names = tf.constant([_variables.variable_name(v) for v, _ in floating])
+    finite = tf.stack([_gradients.every_element_finite(x) for _, x in floating])
     bad = tf.boolean_mask(names, tf.logical_not(finite))
     return [
         "the update made variables not finite (from finite gradients):",
         tf.size(bad),
-        f"of {len(variables)}",
+        f"of {len(floating)}",
         bad[:5],
     ]
 
 
 def _check_spike_settings(threshold: Any, warmup_steps: Any, decay: Any) -> None:
-    if threshold is not None and (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, (int, float, np.integer, np.floating))
-        or not 0 < threshold < np.inf
-    ):
+    if threshold is not None and not (is_number(threshold) and 0 < threshold < np.inf):
         raise ValueError(
             "`spike_threshold` must be a positive number of standard deviations, or None. "
             f"Received: spike_threshold={threshold!r}"
         )
     check_count("spike_warmup_steps", warmup_steps, minimum=2)
-    if (
-        isinstance(decay, bool)
-        or not isinstance(decay, (int, float, np.integer, np.floating))
-        or not 0 < decay < 1
-    ):
+    if not (is_number(decay) and 0 < decay < 1):
         raise ValueError(f"`spike_decay` must be in (0, 1). Received: spike_decay={decay!r}")
 
 
@@ -575,9 +610,49 @@ class _StopFlag:
         self.variable: tf.Variable | None = None
         # How many `stopping_on_device` are entered, on each thread.
         self.depth = threading.local()
+        # The last rejected step's loss and per-gradient finiteness, by gradient count, and
+        # the names of those gradients' variables (see `record`).
+        self._recorded: dict[int, tuple[tf.Variable, tf.Variable]] = {}
+        self._names: list[str] = []
+        self._step: tf.Variable | None = None
 
     def in_use(self) -> int:
         return getattr(self.depth, "value", 0)
+
+    def record(self, loss: tf.Tensor, finite: tf.Tensor, names: list[str], step: Any) -> list[Any]:
+        """The ops that keep a rejected step's loss, gradient finiteness and step in variables
+        (a step compiled by XLA can neither print nor hold strings), for `described`."""
+        with tf.init_scope():
+            if len(names) not in self._recorded:
+                self._recorded[len(names)] = (
+                    tf.Variable(0.0, trainable=False, name="rejected_loss"),
+                    tf.Variable(tf.ones([len(names)], tf.bool), trainable=False, name="finite"),
+                )
+            if self._step is None:
+                self._step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="step")
+        self._names = list(names)
+        loss_variable, finite_variable = self._recorded[len(names)]
+        kept = [
+            loss_variable.assign(loss, read_value=False),
+            finite_variable.assign(finite, read_value=False),
+        ]
+        if step is not None:
+            kept.append(self._step.assign(tf.cast(step, tf.int64), read_value=False))
+        return kept
+
+    def described(self, step_name: str = "global step") -> str:
+        """What the last recorded rejected step held, in words (read from the device)."""
+        if len(self._names) not in self._recorded:
+            return ""
+        loss_variable, finite_variable = self._recorded[len(self._names)]
+        bad = [n for n, ok in zip(self._names, finite_variable.numpy()) if not ok]
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        step = int(self._step.numpy()) if self._step is not None else -1
+        return (
+            (f"at {step_name} {step} - " if step >= 0 else "")
+            + f"loss {float(loss_variable.numpy()):.6g} - gradients not finite: {len(bad)} of "
+            f"{len(self._names)}" + (f" ({shown})" if bad else "")
+        )
 
 
 class LossCheckUnderXLA(SkipNonFiniteSteps):
