@@ -572,6 +572,30 @@ def test_a_compiled_rejected_step_is_said_after_the_call(caplog, steps_per_call)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+def test_with_several_steps_a_call_the_default_checks_error_says_which_step_failed(jit_compile):
+    """Four steps a call, the third's x NaN: the two before it applied, and the error names
+    the step, its place in the call and what was not finite (diagnosed on its own batch)."""
+    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda x, z: w1**2 * x + w2 * z,
+        keras.optimizers.SGD(0.1),
+        global_step=step,
+        steps_per_call=4,
+        jit_compile=jit_compile,
+    )
+    train_op(tf.ones([4]), tf.ones([4]))
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        train_op(tf.constant([1.0, 1.0, np.nan, 1.0]), tf.ones([4]))
+    assert str(raised.value).endswith(
+        "LossTensor is inf or nan at global step 6 (step 3 of the call's 4): the loss is nan; "
+        "gradients not finite: 1 of 2 (w1)"
+    )
+    assert int(step) == 6
+    np.testing.assert_allclose(w1.numpy(), 0.8**6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
 def test_the_default_checks_error_says_what_was_not_finite_and_train_says_which_batch(
     jit_compile,
 ):

@@ -16,6 +16,8 @@ from trainop import _global_step, numerics, summaries
 if TYPE_CHECKING:
     from trainop._config import StepConfig
 
+logger = logging.getLogger("trainop")
+
 
 def unless_stopped(
     step_at: Callable[[tf.Tensor, tuple, dict], tf.Tensor], stop: tf.Variable
@@ -63,6 +65,20 @@ def steps_in_a_loop(
     return run_steps
 
 
+def marking_call_start(
+    step_fn: Callable[..., Any], call_start: tf.Variable, config: StepConfig
+) -> Callable[..., Any]:
+    """`step_fn`, after setting `call_start` to the step counter (read before any step of the
+    call counts: automatic control dependencies keep a variable's read before its write)."""
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        counter, _ = _global_step.counter(config.global_step, config.adapter.iterations)
+        call_start.assign(tf.cast(counter, tf.int64), read_value=False)
+        return step_fn(*args, **kwargs)
+
+    return marked
+
+
 def batch_at(i: tf.Tensor, steps: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The i-th batch of each tensor argument, which holds `steps` along its first axis."""
     for leaf in tf.nest.flatten((args, kwargs)):
@@ -79,8 +95,6 @@ def batch_at(i: tf.Tensor, steps: int, args: tuple, kwargs: dict) -> tuple[tuple
 def as_tensor_if_array(value: Any) -> Any:
     return tf.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
 
-
-logger = logging.getLogger("trainop")
 
 # What a compiled guarded call returns as its status: every step applied, a step skipped, or
 # the guard stopped (the call raises).
@@ -141,13 +155,20 @@ class CompiledTrainOp:
 
 
 def compiled(
-    step: Callable[..., Any], config: StepConfig, jit_compile: bool, steps_per_call: int
+    step: Callable[..., Any],
+    config: StepConfig,
+    jit_compile: bool,
+    steps_per_call: int,
+    call_start: tf.Variable | None = None,
 ) -> Callable[..., Any]:
     """`step` (one step on the batch given) as the train op returned: a `tf.function`, running
     `steps_per_call` steps per call in a loop, compiled with XLA if `jit_compile`.
 
     Under XLA, which compiles Assert away, a step that would raise sets the guard's stop flag
     instead (changing nothing), and the call raises once it returns (`CompiledTrainOp`).
+
+    With `call_start` (an int64 variable), each call first sets it to the step counter, so that
+    after a failed call the failing step's place in it is known (`DiagnosedTrainOp`).
     """
     global_step, adapter, guard = config.global_step, config.adapter, config.check_numerics
     step_fn = step
@@ -162,6 +183,8 @@ def compiled(
         step_fn = steps_in_a_loop(
             step_at if stop is None else unless_stopped(step_at, stop), steps_per_call
         )
+    if call_start is not None:
+        step_fn = marking_call_start(step_fn, call_start, config)
     if not jit_compile:
         return tf.function(step_fn)
     if stop is None:

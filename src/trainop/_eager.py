@@ -95,16 +95,23 @@ def create_eager_train_op(
         xla_without_strategy=jit_compile and strategy is None,
     )
     if strategy is None:
-        train_op = _compile.compiled(step.train_step, config, jit_compile, steps_per_call)
         # (Under XLA, the default check is a LossCheckUnderXLA, raised after the call.)
         default_check = config.check_numerics is True or isinstance(
             config.check_numerics, numerics.LossCheckUnderXLA
         )
-        if default_check and steps_per_call == 1:
+        counter, _ = _global_step.counter(config.global_step, config.adapter.iterations)
+        call_start = None
+        if default_check and steps_per_call > 1 and counter is not None:
+            with tf.init_scope():
+                call_start = tf.Variable(-1, dtype=tf.int64, trainable=False, name="call_start")
+        train_op = _compile.compiled(
+            step.train_step, config, jit_compile, steps_per_call, call_start
+        )
+        if default_check and (steps_per_call == 1 or call_start is not None):
             # The default check's error, which says only that the loss is inf or NaN, told
             # what else was not finite: worked out after the failure, costing a healthy step
-            # nothing.
-            return DiagnosedTrainOp(train_op, step)
+            # nothing (with several steps a call, one assignment a call).
+            return DiagnosedTrainOp(train_op, step, steps_per_call, call_start)
         return train_op
     step_fn = _distribute.across_replicas(
         step.loss_and_variables,
@@ -135,10 +142,20 @@ class DiagnosedTrainOp:
     (`get_concrete_function`, `experimental_get_tracing_count`, ...).
     """
 
-    def __init__(self, train_op: Any, step: ReplicaStep):
+    def __init__(
+        self,
+        train_op: Any,
+        step: ReplicaStep,
+        steps_per_call: int = 1,
+        call_start: tf.Variable | None = None,
+    ):
         self._train_op = train_op
         self._step = step
         self._diagnosis: Any = None
+        # With several steps a call: the step counter at the start of each call, so that the
+        # failing step's batch is known.
+        self._steps_per_call = steps_per_call
+        self._call_start = call_start
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -155,11 +172,17 @@ class DiagnosedTrainOp:
         """What was not finite in the step on these arguments, as words."""
         if self._diagnosis is None:
             self._diagnosis = tf.function(self._step.not_finite)
-        loss, names, finite = self._diagnosis(*args, **kwargs)
-        bad = [name.decode() for name, ok in zip(names.numpy(), finite.numpy()) if not ok]
         config = self._step.config
         counter, step_name = _global_step.counter(config.global_step, config.adapter.iterations)
         at = f"at {step_name} {int(counter.numpy())}" if counter is not None else "at a step"
+        if self._call_start is not None:
+            # The steps of the call before the failing one counted; it did not.
+            k = int(counter.numpy()) - int(self._call_start.numpy())
+            args, kwargs = tf.nest.map_structure(_compile.as_tensor_if_array, (args, kwargs))
+            args, kwargs = _compile.batch_at(k, self._steps_per_call, args, kwargs)
+            at += f" (step {k + 1} of the call's {self._steps_per_call})"
+        loss, names, finite = self._diagnosis(*args, **kwargs)
+        bad = [name.decode() for name, ok in zip(names.numpy(), finite.numpy()) if not ok]
         shown = ", ".join(bad[: _core.REPORTED_NAMES])
         if len(bad) > _core.REPORTED_NAMES:
             shown += " ..."
