@@ -132,8 +132,14 @@ def test_the_default_check_raises_with_nothing_changed_where_terminate_on_nan_ke
         loss="mse",
         steps_per_execution=steps_per_execution,
     )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="LossTensor is inf or nan") as raised:
         model.fit(*with_bad_batches(bad), batch_size=BATCH, shuffle=False, verbose=0)
+    # Said from the device: the step (the optimizer's, 3 batches applied), the loss and the
+    # variables whose gradients are not finite (all of them: the input is NaN).
+    n = len(model.trainable_weights)
+    message = " ".join(str(raised.value).split())
+    assert "[LossTensor is inf or nan at optimizer step] [3] [-] [loss] [nan]" in message
+    assert f"[- gradients not finite:] [{n}] [of {n}]" in message
     # What the three batches before the bad one made, and nothing else.
     reference = make_model("sequential")
     reference.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")

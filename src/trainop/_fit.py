@@ -225,6 +225,9 @@ class FitStep:
                 apply=_distribute.optimizer_applier(self._config, in_function=True),
                 on_accepted=lambda: self._record_batch(loss, x, y, y_pred, sample_weight),
                 undo=(lambda keep: _variables.undo_writes(writes, keep)) if writes else None,
+                # The batch is gone once fit's call returns: the error says, from the device,
+                # what was not finite.
+                diagnose_loss=True,
             )
         with tf.control_dependencies([trained]):
             return self._logs()
