@@ -505,18 +505,24 @@ def test_a_rejected_step_leaves_every_variable_of_the_model_as_it_was(check_nume
     assert not np.array_equal(moving_mean.numpy(), before[index])
 
 
+def _one_nan_gradient_at_zero(**settings):
+    """A train op on `w1 ** 2 + sqrt(|w2 * z|)` (w1 = w2 = 1, SGD 0.1) under a skip guard that
+    allows one skipped step: at z = 0 the loss is finite and w2's gradient NaN."""
+    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
+    return trainop.create_train_op(
+        lambda z: w1**2 + tf.sqrt(tf.abs(w2 * z)),
+        keras.optimizers.SGD(0.1),
+        global_step=tf.Variable(0, dtype=tf.int64),
+        check_numerics=trainop.SkipNonFiniteSteps(max_consecutive=1),
+        **settings,
+    )
+
+
 def test_a_rejected_step_says_which_gradients_were_not_finite(capfd):
     """The loss is finite, one of two gradients is NaN (the square root's at 0): the skip
     guard prints, from the device, the step, the loss and the variable, and its error at the
     limit says the same."""
-    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
-    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
-    train_op = trainop.create_train_op(
-        lambda z: w1**2 + tf.sqrt(tf.abs(w2 * z)),
-        keras.optimizers.SGD(0.1),
-        global_step=tf.Variable(0, dtype=tf.int64),
-        check_numerics=guard,
-    )
+    train_op = _one_nan_gradient_at_zero()
     train_op(tf.constant(1.0))
     capfd.readouterr()
     train_op(tf.constant(0.0))
@@ -539,16 +545,7 @@ def test_a_compiled_rejected_step_is_said_after_the_call(caplog, steps_per_call)
     """Under XLA, which prints nothing, the step records what was not finite on the device and
     the train op says it after the call, from the host; the error at the limit ends with it.
     A healthy call says nothing."""
-    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
-    guard = trainop.SkipNonFiniteSteps(max_consecutive=1)
-    train_op = trainop.create_train_op(
-        lambda z: w1**2 + tf.sqrt(tf.abs(w2 * z)),
-        keras.optimizers.SGD(0.1),
-        global_step=tf.Variable(0, dtype=tf.int64),
-        check_numerics=guard,
-        jit_compile=True,
-        steps_per_call=steps_per_call,
-    )
+    train_op = _one_nan_gradient_at_zero(jit_compile=True, steps_per_call=steps_per_call)
 
     def batch(z):
         return tf.constant([z] * steps_per_call if steps_per_call > 1 else z)
@@ -571,19 +568,22 @@ def test_a_compiled_rejected_step_is_said_after_the_call(caplog, steps_per_call)
     )
 
 
+def _under_the_default_check(**settings):
+    """A train op on `w1 ** 2 * x + w2 * z` (w1 = w2 = 1, SGD 0.1) with the default check;
+    returns it, its global step and w1."""
+    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
+    step = tf.Variable(0, dtype=tf.int64)
+    train_op = trainop.create_train_op(
+        lambda x, z: w1**2 * x + w2 * z, keras.optimizers.SGD(0.1), global_step=step, **settings
+    )
+    return train_op, step, w1
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_with_several_steps_a_call_the_default_checks_error_says_which_step_failed(jit_compile):
     """Four steps a call, the third's x NaN: the two before it applied, and the error names
     the step, its place in the call and what was not finite (diagnosed on its own batch)."""
-    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
-    step = tf.Variable(0, dtype=tf.int64)
-    train_op = trainop.create_train_op(
-        lambda x, z: w1**2 * x + w2 * z,
-        keras.optimizers.SGD(0.1),
-        global_step=step,
-        steps_per_call=4,
-        jit_compile=jit_compile,
-    )
+    train_op, step, w1 = _under_the_default_check(steps_per_call=4, jit_compile=jit_compile)
     train_op(tf.ones([4]), tf.ones([4]))
     with pytest.raises(tf.errors.InvalidArgumentError) as raised:
         train_op(tf.constant([1.0, 1.0, np.nan, 1.0]), tf.ones([4]))
@@ -599,14 +599,7 @@ def test_with_several_steps_a_call_the_default_checks_error_says_which_step_fail
 def test_the_default_checks_error_says_what_was_not_finite_and_train_says_which_batch(
     jit_compile,
 ):
-    w1, w2 = tf.Variable(1.0, name="w1"), tf.Variable(1.0, name="w2")
-    step = tf.Variable(0, dtype=tf.int64)
-    train_op = trainop.create_train_op(
-        lambda x, z: w1**2 * x + w2 * z,
-        keras.optimizers.SGD(0.1),
-        global_step=step,
-        jit_compile=jit_compile,
-    )
+    train_op, step, w1 = _under_the_default_check(jit_compile=jit_compile)
     batches = [(1.0, 1.0), (1.0, 1.0), (1.0, float("nan")), (1.0, 1.0)]
     with pytest.raises(tf.errors.InvalidArgumentError) as raised:
         trainop.train(

@@ -636,31 +636,24 @@ def refused_cases():
 
     refused("xla", call_compiled, "XLA cannot compile this train step")
 
-    def call_judging_spikes():
-        with two.scope():
-            train_op = trainop.create_train_op(
-                loss_fn,
-                keras.optimizers.SGD(0.1),
-                variables_to_train=variables,
-                check_numerics=trainop.SkipNonFiniteSteps(spike_threshold=6.0),
-            )
-        batches = tf.data.Dataset.from_tensors((X[:16], Y[:16]))
-        train_op(*next(iter(two.experimental_distribute_dataset(batches))))
+    # Options of the guard that one device only has: refused when the step is traced.
+    for name, setting, message in [
+        ("spike_threshold", 6.0, "cannot judge spikes under a tf.distribute"),
+        ("check_updates", True, "cannot undo an update under a tf.distribute"),
+    ]:
 
-    refused("spike_threshold", call_judging_spikes, "cannot judge spikes under a tf.distribute")
+        def call_with_guard_option(name=name, setting=setting):
+            with two.scope():
+                train_op = trainop.create_train_op(
+                    loss_fn,
+                    keras.optimizers.SGD(0.1),
+                    variables_to_train=variables,
+                    check_numerics=trainop.SkipNonFiniteSteps(**{name: setting}),
+                )
+            batches = tf.data.Dataset.from_tensors((X[:16], Y[:16]))
+            train_op(*next(iter(two.experimental_distribute_dataset(batches))))
 
-    def call_checking_updates():
-        with two.scope():
-            train_op = trainop.create_train_op(
-                loss_fn,
-                keras.optimizers.SGD(0.1),
-                variables_to_train=variables,
-                check_numerics=trainop.SkipNonFiniteSteps(check_updates=True),
-            )
-        batches = tf.data.Dataset.from_tensors((X[:16], Y[:16]))
-        train_op(*next(iter(two.experimental_distribute_dataset(batches))))
-
-    refused("check_updates", call_checking_updates, "cannot undo an update under a tf.distribute")
+        refused(name, call_with_guard_option, message)
 
     def build_train_step():
         with two.scope():
