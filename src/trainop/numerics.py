@@ -273,40 +273,10 @@ class SkipNonFiniteSteps(tf.Module):
           ValueError: with `spike_threshold` or `check_updates`, if `spike_values` or
             `updated` is None (the caller cannot give them: under several replicas).
         """
-        spike = None
-        accepted = finite
-        if self.spike_threshold is not None:
-            if spike_values is None:
-                raise ValueError(
-                    "SkipNonFiniteSteps(spike_threshold=...) cannot judge spikes under a "
-                    "tf.distribute strategy with several replicas: use it on one device, or "
-                    "leave spike_threshold out."
-                )
-            # Read and computed here, outside the tf.cond: its applied branch only assigns.
-            spike, deviations, statistics = self._judge(*spike_values())
-            accepted = tf.logical_and(finite, tf.logical_not(spike))
-            spike = tf.logical_and(finite, spike)  # a spike holding inf or NaN is not finite
-        trained: list[Any] = []
-        written: list[Any] = []
-        before: list[tf.Tensor] = []
-        if self.check_updates:
-            if updated is None:
-                raise ValueError(
-                    "SkipNonFiniteSteps(check_updates=True) cannot undo an update under a "
-                    "tf.distribute strategy with several replicas, nor with accumulation_steps: "
-                    "use it on one device without accumulation, or leave check_updates out."
-                )
-            if not tf.inside_function():
-                raise ValueError(
-                    "SkipNonFiniteSteps(check_updates=True) works in eager mode (the train op "
-                    "is a tf.function), not in a tf.compat.v1 graph: there its tf.cond is run "
-                    "as Switch and Merge ops, which cannot order the values read back after the "
-                    "update. Leave check_updates out in graph mode."
-                )
-            trained, others = updated()
-            written = trained + others
-            # Read here, before the tf.cond that updates them: its inputs.
-            before = [v.read_value() for v in written]
+        # Read and computed here, outside the tf.cond: its branches only assign.
+        spike, deviations, statistics = self._spike_verdict(finite, spike_values)
+        accepted = finite if spike is None else tf.logical_and(finite, tf.logical_not(spike))
+        written, before = self._values_before_update(updated)
         stop = self._stop.variable if self._stop.in_use() else None
 
         def recorded() -> list[Any]:
@@ -391,6 +361,58 @@ class SkipNonFiniteSteps(tf.Module):
                     return rejected(lambda: [*described, "-", *spiked], spike, say=False)
 
         return tf.cond(accepted, apply, skip)
+
+    def _spike_verdict(
+        self, finite: tf.Tensor, spike_values: Callable[[], tuple[tf.Tensor, tf.Tensor]] | None
+    ) -> tuple[tf.Tensor | None, tf.Tensor | None, tf.Tensor | None]:
+        """Whether the step is a finite spike (None without `spike_threshold`), how many
+        standard deviations its loss and norm are above their means, and the statistics an
+        applied step keeps (see `_judge`).
+
+        Raises:
+          ValueError: with `spike_threshold`, if `spike_values` is None (several replicas).
+        """
+        if self.spike_threshold is None:
+            return None, None, None
+        if spike_values is None:
+            raise ValueError(
+                "SkipNonFiniteSteps(spike_threshold=...) cannot judge spikes under a "
+                "tf.distribute strategy with several replicas: use it on one device, or "
+                "leave spike_threshold out."
+            )
+        spike, deviations, statistics = self._judge(*spike_values())
+        # A spike holding inf or NaN is counted as not finite.
+        return tf.logical_and(finite, spike), deviations, statistics
+
+    def _values_before_update(
+        self, updated: Callable[[], tuple[list[Any], list[Any]]] | None
+    ) -> tuple[list[Any], list[tf.Tensor]]:
+        """With `check_updates`: every variable the update writes (`updated`'s two lists) and
+        its value now, read before the tf.cond that updates them (its inputs); else two empty
+        lists.
+
+        Raises:
+          ValueError: with `check_updates`, if `updated` is None (several replicas,
+            accumulation) or the step is built in a `tf.compat.v1` graph.
+        """
+        if not self.check_updates:
+            return [], []
+        if updated is None:
+            raise ValueError(
+                "SkipNonFiniteSteps(check_updates=True) cannot undo an update under a "
+                "tf.distribute strategy with several replicas, nor with accumulation_steps: "
+                "use it on one device without accumulation, or leave check_updates out."
+            )
+        if not tf.inside_function():
+            raise ValueError(
+                "SkipNonFiniteSteps(check_updates=True) works in eager mode (the train op is a "
+                "tf.function), not in a tf.compat.v1 graph: there its tf.cond is run as Switch "
+                "and Merge ops, which cannot order the values read back after the update. "
+                "Leave check_updates out in graph mode."
+            )
+        trained, others = updated()
+        written = trained + others
+        return written, [v.read_value() for v in written]
 
     def _count(self, spike: tf.Tensor | None) -> list[Any]:
         """The ops that count a skipped step: as a spike where `spike` holds."""
