@@ -204,9 +204,10 @@ def undo_writes(writes: dict[int, tuple[Any, Any]], unless: Any = None) -> list[
     ]
 
 
-# What the search below found, by the id of each `tf.Variable`, both held weakly: its Keras
-# wrapper, or None for a variable that has none (a plain `tf.Variable`).
-_OWNERS: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}
+# The Keras 3 variables alive, by the id of the `tf.Variable` each wraps (held weakly), for
+# `keras_owners`: filled once from the heap, then by each Keras variable as it is made.
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_owners_watched: type | None = None
 
 
 @tf.autograph.experimental.do_not_convert
@@ -214,46 +215,47 @@ def keras_owners(tf_variables: list[Any], reads: dict[int, Any]) -> list[Any]:
     """Each of `tf_variables`, or the Keras 3 variable that wraps it (a Keras 3 variable
     stays itself).
 
-    The wrapper is the one `reads` (from `recording_reads`) saw read. A variable the loss read
-    without its wrapper's `value` (inside a `tf.function` traced before, or through a
-    `tf.Variable` taken out earlier) is looked for among the live objects, once: `gc.get_objects`
-    lists them without running any of their code, and each is tested by its type alone. (Not
-    `gc.get_referrers`, whose traversal of every object crashed the process on one.)
+    The wrapper is the one `reads` (from `recording_reads`) saw read, else the one that wraps
+    it among the live Keras variables (see `_watch_owners`): a dictionary lookup.
     """
     variable_type = keras3_variable_type()
-    owners = {}
-    unknown = []
+    if variable_type is None:
+        return list(tf_variables)
+    _watch_owners(variable_type)
+    found = []
     for v in tf_variables:
-        if variable_type is not None and isinstance(v, variable_type):
-            continue  # A Keras variable already.
-        owner = reads.get(id(v))
-        if owner is None:
-            cached = _OWNERS.get(id(v))
-            if cached is not None and cached[0]() is v and cached[1] is None:
-                continue  # Known to have no wrapper.
-            owner = cached[1]() if cached is not None and cached[0]() is v else None
-        if owner is not None and getattr(owner, "_value", None) is v:
-            owners[id(v)] = owner
-        elif variable_type is not None:
-            unknown.append(v)
-    if unknown:
-        owners.update(_search(unknown, variable_type))
-    return [owners.get(id(v), v) for v in tf_variables]
+        owner = None
+        if not isinstance(v, variable_type):
+            # (Not `or`: a Keras variable's truth is its value's.)
+            owner = reads.get(id(v))
+            if owner is None:
+                owner = _OWNERS.get(id(v))
+        found.append(owner if owner is not None and owner.__dict__.get("_value") is v else v)
+    return found
 
 
-@tf.autograph.experimental.do_not_convert
-def _search(unknown: list[Any], variable_type: type) -> dict[int, Any]:
-    wanted = {id(v): v for v in unknown}
-    found = {}
+def _watch_owners(variable_type: type) -> None:
+    """Makes `_OWNERS` know every Keras 3 variable: those alive now, found once among the live
+    objects (`gc.get_objects` lists them without running any of their code, and each is tested
+    by its type alone; not `gc.get_referrers`, whose traversal of every object crashed the
+    process once), and each one made from now on, as its value is made (`_initialize`)."""
+    global _owners_watched
+    if _owners_watched is variable_type:
+        return
+    original = variable_type._initialize
+
+    def _initialize(self: Any, value: Any) -> None:
+        original(self, value)
+        _add_owner(self)
+
+    variable_type._initialize = _initialize
+    _owners_watched = variable_type
     for obj in gc.get_objects():
         if issubclass(type(obj), variable_type):
-            inner = obj.__dict__.get("_value")
-            if inner is not None and wanted.get(id(inner)) is inner:
-                found[id(inner)] = obj
-    for key, v in wanted.items():
-        owner = found.get(key)
-        _OWNERS[key] = (
-            weakref.ref(v, lambda _, key=key: _OWNERS.pop(key, None)),
-            None if owner is None else weakref.ref(owner),
-        )
-    return found
+            _add_owner(obj)
+
+
+def _add_owner(variable: Any) -> None:
+    inner = variable.__dict__.get("_value")
+    if inner is not None:
+        _OWNERS[id(inner)] = variable
