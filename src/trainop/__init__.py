@@ -36,6 +36,8 @@ from trainop.numerics import LOSS_NOT_FINITE_MESSAGE, NOT_FINITE_MESSAGE, SkipNo
 from trainop.summaries import add_gradients_summaries, add_variables_summaries
 from trainop.train_op import USE_GLOBAL_STEP, create_train_op, create_train_step
 from trainop.transforms import (
+    adaptive_gradient_clipping,
+    adaptive_gradient_clipping_fn,
     add_gradient_noise,
     add_gradient_noise_fn,
     chain,
@@ -46,6 +48,8 @@ from trainop.transforms import (
     clip_gradient_norms,
     clip_gradient_norms_fn,
     global_norm,
+    gradient_centralization,
+    gradient_centralization_fn,
     multiply_gradients,
     multiply_gradients_fn,
 )
@@ -71,6 +75,8 @@ __all__ = [
     "StopTraining",
     "TrainResult",
     "USE_GLOBAL_STEP",
+    "adaptive_gradient_clipping",
+    "adaptive_gradient_clipping_fn",
     "add_gradient_noise",
     "add_gradient_noise_fn",
     "add_gradients_summaries",
@@ -85,6 +91,8 @@ __all__ = [
     "create_train_op",
     "create_train_step",
     "global_norm",
+    "gradient_centralization",
+    "gradient_centralization_fn",
     "multiply_gradients",
     "multiply_gradients_fn",
     "train",

@@ -673,6 +673,254 @@ def add_gradient_noise_fn(
     return add_noise
 
 
+def _excluded(exclude: Any, argument: str = "exclude") -> Callable[[Any], bool]:
+    """Whether a variable is left out by `exclude`: None (none is), or a variable, a name or a
+    compiled regular expression over names, or a list of them, as `multiply_gradients` keys."""
+    if exclude is None:
+        return lambda var: False
+    single = isinstance(exclude, (str, re.Pattern)) or _variables.is_variable(exclude)
+    if not single and not isinstance(exclude, (list, tuple, set)):
+        exclude = [exclude]  # refused below, by name
+    keys = [_as_variable_or_name(k) for k in ([exclude] if single else list(exclude))]
+    for key in keys:
+        if not isinstance(key, (str, re.Pattern)) and not _variables.is_variable(key):
+            raise TypeError(
+                f"`{argument}` must hold variables, variable names or compiled regular "
+                f"expressions over names (`re.compile(r'.*/logits/.*')`). Received: {key!r:.200}"
+            )
+    items = [(key, True) for key in keys]
+    return lambda var: _multiplier_for(var, items) is not None
+
+
+def _unit_axes(shape: tf.TensorShape, transform: str) -> tuple[int, ...] | None:
+    """The axes a unit's norm is taken over, as optax's `unitwise_norm` takes it: None (each
+    element on its own) for a scalar or a vector (what is left once axes of size 1 are
+    dropped), the input axis 0 of a dense kernel (rank 2 or 3), the spatial and input axes
+    (0, 1, 2) of a convolution kernel (rank 4).
+
+    Raises:
+      ValueError: for a variable of unknown rank, or of rank above 4.
+    """
+    if shape.rank is None:
+        raise ValueError(f"`{transform}` needs variables of known rank. Received shape {shape}")
+    if sum(1 for d in shape if d != 1) <= 1:
+        return None
+    if shape.rank in (2, 3):
+        return (0,)
+    if shape.rank == 4:
+        return (0, 1, 2)
+    raise ValueError(
+        f"`{transform}` measures units of variables of rank 1 to 4 (vectors, dense and "
+        f"convolution kernels); exclude this one (`exclude=`). Received shape {shape}"
+    )
+
+
+def _unit_norms(t: tf.Tensor, axes: tuple[int, ...] | None) -> tf.Tensor:
+    if axes is None:
+        return tf.abs(t)
+    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes, keepdims=True))
+
+
+def _check_real(grads_and_vars: Sequence[tuple[Any, Any]], transform: str) -> None:
+    for g, v in grads_and_vars:
+        if g is not None and _gradients.values(g).dtype.is_complex:
+            raise TypeError(
+                f"`{transform}` cannot measure a complex gradient: "
+                f"{_variables.variable_name(v)} is {_gradients.values(g).dtype.name}."
+            )
+
+
+def adaptive_gradient_clipping(
+    grads_and_vars: Sequence[tuple[Any, Any]],
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    exclude: Any = None,
+) -> GradsAndVars:
+    """Adaptive gradient clipping (AGC): clips each unit's gradient relative to its weight.
+
+    From the NFNets paper (Brock et al., 2021, "High-Performance Large-Scale Image Recognition
+    Without Normalization"), as optax's `adaptive_grad_clip` computes it: for each unit (see
+    below), where `||G|| / max(||W||, eps) > clipping`, the gradient is scaled to norm
+    `clipping * max(||W||, eps)`. A unit is an output unit of a dense kernel (its column: the
+    norm over axis 0 of a rank-2 or rank-3 kernel), of a convolution kernel (the norm over the
+    spatial and input axes 0, 1, 2 of a rank-4 HWIO kernel), and each element of a vector or
+    scalar (a bias: `|g|` against `|w|`). The paper leaves the last (classifier) layer out:
+    pass its variables in `exclude`.
+
+    An `IndexedSlices` gradient (an embedding table's) keeps its rows: its units (the table's
+    columns) are measured on the rows it names, summed (the dense gradient's other rows are
+    zero), against the whole table. Norms are taken in float32 at least; each gradient keeps
+    its dtype. A unit holding inf or NaN comes back holding NaN, for the numerics guard to see.
+
+    Args:
+      grads_and_vars: a list of (gradient, variable) pairs; a gradient is a dense tensor, an
+        `IndexedSlices` or None.
+      clipping: the largest ratio of a unit's gradient norm to its weight norm, a positive
+        number (0.01 in the paper for a batch size of 4096; larger for smaller batches).
+      eps: the weight norm below which a unit is measured as if it were `eps`, so that units
+        at zero (a bias at initialization) can move; a positive number.
+      exclude: variables left as they are: a variable, a name (a Keras 3 variable's path such
+        as 'sequential/logits/kernel'), a compiled regular expression over names, or a list
+        of them.
+
+    Returns:
+      A new list of (gradient, variable) pairs, in the same order; None gradients stay None.
+
+    Raises:
+      ValueError: if `clipping` or `eps` is not positive or is NaN, or a variable to clip has
+        a rank above 4 (exclude it).
+      TypeError: if `clipping` or `eps` is not a number, an `exclude` entry is not a variable,
+        a name or a pattern, or a gradient to clip is complex.
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> w = tf.Variable([[3.0], [4.0]])  # one unit, of weight norm 5
+      >>> [(g, _)] = trainop.adaptive_gradient_clipping([(tf.constant([[0.6], [0.8]]), w)], 0.1)
+      >>> [round(x, 6) for x in g.numpy().ravel().tolist()]  # norm 1 clipped to 0.1 * 5
+      [0.3, 0.4]
+    """
+    _check_number("clipping", clipping, sign="positive")
+    _check_number("eps", eps, sign="positive")
+    excluded = _excluded(exclude)
+    pairs = list(grads_and_vars)
+    chosen = [(g, v) for g, v in pairs if g is not None and not excluded(v)]
+    _check_real(chosen, "adaptive_gradient_clipping")
+    return [
+        (g if g is None or excluded(v) else _adaptive_clip(g, v, clipping, eps), v)
+        for g, v in pairs
+    ]
+
+
+def _adaptive_clip(grad: Any, var: Any, clipping: Any, eps: Any) -> Any:
+    axes = _unit_axes(var.shape, "adaptive_gradient_clipping")
+    sparse = isinstance(grad, tf.IndexedSlices)
+    if sparse:
+        grad = _gradients.summed_rows(grad)
+    values = _gradients.values(grad)
+    dtype = _gradients.wide_dtype(values.dtype)
+    g = tf.cast(values, dtype)
+    w = tf.cast(tf.convert_to_tensor(_variables.as_tf_variable(var)), dtype)
+    if sparse and axes is None:
+        w = tf.gather(tf.reshape(w, [-1]), grad.indices)  # a vector's rows: its elements
+    elif not sparse and axes is None:
+        w = tf.reshape(w, tf.shape(g))
+    g_norm = _unit_norms(g, axes)
+    w_norm = _unit_norms(w, axes)
+    max_norm = tf.maximum(w_norm, _gradients.as_tensor(eps, dtype)) * _gradients.as_tensor(
+        clipping, dtype
+    )
+    scale = max_norm / tf.maximum(g_norm, tf.constant(1e-6, dtype))
+    clipped = tf.where(g_norm < max_norm, g, g * scale)
+    clipped = tf.cast(clipped, values.dtype)
+    if sparse:
+        return tf.IndexedSlices(clipped, grad.indices, grad.dense_shape)
+    return clipped
+
+
+def adaptive_gradient_clipping_fn(
+    clipping: float = 0.01, eps: float = 1e-3, exclude: Any = None
+) -> TransformGradsFn:
+    """Returns a `transform_grads_fn` that applies `adaptive_gradient_clipping`.
+
+    Args:
+      clipping: as for `adaptive_gradient_clipping`.
+      eps: as for `adaptive_gradient_clipping`.
+      exclude: as for `adaptive_gradient_clipping`: the last layer, in the paper.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the clipped list, for
+      `create_train_op`'s `transform_grads_fn` or `chain`.
+
+    Raises:
+      ValueError, TypeError: for bad `clipping`, `eps` or `exclude`, raised here.
+
+    Example:
+      >>> import re, trainop
+      >>> agc = trainop.adaptive_gradient_clipping_fn(0.01, exclude=re.compile(r".*logits.*"))
+    """
+    _check_number("clipping", clipping, sign="positive")
+    _check_number("eps", eps, sign="positive")
+    _excluded(exclude)
+
+    def clip(grads_and_vars: GradsAndVars) -> GradsAndVars:
+        return adaptive_gradient_clipping(grads_and_vars, clipping, eps, exclude)
+
+    return clip
+
+
+def gradient_centralization(
+    grads_and_vars: Sequence[tuple[Any, Any]], exclude: Any = None
+) -> GradsAndVars:
+    """Gradient centralization: each output unit's gradient made to sum to zero.
+
+    From Yong et al., 2020 ("Gradient Centralization: A New Optimization Technique for Deep
+    Neural Networks"): the gradient of a kernel of rank 2 or more has, for each output unit
+    (the last axis, as Keras lays kernels out), its mean over the other axes subtracted.
+    Vectors and scalars (biases, normalization scales) are left as they are. An
+    `IndexedSlices` gradient (an embedding table's) becomes the dense gradient it adds up to,
+    centralized: every row of the table then moves. Exclude such a table to keep it sparse.
+    The mean is taken in float32 at least; each gradient keeps its dtype.
+
+    Args:
+      grads_and_vars: a list of (gradient, variable) pairs; a gradient is a dense tensor, an
+        `IndexedSlices` or None.
+      exclude: variables left as they are, as for `adaptive_gradient_clipping`.
+
+    Returns:
+      A new list of (gradient, variable) pairs, in the same order; None gradients stay None.
+
+    Raises:
+      TypeError: if an `exclude` entry is not a variable, a name or a pattern.
+
+    Example:
+      >>> import tensorflow as tf, trainop
+      >>> w = tf.Variable(tf.zeros([2, 1]))
+      >>> [(g, _)] = trainop.gradient_centralization([(tf.constant([[1.0], [3.0]]), w)])
+      >>> g.numpy().ravel().tolist()
+      [-1.0, 1.0]
+    """
+    excluded = _excluded(exclude)
+    return [
+        (g if g is None or excluded(v) or v.shape.rank in (0, 1) else _centralized(g), v)
+        for g, v in grads_and_vars
+    ]
+
+
+def _centralized(grad: Any) -> tf.Tensor:
+    values = tf.convert_to_tensor(grad)  # an IndexedSlices: the dense gradient
+    rank = values.shape.rank
+    if rank is None or rank < 2:
+        return values
+    wide = tf.cast(values, _gradients.wide_dtype(values.dtype))
+    mean = tf.reduce_mean(wide, axis=list(range(rank - 1)), keepdims=True)
+    return tf.cast(wide - mean, values.dtype)
+
+
+def gradient_centralization_fn(exclude: Any = None) -> TransformGradsFn:
+    """Returns a `transform_grads_fn` that applies `gradient_centralization`.
+
+    Args:
+      exclude: as for `gradient_centralization`.
+
+    Returns:
+      A callable mapping a list of (gradient, variable) pairs to the centralized list, for
+      `create_train_op`'s `transform_grads_fn` or `chain`.
+
+    Raises:
+      TypeError: for a bad `exclude` entry, raised here.
+
+    Example:
+      >>> import trainop
+      >>> centralize = trainop.gradient_centralization_fn()
+    """
+    _excluded(exclude)
+
+    def centralize(grads_and_vars: GradsAndVars) -> GradsAndVars:
+        return gradient_centralization(grads_and_vars, exclude)
+
+    return centralize
+
+
 def chain(*transforms: TransformGradsFn) -> TransformGradsFn:
     """Returns a `transform_grads_fn` that applies `transforms` in order, left to right.
 
