@@ -14,6 +14,8 @@ process, each variant trains its own identical copy of the model on the same bat
   the loss and the global gradient norm against their running statistics.
 * ``skip_updates``: a `SkipNonFiniteSteps(check_updates=True)`: the skip guard that also checks
   the updated weights, and undoes an update that made them inf or NaN.
+* ``agc``: `transform_grads_fn=adaptive_gradient_clipping_fn(clipping=0.01)`.
+* ``centralization``: `transform_grads_fn=gradient_centralization_fn()`.
 
 The variants run in short alternating blocks (`bench_core.time_interleaved`). The time ratio is
 of the medians of the per-step block times; the mean ratio also counts the blocks in which a
@@ -33,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import keras  # noqa: E402
@@ -60,18 +62,19 @@ from benchmarks.bench_core import (  # noqa: E402
 SUMMARY_EVERY_N_STEPS = 100
 
 
-class _Guard:
-    """Makes a `SkipNonFiniteSteps(**settings)` for each variant that uses it; shown as such."""
+class _Made:
+    """Makes `factory(**settings)` for each variant that uses it (a guard's counters are its
+    own); shown in the table as the call."""
 
-    def __init__(self, **settings: Any):
-        self.settings = settings
+    def __init__(self, factory: Callable[..., Any], **settings: Any):
+        self.factory, self.settings = factory, settings
 
-    def __call__(self) -> trainop.SkipNonFiniteSteps:
-        return trainop.SkipNonFiniteSteps(**self.settings)
+    def __call__(self) -> Any:
+        return self.factory(**self.settings)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
-        return f"SkipNonFiniteSteps({shown})"
+        return f"{self.factory.__name__}({shown})"
 
 
 REFERENCE = "trainop"
@@ -84,9 +87,12 @@ FEATURES: dict[str, dict[str, Any]] = {
         "summarize_gradients": True,
         "summarize_every_n_steps": SUMMARY_EVERY_N_STEPS,
     },
-    # A guard is made per train op (its counters and statistics are its own).
-    "skip_spikes": {"check_numerics": _Guard(spike_threshold=6.0)},
-    "skip_updates": {"check_numerics": _Guard(check_updates=True)},
+    "skip_spikes": {
+        "check_numerics": _Made(trainop.SkipNonFiniteSteps, spike_threshold=6.0),
+    },
+    "skip_updates": {"check_numerics": _Made(trainop.SkipNonFiniteSteps, check_updates=True)},
+    "agc": {"transform_grads_fn": _Made(trainop.adaptive_gradient_clipping_fn, clipping=0.01)},
+    "centralization": {"transform_grads_fn": _Made(trainop.gradient_centralization_fn)},
 }
 
 
@@ -102,7 +108,7 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
     variants = []
     for name, settings in FEATURES.items():
         kwargs = {
-            key: value() if isinstance(value, _Guard) else value for key, value in settings.items()
+            key: value() if isinstance(value, _Made) else value for key, value in settings.items()
         }
         model = copy_model(base_model)
         optimizer = keras.optimizers.Adam(LEARNING_RATE)
