@@ -809,9 +809,13 @@ def _adaptive_clip(grad: Any, var: Any, clipping: Any, eps: Any) -> Any:
     max_norm = tf.maximum(w_norm, _gradients.as_tensor(eps, dtype)) * _gradients.as_tensor(
         clipping, dtype
     )
-    scale = max_norm / tf.maximum(g_norm, tf.constant(1e-6, dtype))
-    clipped = tf.where(g_norm < max_norm, g, g * scale)
-    clipped = tf.cast(clipped, values.dtype)
+    # One scale per unit (1 where the unit is within its bound), then one multiply.
+    scale = tf.where(
+        g_norm < max_norm,
+        tf.ones_like(g_norm),
+        max_norm / tf.maximum(g_norm, tf.constant(1e-6, dtype)),
+    )
+    clipped = tf.cast(g * scale, values.dtype)
     if sparse:
         return tf.IndexedSlices(clipped, grad.indices, grad.dense_shape)
     return clipped
