@@ -84,14 +84,6 @@ class Rollback:
             f"learning_rate_factor={self.learning_rate_factor})"
         )
 
-    @staticmethod
-    def gave_up(error: BaseException) -> bool:
-        """Whether `error` is the numerics guard's (which a roll back answers), not another."""
-        return isinstance(error, tf.errors.InvalidArgumentError) and any(
-            message in error.message
-            for message in (numerics.LOSS_NOT_FINITE_MESSAGE, numerics.NOT_FINITE_MESSAGE)
-        )
-
     def check_saved_in(self, checkpoint: Any) -> None:
         """Raises a ValueError unless the optimizer is among what `checkpoint` (the mapping
         given to `train`) saves, directly or held by one of its objects."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainop import _checkpoints, _console
+from trainop import _checkpoints, _console, numerics
 from trainop._checks import check_count
 
 logger = logging.getLogger("trainop")
@@ -285,7 +285,7 @@ def run(
                     stopped_by = END_OF_DATA
                     break
                 except tf.errors.InvalidArgumentError as error:
-                    if rollback is None or not rollback.gave_up(error):
+                    if rollback is None or not numerics.is_guard_error(error):
                         raise
                     path = rollback.roll_back(saver, error, run.rollbacks)
                     if path is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainop import _checkpoints, _data, _global_step, _run
+from trainop import _checkpoints, _data, _global_step, _run, numerics
 from trainop._checks import check_count
 from trainop._global_step import USE_GLOBAL_STEP
 from trainop._rollback import Rollback
@@ -222,7 +222,7 @@ def _step_on_next_batch(
     except tf.errors.InvalidArgumentError as error:
         index = batches.consumed - 1
         where = f"batch {index} of the data"
-        if bad_batch_dir is not None and Rollback.gave_up(error):
+        if bad_batch_dir is not None and numerics.is_guard_error(error):
             where += f", saved in {_data.save_batch(batch, bad_batch_dir, index)}"
         raise type(error)(error.node_def, error.op, f"{error.message} ({where})") from error
 

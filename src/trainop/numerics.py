@@ -39,6 +39,14 @@ NOT_FINITE_MESSAGE = "The loss or a gradient is inf or nan"
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
 
+def is_guard_error(error: BaseException) -> bool:
+    """Whether `error` is the numerics guard's (the default check's, or a `SkipNonFiniteSteps`
+    past its limit, compiled or not), not another `InvalidArgumentError`."""
+    return isinstance(error, tf.errors.InvalidArgumentError) and any(
+        message in error.message for message in (LOSS_NOT_FINITE_MESSAGE, NOT_FINITE_MESSAGE)
+    )
+
+
 def check_loss_is_finite(total_loss: tf.Tensor) -> tf.Tensor:
     """`total_loss`, once checked: raises on evaluation if it is inf or NaN."""
     return tf.debugging.check_numerics(total_loss, LOSS_NOT_FINITE_MESSAGE)
