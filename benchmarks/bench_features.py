@@ -16,6 +16,8 @@ process, each variant trains its own identical copy of the model on the same bat
   the updated weights, and undoes an update that made them inf or NaN.
 * ``agc``: `transform_grads_fn=adaptive_gradient_clipping_fn(clipping=0.01)`.
 * ``centralization``: `transform_grads_fn=gradient_centralization_fn()`.
+* ``lr_multipliers``: `learning_rate_multipliers={re.compile(".*"): 0.5}`: every variable's
+  update scaled after Adam made it (the most it can cost: every variable chosen).
 
 The variants run in short alternating blocks (`bench_core.time_interleaved`). The time ratio is
 of the medians of the per-step block times; the mean ratio also counts the blocks in which a
@@ -34,6 +36,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -93,6 +96,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "skip_updates": {"check_numerics": _Made(trainop.SkipNonFiniteSteps, check_updates=True)},
     "agc": {"transform_grads_fn": _Made(trainop.adaptive_gradient_clipping_fn, clipping=0.01)},
     "centralization": {"transform_grads_fn": _Made(trainop.gradient_centralization_fn)},
+    "lr_multipliers": {"learning_rate_multipliers": {re.compile(".*"): 0.5}},
 }
 
 

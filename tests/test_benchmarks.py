@@ -80,6 +80,7 @@ def test_bench_features_smoke_run(tmp_path):
         "skip_updates",
         "agc",
         "centralization",
+        "lr_multipliers",
     }
     # On healthy batches the guard and the summaries change nothing that is trained.
     # (The transforms change the update: their weights differ, by design.)

@@ -43,7 +43,14 @@ def _fields(run: _Run, key: tuple[str, str]) -> list[str]:
 
 # The global steps of 4 batches: a NaN or an overflow in one replica's half of a batch skips
 # that step on both replicas; accumulation applies every second batch.
-_STEPS = {"plain": 4, "skip": 3, "clip": 4, "skip_clip": 3, "accumulate": 2}
+_STEPS = {
+    "plain": 4,
+    "skip": 3,
+    "clip": 4,
+    "skip_clip": 3,
+    "accumulate": 2,
+    "lr_multipliers": 4,
+}
 _STEPS_KERAS_ONLY = {
     "jit": 4,
     "jit_skip": 3,
@@ -75,6 +82,7 @@ _REFUSED = [
     "zero_argument_loss",
     "inside_run_check_numerics",
     "inside_run_accumulation_steps",
+    "inside_run_learning_rate_multipliers",
     "called_inside_run",
     "variables_to_train",
     "global_step",

@@ -14,6 +14,7 @@ from trainop import (
     _accumulation,
     _core,
     _global_step,
+    _learning_rates,
     _optimizers,
     _variables,
     numerics,
@@ -159,6 +160,7 @@ class StepConfig:
     missing_gradients: str
     summarize_every_n_steps: int | None
     accumulator: _accumulation.GradientAccumulator | None
+    learning_rate_multipliers: _learning_rates.LearningRateMultipliers | None = None
 
 
 def resolve(
@@ -172,6 +174,8 @@ def resolve(
     missing_gradients: Any,
     summarize_every_n_steps: Any,
     accumulation_steps: Any = 1,
+    *,
+    learning_rate_multipliers: Any = None,
 ) -> StepConfig:
     """Checks the arguments shared by `create_train_op` and `create_train_step`, and resolves
     them: the optimizer's adapter, the global step variable, the numerics guard.
@@ -206,6 +210,7 @@ def resolve(
             if accumulation_steps > 1
             else None
         ),
+        learning_rate_multipliers=_learning_rates.resolve(learning_rate_multipliers),
     )
 
 

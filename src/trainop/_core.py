@@ -24,6 +24,7 @@ import tensorflow as tf
 from trainop import (
     _global_step,
     _gradients,
+    _learning_rates,
     _optimizers,
     _variables,
     numerics,
@@ -236,6 +237,19 @@ def optimizer_applier(config: StepConfig, in_function: bool) -> Applier:
         ]
 
     return apply
+
+
+def scaling_learning_rates(
+    multipliers: _learning_rates.LearningRateMultipliers, apply: Applier
+) -> Applier:
+    """`apply`, each chosen variable's update then scaled by its learning-rate factor."""
+
+    def apply_scaled(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None) -> list[Any]:
+        return multipliers.scaled_update(
+            [v for _, v in pairs], lambda: as_ops(apply(pairs, loss_scale))
+        )
+
+    return apply_scaled
 
 
 def scaled(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor) -> list[tuple[Any, Any]]:
@@ -492,6 +506,8 @@ def build_step(
       `total_loss`, which once evaluated has run the whole step.
     """
     loss_scale = config.adapter.loss_scale()
+    if config.learning_rate_multipliers is not None:
+        apply = scaling_learning_rates(config.learning_rate_multipliers, apply)
     step = _global_step.summary_step(config.global_step, config.adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
 

@@ -22,6 +22,7 @@ from trainop import (
     _distribute,
     _global_step,
     _gradients,
+    _learning_rates,
     _variables,
     numerics,
     summaries,
@@ -473,6 +474,7 @@ def run_train_step(
     check_numerics: Any,
     missing_gradients: Any,
     summarize_every_n_steps: Any,
+    learning_rate_multipliers: Any,
 ) -> Any:
     """`create_train_step` in eager mode: one step now, on what `loss()` reads now; returns the
     loss structure. The loss and its gradients are computed eagerly; what follows them is
@@ -498,14 +500,22 @@ def run_train_step(
         summarize_every_n_steps=summarize_every_n_steps,
     )
     referents: list[Any] = []
+    multipliers = _learning_rates.resolve(learning_rate_multipliers)
     key = identity_key(
-        # The variable: a new program global step is a new step to count in.
-        (optimizer, _global_step.resolve(global_step), *compiled_settings.values()),
+        # The variable: a new program global step is a new step to count in. The factors by
+        # their keys and values: a dict made anew at each call is the same setting.
+        (
+            optimizer,
+            _global_step.resolve(global_step),
+            *compiled_settings.values(),
+            None if multipliers is None else tuple(multipliers.items),
+        ),
         referents,
     )
 
     def prepare() -> PreparedStep:
-        return PreparedStep(_config.resolve(optimizer, global_step, None, **compiled_settings))
+        config = _config.resolve(optimizer, global_step, None, **compiled_settings)
+        return PreparedStep(dataclasses.replace(config, learning_rate_multipliers=multipliers))
 
     prepared = cached_eager_step(STEP_CACHE, key, referents, prepare)
     _distribute.check_in_a_replica(prepared.config)

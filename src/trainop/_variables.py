@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -64,6 +65,68 @@ def variable_key(variable: Any) -> int:
 _recording = threading.local()
 _install_lock = threading.Lock()
 _installed: list[type] = []
+
+
+def as_variable_or_name(key: Any) -> Any:
+    """`key`, or the variable it refers to if it is a `v.ref()` (how TensorFlow 2 makes a
+    variable usable as a dict key)."""
+    deref = getattr(key, "deref", None)
+    return deref() if callable(deref) else key
+
+
+def keyed_items(mapping: Any, argument: str, values: str) -> list[tuple[Any, Any]]:
+    """`mapping` (a dict, or a list of pairs) as (key, value) pairs, each key a variable, a
+    variable name or a compiled regular expression over names, as TF-Slim's
+    `multiply_gradients` keys its multipliers (and beyond it, the expressions).
+
+    Args:
+      mapping: what the caller passed as `argument`.
+      argument: the argument's name, for the errors.
+      values: what the values are, for the errors ("multipliers").
+
+    Raises:
+      ValueError: `mapping` is not a dict or a list of pairs, or is empty.
+      TypeError: a key is not a variable, a `v.ref()`, a name or a compiled expression.
+    """
+    if isinstance(mapping, Mapping):
+        items = list(mapping.items())
+    elif isinstance(mapping, (list, tuple)) and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in mapping
+    ):
+        items = [tuple(pair) for pair in mapping]
+    else:
+        raise ValueError(  # ValueError, as TF-Slim raises for its multipliers.
+            f"`{argument}` must map variables or variable names to {values}. "
+            f"Received: {argument}={mapping!r:.200}"
+        )
+    if not items:
+        raise ValueError(f"`{argument}` is empty.")
+    items = [(as_variable_or_name(key), value) for key, value in items]
+    for key, _ in items:
+        if not isinstance(key, (str, re.Pattern)) and not is_variable(key):
+            raise TypeError(
+                f"`{argument}` keys must be variables, variable references (`v.ref()`), "
+                "variable names such as 'conv0/weights' or compiled regular expressions over "
+                f"names (`re.compile(r'.*/bias')`). Received key: {key!r:.200}"
+            )
+    return items
+
+
+def value_for(variable: Any, items: list[tuple[Any, Any]]) -> Any:
+    """The value of the first of `items` (from `keyed_items`) whose key is `variable`, its
+    name, or an expression that matches the whole name; None if none is."""
+    key = variable_key(variable)
+    name = variable_name(variable)
+    for candidate, value in items:
+        if isinstance(candidate, str):
+            if candidate == name:
+                return value
+        elif isinstance(candidate, re.Pattern):
+            if candidate.fullmatch(name):
+                return value
+        elif variable_key(candidate) == key:
+            return value
+    return None
 
 
 def _install_read_recorder(variable_type: type) -> None:

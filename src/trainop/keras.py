@@ -48,6 +48,7 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     missing_gradients: str = "log",
     summarize_gradients: bool = False,
     summarize_every_n_steps: int | None = None,
+    learning_rate_multipliers: Any = None,
     **kwargs: Any,
 ) -> None:
     """Compiles `model` as `model.compile(*args, **kwargs)` does, with trainop's training step.
@@ -60,8 +61,9 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     * `check_numerics="skip"` or a `trainop.SkipNonFiniteSteps`: such a batch (or one with an
       inf or NaN gradient) is skipped: no variable, optimizer slot or counter changes, and the
       loss tracker and metrics do not count it. The logs carry `skipped_steps`.
-    * `transform_grads_fn`, `accumulation_steps`, `missing_gradients`, `summarize_gradients`
-      and `summarize_every_n_steps`: as for `trainop.create_train_op`. The summaries are
+    * `transform_grads_fn`, `accumulation_steps`, `missing_gradients`, `summarize_gradients`,
+      `summarize_every_n_steps` and `learning_rate_multipliers`: as for
+      `trainop.create_train_op`. The summaries are
       written, at `optimizer.iterations`, to the `train` directory of the
       `keras.callbacks.TensorBoard` callback passed to `fit`, if there is one.
 
@@ -74,8 +76,8 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         `train_step` is Keras's own.
       *args: passed to `model.compile` (`optimizer`, `loss`, ...).
       check_numerics, transform_grads_fn, accumulation_steps, missing_gradients,
-      summarize_gradients, summarize_every_n_steps: trainop's settings, as for
-        `trainop.create_train_op`.
+      summarize_gradients, summarize_every_n_steps, learning_rate_multipliers: trainop's
+        settings, as for `trainop.create_train_op`.
       **kwargs: passed to `model.compile` (`metrics`, `steps_per_execution`, `jit_compile`,
         `auto_scale_loss`, ...).
 
@@ -130,14 +132,18 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         accumulation_steps,
     )
     # The step is counted by optimizer.iterations, as in Keras: no global step.
-    config = _config.resolve(optimizer, None, *settings)
+    config = _config.resolve(
+        optimizer, None, *settings, learning_rate_multipliers=learning_rate_multipliers
+    )
     arguments.arguments["optimizer"] = optimizer
     _fit.uninstall(model)
     # The model's own compile (a subclass may extend it), with every argument by name.
     model.compile(**{name: value for name, value in arguments.arguments.items() if name != "self"})
     if model.optimizer is not optimizer:
         # auto_scale_loss wrapped it in a LossScaleOptimizer.
-        config = _config.resolve(model.optimizer, None, *settings)
+        config = _config.resolve(
+            model.optimizer, None, *settings, learning_rate_multipliers=learning_rate_multipliers
+        )
     step = _fit.FitStep(model, config)
     _fit.install(model, step)
 

@@ -107,6 +107,16 @@ _SHARED_ARGS = {
         write the `tf.summary` summaries only at summary steps that are multiples of it (0, n,
         2n, ...), and only when `tf.summary.record_if` allows; None (the default): whenever
         `tf.summary.record_if` allows. The steps that do not write compute none of them.""",
+    "learning_rate_multipliers": """
+        a dict (or a list of pairs) from variables (or `v.ref()`), variable names or
+        compiled regular expressions over names, keyed as `multiply_gradients` keys its
+        multipliers, to the factor of their learning rate: a number >= 0, or a scalar float
+        `tf.Variable` read at every step. A chosen variable's update is scaled by its factor
+        after the optimizer made it (its constraint applied again), which for every
+        TensorFlow and Keras optimizer is the update at that multiple of the learning rate,
+        adaptive ones included, where multiplying the gradient changes nothing; the
+        optimizer's slots move as without it. None (the default): every variable at the
+        optimizer's rate.""",
 }
 
 
@@ -151,6 +161,7 @@ def create_train_op(
     jit_compile: bool = False,
     steps_per_call: int = 1,
     accumulation_steps: int = 1,
+    learning_rate_multipliers: Any = None,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -228,6 +239,7 @@ def create_train_op(
         over its batch: the update of one step on a batch that many times larger). Each call
         returns its own loss. `transform_grads_fn`, the summaries and the update ops see the
         mean; the global step counts applied updates. The sums are not checkpointed.
+      learning_rate_multipliers: {learning_rate_multipliers}
 
     Returns:
       Graph mode: the loss `Tensor` (float, scalar) whose evaluation runs the step and returns
@@ -307,6 +319,7 @@ def create_train_op(
         missing_gradients,
         summarize_every_n_steps,
         accumulation_steps,
+        learning_rate_multipliers=learning_rate_multipliers,
     )
     if tf.executing_eagerly():
         if jit_compile and config.check_numerics is True and not tf.distribute.has_strategy():
@@ -357,6 +370,7 @@ def create_train_step(
     *,
     missing_gradients: str = "log",
     summarize_every_n_steps: int | None = None,
+    learning_rate_multipliers: Any = None,
 ) -> Any:
     """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
 
@@ -411,6 +425,7 @@ def create_train_step(
       check_numerics: {check_numerics}
       missing_gradients: {missing_gradients}
       summarize_every_n_steps: {summarize_every_n_steps}
+      learning_rate_multipliers: {learning_rate_multipliers}
 
     Returns:
       Eager mode: the loss structure of this step, computed before the update. Graph mode: the
@@ -466,6 +481,7 @@ def create_train_step(
         check_numerics=check_numerics,
         missing_gradients=missing_gradients,
         summarize_every_n_steps=summarize_every_n_steps,
+        learning_rate_multipliers=learning_rate_multipliers,
     )
     if not tf.executing_eagerly():
         if _config.is_loss_callable(loss):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,52 +167,13 @@ def clip_gradient_norms_fn(max_norm: float) -> TransformGradsFn:
     return clip_norms
 
 
-def _as_variable_or_name(key: Any) -> Any:
-    # `tf.Variable.ref()` is how TensorFlow 2 makes a variable usable as a dict key.
-    deref = getattr(key, "deref", None)
-    return deref() if callable(deref) else key
-
-
 def _multiplier_items(gradient_multipliers: Any) -> list[tuple[Any, Any]]:
     """Returns `gradient_multipliers` as (variable or name, multiplier) pairs, checked."""
-    if isinstance(gradient_multipliers, Mapping):
-        items = list(gradient_multipliers.items())
-    elif isinstance(gradient_multipliers, (list, tuple)):
-        items = [tuple(pair) for pair in gradient_multipliers]
-    else:
-        raise ValueError(  # ValueError, as TF-Slim raises.
-            "`gradient_multipliers` must map variables or variable names to multipliers. "
-            f"Received: gradient_multipliers={gradient_multipliers!r:.200}"
-        )
-    if not items:
-        raise ValueError("`gradient_multipliers` is empty.")
-    items = [(_as_variable_or_name(key), multiplier) for key, multiplier in items]
+    items = _variables.keyed_items(gradient_multipliers, "gradient_multipliers", "multipliers")
     for key, multiplier in items:
         # A multiplier may be negative (gradient ascent), not NaN or infinite.
         _check_multiplier(key, multiplier)
-        if not isinstance(key, (str, re.Pattern)) and not _variables.is_variable(key):
-            raise TypeError(
-                "`gradient_multipliers` keys must be variables, variable references "
-                "(`v.ref()`), variable names such as 'conv0/weights' or compiled regular "
-                f"expressions over names (`re.compile(r'.*/bias')`). Received key: {key!r}"
-            )
     return items
-
-
-def _multiplier_for(var: Any, items: list[tuple[Any, Any]]) -> Any:
-    """Finds `var`'s multiplier, keyed by the variable itself or by its name."""
-    key = _variables.variable_key(var)
-    name = _variables.variable_name(var)
-    for candidate, multiplier in items:
-        if isinstance(candidate, str):
-            if candidate == name:
-                return multiplier
-        elif isinstance(candidate, re.Pattern):
-            if candidate.fullmatch(name):
-                return multiplier
-        elif _variables.variable_key(candidate) == key:
-            return multiplier
-    return None
 
 
 def _static_array(value: Any) -> np.ndarray | None:
@@ -315,7 +276,7 @@ def multiply_gradients(
 
     result = []
     for grad, var in grads_and_vars:
-        multiplier = _multiplier_for(var, items)
+        multiplier = _variables.value_for(var, items)
         if multiplier is not None:
             if grad is None:
                 raise ValueError(
@@ -681,7 +642,7 @@ def _excluded(exclude: Any, argument: str = "exclude") -> Callable[[Any], bool]:
     single = isinstance(exclude, (str, re.Pattern)) or _variables.is_variable(exclude)
     if not single and not isinstance(exclude, (list, tuple, set)):
         exclude = [exclude]  # refused below, by name
-    keys = [_as_variable_or_name(k) for k in ([exclude] if single else list(exclude))]
+    keys = [_variables.as_variable_or_name(k) for k in ([exclude] if single else list(exclude))]
     for key in keys:
         if not isinstance(key, (str, re.Pattern)) and not _variables.is_variable(key):
             raise TypeError(
@@ -689,7 +650,7 @@ def _excluded(exclude: Any, argument: str = "exclude") -> Callable[[Any], bool]:
                 f"expressions over names (`re.compile(r'.*/logits/.*')`). Received: {key!r:.200}"
             )
     items = [(key, True) for key in keys]
-    return lambda var: _multiplier_for(var, items) is not None
+    return lambda var: _variables.value_for(var, items) is not None
 
 
 def _unit_axes(shape: tf.TensorShape, transform: str) -> tuple[int, ...] | None:

@@ -194,6 +194,7 @@ def step_cases():
         compare("skip_clip", family, make_optimizer, x=X_NAN, check_numerics="skip",
                 transform_grads_fn=clip)  # fmt: skip
         compare("accumulate", family, make_optimizer, accumulation_steps=2)
+        compare("lr_multipliers", family, make_optimizer, learning_rate_multipliers={"w1": 0.25})
     keras_sgd = OPTIMIZERS["keras"]
     compare("jit", "keras", keras_sgd, jit_compile=True)
     compare("jit_skip", "keras", keras_sgd, x=X_NAN, check_numerics="skip", jit_compile=True)
@@ -495,7 +496,11 @@ def inside_run_cases():
             if case == "overflow":
                 scales = [float(o.dynamic_scale.numpy()) for o in (optimizer, one_optimizer)]
             report("inside_run", case, *differences(run, one_device_run), steps, one_steps, *scales)
-    for name, value in [("check_numerics", "skip"), ("accumulation_steps", 2)]:
+    for name, value in [
+        ("check_numerics", "skip"),
+        ("accumulation_steps", 2),
+        ("learning_rate_multipliers", {"w1": 0.5}),
+    ]:
         refused(
             f"inside_run_{name}",
             lambda name=name, value=value: train_inside_run(
