@@ -50,6 +50,7 @@ _STEPS = {
     "skip_clip": 3,
     "accumulate": 2,
     "lr_multipliers": 4,
+    "ema": 3,
 }
 _STEPS_KERAS_ONLY = {
     "jit": 4,
@@ -83,6 +84,7 @@ _REFUSED = [
     "inside_run_check_numerics",
     "inside_run_accumulation_steps",
     "inside_run_learning_rate_multipliers",
+    "inside_run_moving_average",
     "called_inside_run",
     "variables_to_train",
     "global_step",

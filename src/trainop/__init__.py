@@ -31,6 +31,7 @@ if tuple(int(part) for part in _tf.__version__.split(".")[:2]) < (2, 16):
         "`pip install --upgrade tensorflow` (or tensorflow-cpu)."
     )
 
+from trainop.averaging import ExponentialMovingAverage
 from trainop.loop import Hook, Rollback, StopTraining, TrainResult, train
 from trainop.numerics import LOSS_NOT_FINITE_MESSAGE, NOT_FINITE_MESSAGE, SkipNonFiniteSteps
 from trainop.summaries import add_gradients_summaries, add_variables_summaries
@@ -69,6 +70,7 @@ def __getattr__(name: str):
 __all__ = [
     "LOSS_NOT_FINITE_MESSAGE",
     "NOT_FINITE_MESSAGE",
+    "ExponentialMovingAverage",
     "Hook",
     "Rollback",
     "SkipNonFiniteSteps",

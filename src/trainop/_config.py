@@ -17,6 +17,7 @@ from trainop import (
     _learning_rates,
     _optimizers,
     _variables,
+    averaging,
     numerics,
 )
 from trainop._checks import check_count
@@ -161,6 +162,7 @@ class StepConfig:
     summarize_every_n_steps: int | None
     accumulator: _accumulation.GradientAccumulator | None
     learning_rate_multipliers: _learning_rates.LearningRateMultipliers | None = None
+    moving_average: averaging.ExponentialMovingAverage | None = None
 
 
 def resolve(
@@ -176,6 +178,7 @@ def resolve(
     accumulation_steps: Any = 1,
     *,
     learning_rate_multipliers: Any = None,
+    moving_average: Any = None,
 ) -> StepConfig:
     """Checks the arguments shared by `create_train_op` and `create_train_step`, and resolves
     them: the optimizer's adapter, the global step variable, the numerics guard.
@@ -193,6 +196,7 @@ def resolve(
             f"Received: missing_gradients={missing_gradients!r}"
         )
     check_ops_apart(adapter, check_numerics, accumulation_steps)
+    averaging.check_moving_average(moving_average)
     return StepConfig(
         adapter=adapter,
         global_step=_global_step.resolve(global_step),
@@ -211,6 +215,7 @@ def resolve(
             else None
         ),
         learning_rate_multipliers=_learning_rates.resolve(learning_rate_multipliers),
+        moving_average=moving_average,
     )
 
 

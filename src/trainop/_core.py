@@ -252,6 +252,26 @@ def scaling_learning_rates(
     return apply_scaled
 
 
+def averaging_weights(config: StepConfig, variables: list[Any], apply: Applier) -> Applier:
+    """`apply`, then `config.moving_average` updated on `variables` (every variable to train,
+    with a gradient this step or not), unless a loss-scale optimizer skipped the update (its
+    counter did not move)."""
+    average = config.moving_average
+    average.build(variables)
+    counter = config.adapter.iterations
+
+    def apply_and_average(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None) -> list:
+        before = counter.read_value() if loss_scale is not None and counter is not None else None
+        # Explicit dependencies: a tf.cond branch of a tf.compat.v1 graph has no automatic ones.
+        with tf.control_dependencies([before] if before is not None else []):
+            done = as_ops(apply(pairs, loss_scale))
+        with tf.control_dependencies(done):
+            applied = counter.read_value() > before if before is not None else None
+            return [*done, average.update(variables, applied)]
+
+    return apply_and_average
+
+
 def scaled(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor) -> list[tuple[Any, Any]]:
     """`pairs` with each gradient multiplied by `loss_scale`, as a loss-scale optimizer
     expects them."""
@@ -382,6 +402,8 @@ def updated_variables(
     def variables() -> tuple[list[Any], list[Any]]:
         trained = [_variables.as_tf_variable(v) for g, v in pairs if g is not None]
         candidates = config.adapter.state_variables([v for _, v in pairs])
+        if config.moving_average is not None:
+            candidates += config.moving_average.state_variables()
         if config.global_step is not None:
             candidates.append(_variables.as_tf_variable(config.global_step))
         # Each once (the global step may be the optimizer's own counter).
@@ -508,6 +530,8 @@ def build_step(
     loss_scale = config.adapter.loss_scale()
     if config.learning_rate_multipliers is not None:
         apply = scaling_learning_rates(config.learning_rate_multipliers, apply)
+    if config.moving_average is not None:
+        apply = averaging_weights(config, [v for _, v in grads_and_vars], apply)
     step = _global_step.summary_step(config.global_step, config.adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
 

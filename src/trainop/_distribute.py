@@ -58,13 +58,14 @@ def check_in_a_replica(config: _config.StepConfig) -> None:
         ("check_numerics", isinstance(config.check_numerics, numerics.SkipNonFiniteSteps)),
         ("accumulation_steps", config.accumulator is not None),
         ("learning_rate_multipliers", config.learning_rate_multipliers is not None),
+        ("moving_average", config.moving_average is not None),
     ]:
         if asked:
             # The first two apply the update in a tf.cond, which replicas cannot synchronize
-            # inside; the third writes the variables, which a replica cannot do alone.
+            # inside; the others write variables, which a replica cannot do alone.
             raise ValueError(
                 f"`{name}`: a train op built or called inside strategy.run cannot skip, "
-                "delay or scale the update on every replica at once. Build it in the "
+                "delay, scale or average the update on every replica at once. Build it in the "
                 "strategy's scope with the loss as a callable, and call it outside "
                 "strategy.run: it then runs strategy.run itself, and decides for all replicas."
             )
@@ -220,8 +221,9 @@ class ReplicatedStep:
         return (
             config.transform_grads_fn is not None
             or config.accumulator is not None
-            # Its scaling reads and writes the variables once, outside the replicas.
+            # They read and write the variables once, outside the replicas.
             or config.learning_rate_multipliers is not None
+            or config.moving_average is not None
             or summaries.writes_v2_summaries()
             or config.adapter.clips_gradients
         )

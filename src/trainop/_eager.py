@@ -24,6 +24,7 @@ from trainop import (
     _gradients,
     _learning_rates,
     _variables,
+    averaging,
     numerics,
     summaries,
 )
@@ -475,6 +476,7 @@ def run_train_step(
     missing_gradients: Any,
     summarize_every_n_steps: Any,
     learning_rate_multipliers: Any,
+    moving_average: Any,
 ) -> Any:
     """`create_train_step` in eager mode: one step now, on what `loss()` reads now; returns the
     loss structure. The loss and its gradients are computed eagerly; what follows them is
@@ -501,6 +503,7 @@ def run_train_step(
     )
     referents: list[Any] = []
     multipliers = _learning_rates.resolve(learning_rate_multipliers)
+    averaging.check_moving_average(moving_average)
     key = identity_key(
         # The variable: a new program global step is a new step to count in. The factors by
         # their keys and values: a dict made anew at each call is the same setting.
@@ -509,13 +512,18 @@ def run_train_step(
             _global_step.resolve(global_step),
             *compiled_settings.values(),
             None if multipliers is None else tuple(multipliers.items),
+            moving_average,
         ),
         referents,
     )
 
     def prepare() -> PreparedStep:
         config = _config.resolve(optimizer, global_step, None, **compiled_settings)
-        return PreparedStep(dataclasses.replace(config, learning_rate_multipliers=multipliers))
+        return PreparedStep(
+            dataclasses.replace(
+                config, learning_rate_multipliers=multipliers, moving_average=moving_average
+            )
+        )
 
     prepared = cached_eager_step(STEP_CACHE, key, referents, prepare)
     _distribute.check_in_a_replica(prepared.config)

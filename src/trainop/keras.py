@@ -49,6 +49,7 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     summarize_gradients: bool = False,
     summarize_every_n_steps: int | None = None,
     learning_rate_multipliers: Any = None,
+    moving_average: Any = None,
     **kwargs: Any,
 ) -> None:
     """Compiles `model` as `model.compile(*args, **kwargs)` does, with trainop's training step.
@@ -62,10 +63,12 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       inf or NaN gradient) is skipped: no variable, optimizer slot or counter changes, and the
       loss tracker and metrics do not count it. The logs carry `skipped_steps`.
     * `transform_grads_fn`, `accumulation_steps`, `missing_gradients`, `summarize_gradients`,
-      `summarize_every_n_steps` and `learning_rate_multipliers`: as for
-      `trainop.create_train_op`. The summaries are
-      written, at `optimizer.iterations`, to the `train` directory of the
-      `keras.callbacks.TensorBoard` callback passed to `fit`, if there is one.
+      `summarize_every_n_steps`, `learning_rate_multipliers` and `moving_average`: as for
+      `trainop.create_train_op`. With `moving_average`, evaluate or save the averaged weights
+      inside `moving_average.swap_weights()` (`fit`'s validation uses the weights as
+      trained). The summaries are written, at `optimizer.iterations`, to the `train`
+      directory of the `keras.callbacks.TensorBoard` callback passed to `fit`, if there is
+      one.
 
     Under `jit_compile=True` (which compiles `CheckNumerics` and `Assert` away), the guard
     decides on the device, changing nothing on a bad batch, and `fit` raises once the compiled
@@ -76,8 +79,8 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         `train_step` is Keras's own.
       *args: passed to `model.compile` (`optimizer`, `loss`, ...).
       check_numerics, transform_grads_fn, accumulation_steps, missing_gradients,
-      summarize_gradients, summarize_every_n_steps, learning_rate_multipliers: trainop's
-        settings, as for `trainop.create_train_op`.
+      summarize_gradients, summarize_every_n_steps, learning_rate_multipliers,
+      moving_average: trainop's settings, as for `trainop.create_train_op`.
       **kwargs: passed to `model.compile` (`metrics`, `steps_per_execution`, `jit_compile`,
         `auto_scale_loss`, ...).
 
@@ -132,18 +135,17 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         accumulation_steps,
     )
     # The step is counted by optimizer.iterations, as in Keras: no global step.
-    config = _config.resolve(
-        optimizer, None, *settings, learning_rate_multipliers=learning_rate_multipliers
+    extras = dict(
+        learning_rate_multipliers=learning_rate_multipliers, moving_average=moving_average
     )
+    config = _config.resolve(optimizer, None, *settings, **extras)
     arguments.arguments["optimizer"] = optimizer
     _fit.uninstall(model)
     # The model's own compile (a subclass may extend it), with every argument by name.
     model.compile(**{name: value for name, value in arguments.arguments.items() if name != "self"})
     if model.optimizer is not optimizer:
         # auto_scale_loss wrapped it in a LossScaleOptimizer.
-        config = _config.resolve(
-            model.optimizer, None, *settings, learning_rate_multipliers=learning_rate_multipliers
-        )
+        config = _config.resolve(model.optimizer, None, *settings, **extras)
     step = _fit.FitStep(model, config)
     _fit.install(model, step)
 

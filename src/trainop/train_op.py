@@ -28,6 +28,7 @@ from trainop import (
     _config,
     _eager,
     _graph,
+    averaging,
     numerics,
 )
 from trainop._checks import check_count
@@ -117,6 +118,12 @@ _SHARED_ARGS = {
         adaptive ones included, where multiplying the gradient changes nothing; the
         optimizer's slots move as without it. None (the default): every variable at the
         optimizer's rate.""",
+    "moving_average": """
+        a `trainop.ExponentialMovingAverage`, which then averages every variable to train
+        after each update the optimizer applies (not after a skipped step), for every
+        optimizer family; its `swap_weights()` puts the averages in the variables for
+        evaluation or export. Put it in the checkpoint beside the model. None (the default):
+        no average.""",
 }
 
 
@@ -162,6 +169,7 @@ def create_train_op(
     steps_per_call: int = 1,
     accumulation_steps: int = 1,
     learning_rate_multipliers: Any = None,
+    moving_average: averaging.ExponentialMovingAverage | None = None,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -240,6 +248,7 @@ def create_train_op(
         returns its own loss. `transform_grads_fn`, the summaries and the update ops see the
         mean; the global step counts applied updates. The sums are not checkpointed.
       learning_rate_multipliers: {learning_rate_multipliers}
+      moving_average: {moving_average}
 
     Returns:
       Graph mode: the loss `Tensor` (float, scalar) whose evaluation runs the step and returns
@@ -320,6 +329,7 @@ def create_train_op(
         summarize_every_n_steps,
         accumulation_steps,
         learning_rate_multipliers=learning_rate_multipliers,
+        moving_average=moving_average,
     )
     if tf.executing_eagerly():
         if jit_compile and config.check_numerics is True and not tf.distribute.has_strategy():
@@ -371,6 +381,7 @@ def create_train_step(
     missing_gradients: str = "log",
     summarize_every_n_steps: int | None = None,
     learning_rate_multipliers: Any = None,
+    moving_average: averaging.ExponentialMovingAverage | None = None,
 ) -> Any:
     """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
 
@@ -426,6 +437,7 @@ def create_train_step(
       missing_gradients: {missing_gradients}
       summarize_every_n_steps: {summarize_every_n_steps}
       learning_rate_multipliers: {learning_rate_multipliers}
+      moving_average: {moving_average}
 
     Returns:
       Eager mode: the loss structure of this step, computed before the update. Graph mode: the
@@ -482,6 +494,7 @@ def create_train_step(
         missing_gradients=missing_gradients,
         summarize_every_n_steps=summarize_every_n_steps,
         learning_rate_multipliers=learning_rate_multipliers,
+        moving_average=moving_average,
     )
     if not tf.executing_eagerly():
         if _config.is_loss_callable(loss):

@@ -109,8 +109,10 @@ def model_and_loss(strategy):
     return [w1, w2], loss_fn
 
 
-def train(strategy, make_optimizer, x=X, logdir=None, batches=4, **kwargs):
+def train(strategy, make_optimizer, x=X, logdir=None, batches=4, make_average=None, **kwargs):
     variables, loss_fn = model_and_loss(strategy)
+    if make_average is not None:
+        kwargs["moving_average"] = make_average()  # each run its own
     with strategy.scope():
         step = tf.Variable(0, dtype=tf.int64)
         optimizer = make_optimizer()
@@ -132,7 +134,10 @@ def train(strategy, make_optimizer, x=X, logdir=None, batches=4, **kwargs):
         except tf.errors.InvalidArgumentError:
             losses.append(np.nan)  # stops training, as the default check does
     writer.close()
-    weights = np.concatenate([v.numpy().ravel() for v in [*variables, target]])
+    kept = [*variables, target]
+    if kwargs.get("moving_average") is not None:
+        kept += [kwargs["moving_average"].average(v) for v in variables]
+    weights = np.concatenate([v.numpy().ravel() for v in kept])
     return weights, np.array(losses), int(step.numpy()), optimizer
 
 
@@ -195,6 +200,8 @@ def step_cases():
                 transform_grads_fn=clip)  # fmt: skip
         compare("accumulate", family, make_optimizer, accumulation_steps=2)
         compare("lr_multipliers", family, make_optimizer, learning_rate_multipliers={"w1": 0.25})
+        compare("ema", family, make_optimizer, x=X_NAN, check_numerics="skip",
+                make_average=lambda: trainop.ExponentialMovingAverage(0.5))  # fmt: skip
     keras_sgd = OPTIMIZERS["keras"]
     compare("jit", "keras", keras_sgd, jit_compile=True)
     compare("jit_skip", "keras", keras_sgd, x=X_NAN, check_numerics="skip", jit_compile=True)
@@ -500,6 +507,7 @@ def inside_run_cases():
         ("check_numerics", "skip"),
         ("accumulation_steps", 2),
         ("learning_rate_multipliers", {"w1": 0.5}),
+        ("moving_average", trainop.ExponentialMovingAverage()),
     ]:
         refused(
             f"inside_run_{name}",
