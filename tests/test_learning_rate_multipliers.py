@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from conftest import FAMILIES, GraphRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trainop
+from conftest import FAMILIES, GraphRunner
 
 LR = 0.05
 KINDS = {
@@ -66,8 +66,8 @@ def loss_of(weights, x):
 
 def reference(family, kind, factors, batches):
     """The weights after one tape step per batch, each variable with its own optimizer at
-    `factors[name]` times the rate (1 if absent); a batch holding inf or NaN is skipped, as the guard
-    skips it."""
+    `factors[name]` times the rate (1 if absent); a batch holding inf or NaN is skipped, as the
+    guard skips it."""
     weights = {name: tf.Variable(value, name=name) for name, value in INITIAL.items()}
     optimizers = {name: KINDS[family][kind](LR * factors.get(name, 1.0)) for name in weights}
     for x in batches:

@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAMILIES, GraphRunner, make_optimizer
 
 import trainop
+from conftest import FAMILIES, GraphRunner, make_optimizer
 
 INITIAL = {
     "kernel": np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(3, 2),
@@ -179,9 +179,8 @@ def test_swap_weights_puts_the_averages_in_and_the_weights_back_bit_for_bit():
     for name, v in weights.items():
         np.testing.assert_array_equal(v.numpy(), trained[name])
     # An error inside the block puts them back too.
-    with pytest.raises(RuntimeError, match="evaluation failed"):
-        with ema.swap_weights():
-            raise RuntimeError("evaluation failed")
+    with pytest.raises(RuntimeError, match="evaluation failed"), ema.swap_weights():
+        raise RuntimeError("evaluation failed")
     for name, v in weights.items():
         np.testing.assert_array_equal(v.numpy(), trained[name])
 
