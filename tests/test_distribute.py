@@ -91,6 +91,7 @@ _REFUSED = [
     "xla",
     "spike_threshold",
     "check_updates",
+    "counted_loss",
     "create_train_step",
     "graph",
 ]

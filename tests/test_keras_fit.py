@@ -216,6 +216,20 @@ def test_accumulated_batches_make_the_step_of_the_batch_they_add_up_to():
     assert int(model.optimizer.iterations) == int(reference.optimizer.iterations) == 2
 
 
+def test_a_short_last_batch_counts_by_its_size_in_its_window():
+    # 4 batches, the last 3 examples short: one window, the step of the 4 * BATCH - 3 examples.
+    x, y = X[: 4 * BATCH - 3], Y[: 4 * BATCH - 3]
+    model = make_model("sequential")
+    trainop.keras.compile(model, optimizer="sgd", loss="mse", accumulation_steps=4)
+    reference = make_model("sequential")
+    reference.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    reference.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    for got, expected in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert int(model.optimizer.iterations) == 1
+
+
 def test_transforms_apply_in_fit():
     # A multiplier of 0 on the output layer's kernel: it stays; the rest trains.
     model = make_model("sequential")

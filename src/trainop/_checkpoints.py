@@ -26,20 +26,25 @@ class Checkpoints:
         max_to_keep: int,
         session: Any,
         restore_data_position: bool = True,
+        accumulator: Any = None,
     ):
-        extra = {"global_step": global_step}
+        state = {"global_step": global_step}
+        if accumulator is not None:
+            # The sums of an accumulation window, so that a run stopped inside one resumes it.
+            state["accumulation"] = accumulator
+        extra = dict(state)
         if batches.trackable is not None:
             extra["data"] = batches.trackable
         clashing = sorted(set(objects) & set(extra))
         if clashing:
             raise ValueError(
-                f"`checkpoint` must not use the names {clashing}: the loop saves the global step "
-                "and the data position under them."
+                f"`checkpoint` must not use the names {clashing}: the loop saves the global "
+                "step, the accumulation window and the data position under them."
             )
         self.checkpoint = tf.train.Checkpoint(**objects, **extra)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
         # What a resume restores: all of it, or all but the data position.
-        self._without_data = tf.train.Checkpoint(**objects, global_step=global_step)
+        self._without_data = tf.train.Checkpoint(**objects, **state)
         self._restored = self.checkpoint if restore_data_position else self._without_data
         self._session = session
         self._batches = batches

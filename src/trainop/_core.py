@@ -200,16 +200,20 @@ def step_gradients(
 class StepGradients(NamedTuple):
     """What an update is made from."""
 
-    # The step's loss; with accumulation, the mean loss of the window.
+    # The step's loss (a mean); with accumulation, the mean loss of the window.
     loss: tf.Tensor
     # The (gradient, variable) pairs as the loss gives them (their means, with accumulation).
     raw: list[tuple[Any, Any]]
     # The pairs as they are applied: `raw` after `transform_grads_fn`.
     pairs: list[tuple[Any, Any]]
+    # What the loss counts, when it gives its sum and count (see `counted_loss`), else None:
+    # the weight of this call's gradients in an accumulation window.
+    count: tf.Tensor | None = None
 
 
-# An update: adds the ops that make it from `StepGradients`, and returns those to wait for.
-Update = Callable[[StepGradients], list[Any]]
+# An update: adds the ops that make it from `StepGradients` (running the caller's update ops
+# if the flag says so), and returns those to wait for.
+Update = Callable[[StepGradients, bool], list[Any]]
 # What hands gradients to the optimizer: called with (gradient, variable) pairs, true values
 # and none None, and the loss scale of a loss-scale optimizer (a float32 scalar, or None);
 # applies them, counts the step, and returns the ops to wait for.
@@ -286,19 +290,65 @@ def transformed(config: StepConfig, gradients: StepGradients) -> StepGradients:
     return gradients._replace(pairs=pairs)
 
 
-def accumulating(config: StepConfig, update: Update) -> Update:
-    """`update`, made on the mean gradients and loss of every `accumulation_steps` calls (as
-    optax's `MultiSteps` wraps an inner transformation); the transform runs on the means.
-    Each call adds its own `pairs`."""
+def accumulating(
+    config: StepConfig, update: Update, overflowed: Callable[[list], list[Any]] | None
+) -> Update:
+    """`update`, made on the window's mean gradients and loss every `accumulation_steps` calls
+    (as optax's `MultiSteps` wraps an inner transformation), each call weighted by its count;
+    the transform runs on the means. Each call adds its own `pairs`.
 
-    def on_the_means(means: list[tuple[Any, Any]], mean_loss: tf.Tensor) -> list[Any]:
-        return update(transformed(config, StepGradients(mean_loss, means, means)))
+    With `overflowed` (a loss-scale optimizer), a call whose gradients are not finite adds
+    nothing and does not count: `overflowed(pairs)` hands them to the optimizer, which skips
+    them and lowers its scale; the window's other calls are kept.
+    """
 
-    def accumulate(gradients: StepGradients) -> list[Any]:
+    def on_the_means(means: list, mean_loss: tf.Tensor, run_update_ops: bool) -> list[Any]:
+        return update(transformed(config, StepGradients(mean_loss, means, means)), run_update_ops)
+
+    def accumulate(gradients: StepGradients, run_update_ops: bool = True) -> list[Any]:
         accumulator = config.accumulator
-        return [accumulator.add_and_maybe_apply(gradients.pairs, gradients.loss, on_the_means)]
+
+        def add() -> list[Any]:
+            return [
+                accumulator.add_and_maybe_apply(
+                    gradients.pairs, gradients.loss, gradients.count, on_the_means
+                )
+            ]
+
+        if overflowed is None:
+            return add()
+        present = [(g, v) for g, v in gradients.pairs if g is not None]
+
+        def hand_over() -> list[Any]:
+            with tf.control_dependencies(overflowed(present)):
+                return [tf.constant(False)]
+
+        finite = _gradients.all_finite([g for g, _ in present])
+        return [tf.cond(finite, lambda: add()[0], lambda: hand_over()[0])]
 
     return accumulate
+
+
+def counted_loss(total_loss: Any) -> tuple[Any, tf.Tensor | None]:
+    """`total_loss` as the step takes it: a loss given as its sum and count, `(loss_sum,
+    count)`, as their quotient (0 for a count of 0) and the count; any other value as it is,
+    without count. Called where the loss is computed (under the tape).
+
+    Raises:
+      TypeError: a pair whose count is not a real scalar.
+    """
+    if not (isinstance(total_loss, (tuple, list)) and len(total_loss) == 2):
+        return total_loss, None
+    loss_sum, count = total_loss
+    count = tf.convert_to_tensor(count)
+    if not (count.dtype.is_floating or count.dtype.is_integer) or count.shape.rank not in (None, 0):
+        raise TypeError(
+            "`total_loss` given as (loss_sum, count) must have a real scalar count (the "
+            "examples or tokens the sum is over). "
+            f"Received: count of dtype {count.dtype.name} and shape {count.shape}"
+        )
+    loss_sum = tf.convert_to_tensor(loss_sum)
+    return tf.math.divide_no_nan(loss_sum, tf.cast(count, loss_sum.dtype)), count
 
 
 def checked_loss(
@@ -491,6 +541,7 @@ def build_step(
     undo: Callable[[Any], list[Any]] | None = None,
     v1_summaries: bool = False,
     diagnose_loss: bool = False,
+    count: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Adds the training step on `grads_and_vars` to the current graph.
 
@@ -523,11 +574,12 @@ def build_step(
         collection: built beside the step, not in it, on the gradients as applied.
       diagnose_loss: whether the default check's error says, from the device, the step and
         what was not finite (see `checked_loss`).
+      count: what the loss counts (see `counted_loss`), or None: the weight of this call in an
+        accumulation window.
 
     Returns:
       `total_loss`, which once evaluated has run the whole step.
     """
-    loss_scale = config.adapter.loss_scale()
     if config.learning_rate_multipliers is not None:
         apply = scaling_learning_rates(config.learning_rate_multipliers, apply)
     if config.moving_average is not None:
@@ -535,7 +587,10 @@ def build_step(
     step = _global_step.summary_step(config.global_step, config.adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
 
-    def update(gradients: StepGradients) -> list[Any]:
+    # Made where it is used: a partial accumulation window's update is built in a function of
+    # its own (`_accumulation.GradientAccumulator.apply_partial_window`).
+    def update(gradients: StepGradients, run_update_ops: bool = True) -> list[Any]:
+        loss_scale = config.adapter.loss_scale()
         with in_outer_scope():
             summary_ops = []
             if not v1_summaries:
@@ -548,7 +603,9 @@ def build_step(
                     summarize_gradients=config.summarize_gradients,
                     every_n_steps=config.summarize_every_n_steps,
                 )
-            update_ops = list(before_update()) if before_update is not None else []
+            update_ops = []
+            if before_update is not None and run_update_ops:
+                update_ops = list(before_update())
             present = _present_gradients(gradients.pairs)
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
@@ -557,11 +614,17 @@ def build_step(
     report = NotFiniteReport(total_loss, grads_and_vars) if diagnose_loss else None
     total_loss, checked = checked_loss(config, total_loss, undo, report)
     with tf.control_dependencies(checked):
-        gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars)
+        gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars, count)
         if config.accumulator is None:
             gradients = transformed(config, gradients)
         else:
-            update = accumulating(config, update)
+            overflowed = None
+            if config.adapter.scales_loss:
+
+                def overflowed(pairs: list[tuple[Any, Any]]) -> list[Any]:
+                    return as_ops(apply(pairs, config.adapter.loss_scale()))
+
+            update = accumulating(config, update, overflowed)
 
         def accepted_step() -> list[Any]:
             accepted = as_ops(list(on_accepted())) if on_accepted is not None else []

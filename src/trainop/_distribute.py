@@ -126,7 +126,7 @@ def not_finite_unless(finite: tf.Tensor, grads_and_vars: list[tuple[Any, Any]]) 
 
 
 def across_replicas(
-    loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
+    loss_and_variables: Callable[..., tuple[Any, tf.Tensor, Any, list[Any]]],
     strategy: Any,
     config: _config.StepConfig,
     before_update: Callable[[], list[Any]],
@@ -185,7 +185,7 @@ class ReplicatedStep:
 
     def __init__(
         self,
-        loss_and_variables: Callable[..., tuple[Any, tf.Tensor, list[Any]]],
+        loss_and_variables: Callable[..., tuple[Any, tf.Tensor, Any, list[Any]]],
         strategy: Any,
         config: _config.StepConfig,
         before_update: Callable[[], list[Any]],
@@ -282,7 +282,13 @@ class ReplicatedStep:
         """A replica's weighted loss and present gradients; with `verdicts`, also the counts of
         what is not finite: [the loss, the gradients]."""
         with _replica_loss.one_device_scaling(share):
-            _, total_loss, variables = self._loss_and_variables(*args, **kwargs)
+            _, total_loss, count, variables = self._loss_and_variables(*args, **kwargs)
+        if count is not None:
+            raise ValueError(
+                "`total_loss` given as (loss_sum, count) is not supported under a "
+                "tf.distribute strategy yet: return the replica's mean (the train op weights "
+                "each replica by its share of the batch)."
+            )
         total_loss = _replica_loss.weighted(total_loss, share)
         return self.replica_gradients(total_loss, variables, verdicts)
 

@@ -235,7 +235,7 @@ class ReplicaStep:
         whether each one's gradient is finite; what the forward pass writes is written back.
         For `DiagnosedTrainOp`, after a failed check."""
         with _variables.recording_writes() as writes:
-            _, total_loss, variables = self.loss_and_variables(*args, **kwargs)
+            _, total_loss, _, variables = self.loss_and_variables(*args, **kwargs)
         grads = tf.gradients(total_loss, [_variables.as_tf_variable(v) for v in variables])
         finite = tf.stack(
             [
@@ -249,8 +249,11 @@ class ReplicaStep:
             names = tf.constant([_variables.variable_name(v) for v in variables])
             return tf.identity(total_loss), names, tf.identity(finite)
 
-    def loss_and_variables(self, *args: Any, **kwargs: Any) -> tuple[Any, tf.Tensor, list[Any]]:
-        """The loss structure, the loss to minimize and the variables to train."""
+    def loss_and_variables(
+        self, *args: Any, **kwargs: Any
+    ) -> tuple[Any, tf.Tensor, tf.Tensor | None, list[Any]]:
+        """The loss structure, the loss to minimize (a loss given as `(loss_sum, count)`: their
+        quotient), its count (or None) and the variables to train."""
         if self._xla_without_strategy and summaries.writes_v2_summaries():
             raise ValueError(
                 "`jit_compile=True` and a default tf.summary writer: XLA does not compile "
@@ -261,8 +264,13 @@ class ReplicaStep:
         with tf.GradientTape() as tape, _reads_if(self._variables_to_train is None) as reads:
             loss = self._loss_fn(*args, **kwargs)
             total_loss = loss if self._total_loss_fn is None else self._total_loss_fn(loss)
+            if self._total_loss_fn is None:
+                total_loss, count = _core.counted_loss(total_loss)
+            else:
+                count = None
         _config.check_loss_tensor(total_loss, self._total_loss_fn is not None)
-        return loss, total_loss, variables_given_or_read(self._variables_to_train, tape, reads)
+        variables = variables_given_or_read(self._variables_to_train, tape, reads)
+        return loss, total_loss, count, variables
 
     def train_step(self, *args: Any, **kwargs: Any) -> Any:
         # Built outside a strategy's scope, the train op may still be called in strategy.run.
@@ -271,7 +279,7 @@ class ReplicaStep:
         # the guard rejects; not inside a strategy's replica, whose variables are mirrored.
         watching = not _distribute.in_a_replica()
         with _variables.recording_writes() if watching else contextlib.nullcontext({}) as writes:
-            loss, total_loss, variables = self.loss_and_variables(*args, **kwargs)
+            loss, total_loss, count, variables = self.loss_and_variables(*args, **kwargs)
         trained_loss = _core.build_step(
             total_loss,
             _core.step_gradients(total_loss, variables, self._config, self.reported_missing),
@@ -279,6 +287,7 @@ class ReplicaStep:
             apply=_distribute.optimizer_applier(self._config, in_function=True),
             before_update=self.run_update_ops,
             undo=(lambda keep: _variables.undo_writes(writes, keep)) if writes else None,
+            count=count,
         )
         if self._total_loss_fn is None:
             return trained_loss

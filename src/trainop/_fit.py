@@ -228,6 +228,9 @@ class FitStep:
                 # The batch is gone once fit's call returns: the error says, from the device,
                 # what was not finite.
                 diagnose_loss=True,
+                # Keras's loss is a mean over the batch's examples: a window of accumulated
+                # batches weights each by its size (a short last batch counts less).
+                count=tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0],
             )
         with tf.control_dependencies([trained]):
             return self._logs()

@@ -50,6 +50,7 @@ def create_graph_train_op(
     config: _config.StepConfig,
     update_ops: Any,
     variables_to_train: Any,
+    count: tf.Tensor | None = None,
 ) -> tf.Tensor:
     _distribute.check_in_a_replica(config)
     update_ops = graph_update_ops(update_ops)
@@ -84,8 +85,13 @@ def create_graph_train_op(
         ),
         # The default check's error says what was not finite: the graph's Session raises it.
         diagnose_loss=True,
+        count=count,
     )
     if not in_function:
+        if config.accumulator is not None:
+            # Made now, before a Session finalizes the graph: what `trainop.train` runs for a
+            # partial window at the end of the data.
+            config.accumulator.build_graph_ops()
         # TF-Slim's loop finds the train op here. (Compared by identity: `==` on tensors is
         # element-wise.)
         train_ops = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)

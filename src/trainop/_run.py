@@ -162,6 +162,47 @@ def as_float(value: Any) -> float | None:
     return float(array.reshape(-1)[-1]) if array.size else None
 
 
+class PartialWindow:
+    """The accumulation window of a train op (its `accumulator`) as the loop sees it: how many
+    calls it holds, and what the end of the data does with them (`partial_window`).
+
+    Args:
+      accumulator: the train op's `_accumulation.GradientAccumulator`.
+      partial_window: 'apply' (their update, on the weighted mean of the calls held), 'drop'
+        or 'keep' (left in the sums, which the checkpoint saves, for a run that goes on).
+      session: the `Session` of a graph train op; None for an eager one.
+    """
+
+    def __init__(self, accumulator: Any, partial_window: str, session: Any = None):
+        self._accumulator = accumulator
+        self._partial_window = partial_window
+        self._session = session
+
+    def pending(self) -> int:
+        return self._accumulator.pending_calls(self._session)
+
+    def at_end_of_data(self) -> None:
+        pending, steps = self.pending(), self._accumulator.steps
+        if not pending:
+            return
+        if self._partial_window == "apply":
+            self._accumulator.apply_partial_window(self._session)
+            done = "applied their update"
+        elif self._partial_window == "drop":
+            self._accumulator.drop_partial_window(self._session)
+            done = "dropped them"
+        else:
+            done = "kept them in the accumulation sums, saved with the checkpoint"
+        logger.info(
+            "The data ended inside an accumulation window, after %d of its %d calls: "
+            "partial_window=%r %s.",
+            pending,
+            steps,
+            self._partial_window,
+            done,
+        )
+
+
 class Run:
     """What the loop knows as it runs: the global step, the last loss, what was saved."""
 
@@ -237,9 +278,14 @@ class Run:
         self._calls_without_progress = 0
         bar.update(self.step, lambda: None)
 
-    def save(self) -> None:
-        """Saves a checkpoint, unless there is no saver or this step is saved already."""
-        if self._saver is not None and self._saved_step != self.step:
+    def read_step(self) -> None:
+        """Reads the global step again, after the loop changed it (a partial window applied)."""
+        self.step = self._read_step()
+
+    def save(self, again: bool = False) -> None:
+        """Saves a checkpoint, unless there is no saver or this step is saved already (and not
+        `again`: the calls of an accumulation window changed its sums, not the step)."""
+        if self._saver is not None and (self._saved_step != self.step or again):
             self.last_checkpoint = self._saver.save(self.step)
             self._saved_step = self.step
 
@@ -267,10 +313,13 @@ def run(
     progress: bool | None,
     rollback: Any = None,
     hooks_writer: Any = None,
+    window: Any = None,
 ) -> TrainResult:
     """Calls `run_step` until `max_steps`, the end of the data, a hook or a signal stops it;
     saves at the cadence and at the end. With a `trainop.Rollback` (and `saver`), saves after
-    the first call too, and answers the numerics guard's errors by rolling back."""
+    the first call too, and answers the numerics guard's errors by rolling back. With an
+    accumulation `window` (`PartialWindow`), the end of the data applies or drops the calls it
+    holds, as it says, and a stop inside one saves its sums."""
     run = Run(read_step, saver, resumed_from, hooks, save_every_n_steps, hooks_writer)
     bar = _console.Progress(progress, run.step, max_steps)
     stop = _console.StopRequest()
@@ -299,7 +348,10 @@ def run(
                 stopped_by = run.after_step(loss, bar)
                 if stopped_by is not None:
                     break
-            run.save()
+            if window is not None and stopped_by == END_OF_DATA:
+                window.at_end_of_data()
+                run.read_step()
+            run.save(again=window is not None and window.pending() > 0)
     finally:
         bar.close()
     return run.result(why_stopped(run, stop.signal_name, stopped_by, max_steps))

@@ -56,6 +56,7 @@ def train(
     restore_data_position: bool = True,
     rollback: Rollback | None = None,
     save_bad_batch: bool = False,
+    partial_window: str = "apply",
 ) -> TrainResult:
     """Runs a train op until `max_steps` or the end of `dataset`, saving and resuming.
 
@@ -111,6 +112,13 @@ def train(
         named by its place in the batch: `0`, `1` for a tuple, its keys for a dict), to load
         with `numpy.load` and inspect. The path is added to the error and to the roll back's
         log line.
+      partial_window: for a train op with `accumulation_steps`, what the end of the data does
+        with the calls of a window it ends inside: 'apply' (the default; their update, on
+        their weighted mean, as a last short window), 'drop' them, or 'keep' them in the
+        accumulation sums for a run that goes on (resumed on more data). Logged whichever it
+        is. A stop inside a window (`max_steps` cannot be, a signal or `StopTraining` can)
+        keeps them: the loop checkpoints the sums with the train op's `accumulator`
+        (under the name 'accumulation'), and a resumed run completes the window.
 
     Returns:
       A `TrainResult`; its `stopped_by` says why the run ended (also logged, on the `trainop`
@@ -160,6 +168,12 @@ def train(
         rollback=rollback,
         save_bad_batch=save_bad_batch,
     )
+    if partial_window not in ("apply", "drop", "keep"):
+        raise ValueError(
+            "`partial_window` must be 'apply', 'drop' or 'keep'. "
+            f"Received: partial_window={partial_window!r}"
+        )
+    accumulator = getattr(train_op, "accumulator", None)
     if graph is not None:
         return _train_graph(
             train_op,
@@ -173,6 +187,8 @@ def train(
             progress=progress,
             global_step=global_step,
             session=session,
+            accumulator=accumulator,
+            partial_window=partial_window,
         )
     step_variable = _global_step.counted_by(global_step, None)
     batches = _data.Batches(dataset)
@@ -186,6 +202,7 @@ def train(
             max_checkpoints_to_keep,
             None,
             restore_data_position=restore_data_position,
+            accumulator=accumulator,
         )
     resumed_from = saver.restore_latest_finite() if saver is not None else None
     if resumed_from is not None:
@@ -208,6 +225,9 @@ def train(
             progress=progress,
             rollback=rollback,
             hooks_writer=writer if compiled else None,
+            window=(
+                _run.PartialWindow(accumulator, partial_window) if accumulator is not None else None
+            ),
         )
 
 
@@ -337,6 +357,8 @@ def _train_graph(
     progress: bool | None,
     global_step: Any,
     session: Any,
+    accumulator: Any,
+    partial_window: str,
 ) -> TrainResult:
     with graph.as_default():
         step_variable = _global_step.counted_by(global_step, graph)
@@ -347,7 +369,13 @@ def _train_graph(
             session = tf.compat.v1.Session(graph=graph)
         saver = (
             _checkpoints.Checkpoints(
-                checkpoint, step_variable, batches, logdir, max_checkpoints_to_keep, session
+                checkpoint,
+                step_variable,
+                batches,
+                logdir,
+                max_checkpoints_to_keep,
+                session,
+                accumulator=accumulator,
             )
             if checkpoint is not None
             else None
@@ -387,6 +415,11 @@ def _train_graph(
                 save_every_n_steps=save_every_n_steps,
                 hooks=[*hooks, Hook(lambda step, loss: write_summaries(step), save_every_n_steps)],
                 progress=progress,
+                window=(
+                    _run.PartialWindow(accumulator, partial_window, session)
+                    if accumulator is not None
+                    else None
+                ),
             )
     finally:
         if summary_writer is not None:

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from trainop import (
     _config,
+    _core,
     _eager,
     _graph,
     averaging,
@@ -215,7 +216,10 @@ def create_train_op(
     Args:
       total_loss: graph mode: a scalar floating-point `Tensor` (a zero-argument callable is
         called once, to make it). Eager mode: a callable returning one, called with the train
-        op's arguments.
+        op's arguments. In both, it may instead be the pair `(loss_sum, count)`: the sum of the
+        batch's losses and what it is over (examples, unmasked tokens; a real scalar), of which
+        the step minimizes the quotient (0 for a count of 0), and which weighs the call in an
+        accumulation window (see `accumulation_steps`; not under a `tf.distribute` strategy).
       optimizer: {optimizer}
       global_step: {global_step}
       update_ops: {update_ops}
@@ -243,10 +247,17 @@ def create_train_op(
         `tf.distribute` strategy, each replica's share does), and the call returns the steps'
         losses as a vector.
       accumulation_steps: sum the gradients of this many calls and apply their mean once, as
-        Keras's `gradient_accumulation_steps` and optax's `MultiSteps` do (with a loss averaged
-        over its batch: the update of one step on a batch that many times larger). Each call
-        returns its own loss. `transform_grads_fn`, the summaries and the update ops see the
-        mean; the global step counts applied updates. The sums are not checkpointed.
+        Keras's `gradient_accumulation_steps` and optax's `MultiSteps` do. With a loss averaged
+        over its batch each call weighs the same: the update of one step on the batch that
+        many times larger when the calls hold as many examples. A loss given as `(loss_sum,
+        count)` weighs each call by its count, and the window's sum is divided once by the
+        window's total count: one step on the concatenated batch, whatever each call holds
+        (examples, unmasked tokens). Each call returns its own (mean) loss.
+        `transform_grads_fn`, the summaries and the update ops see the mean; the global step
+        counts applied updates. A call the numerics guard skips, or whose gradients overflow
+        a loss-scale optimizer (which then lowers its scale), adds nothing and the window
+        goes on. The sums are the train op's `accumulator`, a `tf.Module` that `trainop.train`
+        checkpoints.
       learning_rate_multipliers: {learning_rate_multipliers}
       moving_average: {moving_average}
 
@@ -341,7 +352,7 @@ def create_train_op(
                 "`lambda: loss_fn(...)` or the loss function itself. "
                 f"Received: total_loss of type {type(total_loss).__name__}"
             )
-        return _eager.create_eager_train_op(
+        train_op = _eager.create_eager_train_op(
             total_loss,
             config,
             update_ops,
@@ -349,6 +360,8 @@ def create_train_op(
             jit_compile=bool(jit_compile),
             steps_per_call=int(steps_per_call),
         )
+        train_op.accumulator = config.accumulator
+        return train_op
     if jit_compile or steps_per_call != 1:
         raise ValueError(
             "`jit_compile` and `steps_per_call` apply to the eager train op: in a "
@@ -356,12 +369,17 @@ def create_train_op(
         )
     if _config.is_loss_callable(total_loss):
         total_loss = total_loss()
+    total_loss, count = _core.counted_loss(total_loss)
     if not isinstance(total_loss, tf.Tensor):
         raise TypeError(
-            "`total_loss` must be a scalar loss Tensor in graph mode. "
-            f"Received: total_loss of type {type(total_loss).__name__}"
+            "`total_loss` must be a scalar loss Tensor (or a pair (loss_sum, count)) in graph "
+            f"mode. Received: total_loss of type {type(total_loss).__name__}"
         )
-    return _graph.create_graph_train_op(total_loss, config, update_ops, variables_to_train)
+    train_op = _graph.create_graph_train_op(
+        total_loss, config, update_ops, variables_to_train, count
+    )
+    train_op.accumulator = config.accumulator
+    return train_op
 
 
 @_with_shared_args

@@ -668,6 +668,19 @@ def refused_cases():
 
         refused(name, call_with_guard_option, message)
 
+    def call_with_a_counted_loss():
+        with two.scope():
+            train_op = trainop.create_train_op(
+                lambda x, y: (loss_fn(x, y) * tf.cast(tf.shape(x)[0], tf.float32), tf.shape(x)[0]),
+                keras.optimizers.SGD(0.1),
+                variables_to_train=variables,
+                accumulation_steps=2,
+            )
+        batches = tf.data.Dataset.from_tensors((X[:16], Y[:16]))
+        train_op(*next(iter(two.experimental_distribute_dataset(batches))))
+
+    refused("counted_loss", call_with_a_counted_loss, "(loss_sum, count) is not supported under")
+
     def build_train_step():
         with two.scope():
             trainop.create_train_step(lambda: loss_fn(X, Y), keras.optimizers.SGD(0.1))
