@@ -18,6 +18,12 @@ process, each variant trains its own identical copy of the model on the same bat
 * ``centralization``: `transform_grads_fn=gradient_centralization_fn()`.
 * ``lr_multipliers``: `learning_rate_multipliers={re.compile(".*"): 0.5}`: every variable's
   update scaled after Adam made it (the most it can cost: every variable chosen).
+* ``ema``: `moving_average=ExponentialMovingAverage(0.999)`: every variable averaged after
+  each update.
+* ``metrics``: `step_metrics=True`: the gradient norms and the applied flag written each step.
+* ``accumulate``: `accumulation_steps=2` with the mean loss; ``accumulate_counted``: the same
+  with the loss given as `(loss_sum, count)`, each call weighed by its count. Their cost is
+  the one against the other (both apply half as many updates as the reference).
 
 The variants run in short alternating blocks (`bench_core.time_interleaved`). The time ratio is
 of the medians of the per-step block times; the mean ratio also counts the blocks in which a
@@ -81,6 +87,8 @@ class _Made:
 
 
 REFERENCE = "trainop"
+# A setting of the benchmark, not of the train op: the loss given with its count.
+COUNTED = "counted_loss"
 FEATURES: dict[str, dict[str, Any]] = {
     "trainop": {},
     "skip": {"check_numerics": "skip"},
@@ -97,7 +105,21 @@ FEATURES: dict[str, dict[str, Any]] = {
     "agc": {"transform_grads_fn": _Made(trainop.adaptive_gradient_clipping_fn, clipping=0.01)},
     "centralization": {"transform_grads_fn": _Made(trainop.gradient_centralization_fn)},
     "lr_multipliers": {"learning_rate_multipliers": {re.compile(".*"): 0.5}},
+    "ema": {"moving_average": _Made(trainop.ExponentialMovingAverage, decay=0.999)},
+    "metrics": {"step_metrics": True},
+    "accumulate": {"accumulation_steps": 2},
+    "accumulate_counted": {"accumulation_steps": 2, COUNTED: True},
 }
+
+
+def counted_loss_fn(model: keras.Model) -> Callable[[tf.Tensor, tf.Tensor], Any]:
+    """The same loss as `make_loss_fn`'s, given as its sum over the batch and the batch's size."""
+    loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+
+    def loss_fn(x: tf.Tensor, y: tf.Tensor) -> Any:
+        return loss_object(y, model(x, training=True)), tf.shape(x)[0]
+
+    return loss_fn
 
 
 def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list[Variant]:
@@ -114,10 +136,11 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
         kwargs = {
             key: value() if isinstance(value, _Made) else value for key, value in settings.items()
         }
+        counted = kwargs.pop(COUNTED, False)
         model = copy_model(base_model)
         optimizer = keras.optimizers.Adam(LEARNING_RATE)
         step = trainop.create_train_op(
-            make_loss_fn(model),
+            counted_loss_fn(model) if counted else make_loss_fn(model),
             optimizer,
             global_step=tf.Variable(0, dtype=tf.int64, trainable=False),
             **kwargs,

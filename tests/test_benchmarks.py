@@ -59,6 +59,8 @@ def test_bench_core_smoke_run(tmp_path):
 
 
 FEATURES_THAT_CHANGE_NOTHING = [
+    "metrics",
+    "ema",
     "skip",
     "summaries",
     "skip_summaries",
@@ -81,10 +83,16 @@ def test_bench_features_smoke_run(tmp_path):
         "agc",
         "centralization",
         "lr_multipliers",
+        "ema",
+        "metrics",
+        "accumulate",
+        "accumulate_counted",
     }
     # On healthy batches the guard and the summaries change nothing that is trained.
     # (The transforms change the update: their weights differ, by design.)
     assert {k: results["max_weight_diff"][k] for k in FEATURES_THAT_CHANGE_NOTHING} == {
+        "metrics": 0.0,
+        "ema": 0.0,
         "skip": 0.0,
         "summaries": 0.0,
         "skip_summaries": 0.0,

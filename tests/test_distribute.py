@@ -51,6 +51,7 @@ _STEPS = {
     "accumulate": 2,
     "lr_multipliers": 4,
     "ema": 3,
+    "metrics": 3,
 }
 _STEPS_KERAS_ONLY = {
     "jit": 4,
@@ -85,6 +86,7 @@ _REFUSED = [
     "inside_run_accumulation_steps",
     "inside_run_learning_rate_multipliers",
     "inside_run_moving_average",
+    "inside_run_step_metrics",
     "called_inside_run",
     "variables_to_train",
     "global_step",

@@ -31,6 +31,7 @@ if tuple(int(part) for part in _tf.__version__.split(".")[:2]) < (2, 16):
         "`pip install --upgrade tensorflow` (or tensorflow-cpu)."
     )
 
+from trainop._step_metrics import StepMetrics
 from trainop.averaging import ExponentialMovingAverage
 from trainop.loop import Hook, Rollback, StopTraining, TrainResult, train
 from trainop.numerics import LOSS_NOT_FINITE_MESSAGE, NOT_FINITE_MESSAGE, SkipNonFiniteSteps
@@ -74,6 +75,7 @@ __all__ = [
     "Hook",
     "Rollback",
     "SkipNonFiniteSteps",
+    "StepMetrics",
     "StopTraining",
     "TrainResult",
     "USE_GLOBAL_STEP",

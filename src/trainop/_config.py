@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from trainop import (
@@ -16,6 +17,7 @@ from trainop import (
     _global_step,
     _learning_rates,
     _optimizers,
+    _step_metrics,
     _variables,
     averaging,
     numerics,
@@ -163,6 +165,7 @@ class StepConfig:
     accumulator: _accumulation.GradientAccumulator | None
     learning_rate_multipliers: _learning_rates.LearningRateMultipliers | None = None
     moving_average: averaging.ExponentialMovingAverage | None = None
+    step_metrics: _step_metrics.StepMetrics | None = None
 
 
 def resolve(
@@ -179,6 +182,7 @@ def resolve(
     *,
     learning_rate_multipliers: Any = None,
     moving_average: Any = None,
+    step_metrics: Any = False,
 ) -> StepConfig:
     """Checks the arguments shared by `create_train_op` and `create_train_step`, and resolves
     them: the optimizer's adapter, the global step variable, the numerics guard.
@@ -197,6 +201,11 @@ def resolve(
         )
     check_ops_apart(adapter, check_numerics, accumulation_steps)
     averaging.check_moving_average(moving_average)
+    if not isinstance(step_metrics, (bool, np.bool_)):
+        raise TypeError(
+            f"`step_metrics` must be True or False. Received: step_metrics={step_metrics!r:.200}"
+        )
+    guard = numerics.resolve_check_numerics(check_numerics, optimizer)
     return StepConfig(
         adapter=adapter,
         global_step=_global_step.resolve(global_step),
@@ -204,7 +213,7 @@ def resolve(
         summarize_gradients=bool(summarize_gradients),
         gate_gradients=gate_gradients,
         aggregation_method=aggregation_method,
-        check_numerics=numerics.resolve_check_numerics(check_numerics, optimizer),
+        check_numerics=guard,
         missing_gradients=missing_gradients,
         summarize_every_n_steps=(
             None if summarize_every_n_steps is None else int(summarize_every_n_steps)
@@ -216,6 +225,13 @@ def resolve(
         ),
         learning_rate_multipliers=_learning_rates.resolve(learning_rate_multipliers),
         moving_average=moving_average,
+        step_metrics=(
+            _step_metrics.StepMetrics(
+                guard if isinstance(guard, numerics.SkipNonFiniteSteps) else None
+            )
+            if step_metrics
+            else None
+        ),
     )
 
 

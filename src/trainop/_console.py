@@ -72,16 +72,31 @@ class Progress:
     def enabled(self) -> bool:
         return self._bar is not None
 
-    def update(self, step: int, loss: Callable[[], float | None]) -> None:
+    def update(
+        self,
+        step: int,
+        loss: Callable[[], float | None],
+        metrics: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """Moves the bar to `step`; at most twice a second, reads `loss()` and `metrics()` (a
+        train op's `StepMetrics.result()`) for the postfix: the only host reads they cost."""
         if self._bar is None:
             return
         self._bar.update(step - self._bar.n)
         now = time.monotonic()
         if now - self._last_refresh >= 0.5:
             self._last_refresh = now
+            postfix = {}
             value = loss()
             if value is not None:
-                self._bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                postfix["loss"] = f"{value:.4g}"
+            if metrics is not None:
+                numbers = metrics()
+                postfix["grad_norm"] = f"{float(numbers['gradient_norm']):.4g}"
+                if "skipped_steps" in numbers:
+                    postfix["skipped"] = int(numbers["skipped_steps"])
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:

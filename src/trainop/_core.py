@@ -586,6 +586,7 @@ def build_step(
         apply = averaging_weights(config, [v for _, v in grads_and_vars], apply)
     step = _global_step.summary_step(config.global_step, config.adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
+    metrics = config.step_metrics
 
     # Made where it is used: a partial accumulation window's update is built in a function of
     # its own (`_accumulation.GradientAccumulator.apply_partial_window`).
@@ -609,10 +610,27 @@ def build_step(
             present = _present_gradients(gradients.pairs)
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
-                return apply(present, loss_scale)
+                if metrics is None:
+                    return apply(present, loss_scale)
+                # A loss-scale optimizer may skip the update itself: its counter then stays.
+                counter = config.adapter.iterations if loss_scale is not None else None
+                before = counter.read_value() if counter is not None else None
+                with tf.control_dependencies([before] if before is not None else []):
+                    applied = as_ops(apply(present, loss_scale))
+            with tf.control_dependencies(applied):
+                moved = counter.read_value() > before if counter is not None else None
+                return applied + metrics.record_applied([g for g, _ in present], moved)
 
     report = NotFiniteReport(total_loss, grads_and_vars) if diagnose_loss else None
     total_loss, checked = checked_loss(config, total_loss, undo, report)
+    if metrics is not None:
+        # Before the update (explicitly: a tf.compat.v1 graph orders nothing by itself).
+        metrics.build()
+        checked = [
+            *checked,
+            metrics.applied.assign(False, read_value=False),
+            metrics.record_gradients([g for g, _ in grads_and_vars]),
+        ]
     with tf.control_dependencies(checked):
         gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars, count)
         if config.accumulator is None:

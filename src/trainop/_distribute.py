@@ -59,6 +59,7 @@ def check_in_a_replica(config: _config.StepConfig) -> None:
         ("accumulation_steps", config.accumulator is not None),
         ("learning_rate_multipliers", config.learning_rate_multipliers is not None),
         ("moving_average", config.moving_average is not None),
+        ("step_metrics", config.step_metrics is not None),
     ]:
         if asked:
             # The first two apply the update in a tf.cond, which replicas cannot synchronize
@@ -224,6 +225,7 @@ class ReplicatedStep:
             # They read and write the variables once, outside the replicas.
             or config.learning_rate_multipliers is not None
             or config.moving_average is not None
+            or config.step_metrics is not None
             or summaries.writes_v2_summaries()
             or config.adapter.clips_gradients
         )

@@ -271,6 +271,9 @@ class FitStep:
         logs = dict(self._model.get_metrics_result())
         if self._guard is not None and not isinstance(self._guard, numerics.LossCheckUnderXLA):
             logs[SKIPPED_STEPS_LOG] = self._guard.skipped_steps.read_value()
+        if self._config.step_metrics is not None:
+            for name, value in self._config.step_metrics.result().items():
+                logs.setdefault(name, tf.cast(value, tf.float32))
         return logs
 
     def make_train_function(self, force: bool = False) -> Any:

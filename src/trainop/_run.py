@@ -214,8 +214,11 @@ class Run:
         hooks: list[Hook],
         save_every_n_steps: int,
         hooks_writer: Any = None,
+        step_metrics: Any = None,
     ):
         self._read_step = read_step
+        # The train op's `StepMetrics`, shown with the loss by the progress bar.
+        self._step_metrics = step_metrics
         # The default tf.summary writer around the hooks, when it is not around the whole run.
         self._hooks_writer = hooks_writer
         self._saver = saver
@@ -254,7 +257,12 @@ class Run:
                 )
         else:
             self._calls_without_progress = 0
-        bar.update(self.step, lambda value=loss: as_float(first_loss(value)))
+        metrics = self._step_metrics
+        bar.update(
+            self.step,
+            lambda value=loss: as_float(first_loss(value)),
+            metrics.result if metrics is not None and metrics.applied is not None else None,
+        )
         writer = self._hooks_writer
         try:
             with writer.as_default() if writer is not None else contextlib.nullcontext():
@@ -314,13 +322,14 @@ def run(
     rollback: Any = None,
     hooks_writer: Any = None,
     window: Any = None,
+    step_metrics: Any = None,
 ) -> TrainResult:
     """Calls `run_step` until `max_steps`, the end of the data, a hook or a signal stops it;
     saves at the cadence and at the end. With a `trainop.Rollback` (and `saver`), saves after
     the first call too, and answers the numerics guard's errors by rolling back. With an
     accumulation `window` (`PartialWindow`), the end of the data applies or drops the calls it
     holds, as it says, and a stop inside one saves its sums."""
-    run = Run(read_step, saver, resumed_from, hooks, save_every_n_steps, hooks_writer)
+    run = Run(read_step, saver, resumed_from, hooks, save_every_n_steps, hooks_writer, step_metrics)
     bar = _console.Progress(progress, run.step, max_steps)
     stop = _console.StopRequest()
     stopped_by = None

@@ -50,6 +50,7 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     summarize_every_n_steps: int | None = None,
     learning_rate_multipliers: Any = None,
     moving_average: Any = None,
+    step_metrics: bool = False,
     **kwargs: Any,
 ) -> None:
     """Compiles `model` as `model.compile(*args, **kwargs)` does, with trainop's training step.
@@ -66,7 +67,9 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       `summarize_every_n_steps`, `learning_rate_multipliers` and `moving_average`: as for
       `trainop.create_train_op`. With `moving_average`, evaluate or save the averaged weights
       inside `moving_average.swap_weights()` (`fit`'s validation uses the weights as
-      trained). The summaries are written, at `optimizer.iterations`, to the `train`
+      trained). With `step_metrics=True`, the logs also carry the last batch's
+      `gradient_norm`, `applied_gradient_norm` and `applied` (see `trainop.StepMetrics`).
+      The summaries are written, at `optimizer.iterations`, to the `train`
       directory of the `keras.callbacks.TensorBoard` callback passed to `fit`, if there is
       one.
 
@@ -80,7 +83,7 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
       *args: passed to `model.compile` (`optimizer`, `loss`, ...).
       check_numerics, transform_grads_fn, accumulation_steps, missing_gradients,
       summarize_gradients, summarize_every_n_steps, learning_rate_multipliers,
-      moving_average: trainop's settings, as for `trainop.create_train_op`.
+      moving_average, step_metrics: trainop's settings, as for `trainop.create_train_op`.
       **kwargs: passed to `model.compile` (`metrics`, `steps_per_execution`, `jit_compile`,
         `auto_scale_loss`, ...).
 
@@ -135,9 +138,11 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
         accumulation_steps,
     )
     # The step is counted by optimizer.iterations, as in Keras: no global step.
-    extras = dict(
-        learning_rate_multipliers=learning_rate_multipliers, moving_average=moving_average
-    )
+    extras = {
+        "learning_rate_multipliers": learning_rate_multipliers,
+        "moving_average": moving_average,
+        "step_metrics": step_metrics,
+    }
     config = _config.resolve(optimizer, None, *settings, **extras)
     arguments.arguments["optimizer"] = optimizer
     _fit.uninstall(model)

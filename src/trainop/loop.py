@@ -93,8 +93,9 @@ def train(
       save_every_n_steps: the checkpoint cadence, in global steps.
       max_checkpoints_to_keep: how many checkpoints `logdir` keeps, newest first.
       hooks: `Hook`s, called after the steps they ask for.
-      progress: show a tqdm progress bar (step, loss, steps/s); None: when stderr is a
-        terminal.
+      progress: show a tqdm progress bar (step, loss, steps/s; for a train op made with
+        `step_metrics=True`, also the gradient norm and the skipped steps, read when the bar
+        refreshes, at most twice a second); None: when stderr is a terminal.
       global_step: the integer variable the train op counts in, which the loop reads after
         every call; `USE_GLOBAL_STEP` (the default): the global step (of the train op's
         graph in graph mode), which must exist already, as `create_train_op` makes it.
@@ -228,6 +229,7 @@ def train(
             window=(
                 _run.PartialWindow(accumulator, partial_window) if accumulator is not None else None
             ),
+            step_metrics=getattr(train_op, "step_metrics", None),
         )
 
 

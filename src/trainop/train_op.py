@@ -125,6 +125,12 @@ _SHARED_ARGS = {
         optimizer family; its `swap_weights()` puts the averages in the variables for
         evaluation or export. Put it in the checkpoint beside the model. None (the default):
         no average.""",
+    "step_metrics": """
+        keep the last step's numbers on the device, in `train_op.step_metrics` (a
+        `trainop.StepMetrics`): the global gradient norm before and after
+        `transform_grads_fn`, whether the update was applied, and the skip guard's counts.
+        The step only writes them; the caller reads them when it likes (`trainop.train`'s
+        progress bar shows them). False (the default): no `step_metrics` (None).""",
 }
 
 
@@ -171,6 +177,7 @@ def create_train_op(
     accumulation_steps: int = 1,
     learning_rate_multipliers: Any = None,
     moving_average: averaging.ExponentialMovingAverage | None = None,
+    step_metrics: bool = False,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
     """Creates the training step: gradients, transforms, numerics check, update, global step.
 
@@ -260,6 +267,7 @@ def create_train_op(
         checkpoints.
       learning_rate_multipliers: {learning_rate_multipliers}
       moving_average: {moving_average}
+      step_metrics: {step_metrics}
 
     Returns:
       Graph mode: the loss `Tensor` (float, scalar) whose evaluation runs the step and returns
@@ -341,6 +349,7 @@ def create_train_op(
         accumulation_steps,
         learning_rate_multipliers=learning_rate_multipliers,
         moving_average=moving_average,
+        step_metrics=step_metrics,
     )
     if tf.executing_eagerly():
         if jit_compile and config.check_numerics is True and not tf.distribute.has_strategy():
@@ -361,6 +370,7 @@ def create_train_op(
             steps_per_call=int(steps_per_call),
         )
         train_op.accumulator = config.accumulator
+        train_op.step_metrics = config.step_metrics
         return train_op
     if jit_compile or steps_per_call != 1:
         raise ValueError(
@@ -379,6 +389,7 @@ def create_train_op(
         total_loss, config, update_ops, variables_to_train, count
     )
     train_op.accumulator = config.accumulator
+    train_op.step_metrics = config.step_metrics
     return train_op
 
 

@@ -137,6 +137,8 @@ def train(strategy, make_optimizer, x=X, logdir=None, batches=4, make_average=No
     kept = [*variables, target]
     if kwargs.get("moving_average") is not None:
         kept += [kwargs["moving_average"].average(v) for v in variables]
+    if kwargs.get("step_metrics"):
+        kept += [tf.cast(v, tf.float32) for v in train_op.step_metrics.result().values()]
     weights = np.concatenate([v.numpy().ravel() for v in kept])
     return weights, np.array(losses), int(step.numpy()), optimizer
 
@@ -202,6 +204,8 @@ def step_cases():
         compare("lr_multipliers", family, make_optimizer, learning_rate_multipliers={"w1": 0.25})
         compare("ema", family, make_optimizer, x=X_NAN, check_numerics="skip",
                 make_average=lambda: trainop.ExponentialMovingAverage(0.5))  # fmt: skip
+        compare("metrics", family, make_optimizer, x=X_NAN, check_numerics="skip",
+                transform_grads_fn=clip, step_metrics=True)  # fmt: skip
     keras_sgd = OPTIMIZERS["keras"]
     compare("jit", "keras", keras_sgd, jit_compile=True)
     compare("jit_skip", "keras", keras_sgd, x=X_NAN, check_numerics="skip", jit_compile=True)
@@ -508,6 +512,7 @@ def inside_run_cases():
         ("accumulation_steps", 2),
         ("learning_rate_multipliers", {"w1": 0.5}),
         ("moving_average", trainop.ExponentialMovingAverage()),
+        ("step_metrics", True),
     ]:
         refused(
             f"inside_run_{name}",
