@@ -19,7 +19,8 @@ process, each variant trains its own identical copy of the model on the same bat
 * ``lr_multipliers``: `learning_rate_multipliers={re.compile(".*"): 0.5}`: every variable's
   update scaled after Adam made it (the most it can cost: every variable chosen).
 * ``ema``: `moving_average=ExponentialMovingAverage(0.999)`: every variable averaged after
-  each update.
+  each update; ``keras_use_ema``: the peer's own, `keras.optimizers.Adam(use_ema=True,
+  ema_momentum=0.999)` (Keras 3 optimizers only), for comparison.
 * ``metrics``: `step_metrics=True`: the gradient norms and the applied flag written each step.
 * ``accumulate``: `accumulation_steps=2` with the mean loss; ``accumulate_counted``: the same
   with the loss given as `(loss_sum, count)`, each call weighed by its count. Their cost is
@@ -29,10 +30,14 @@ The variants run in short alternating blocks (`bench_core.time_interleaved`). Th
 of the medians of the per-step block times; the mean ratio also counts the blocks in which a
 summary was written (one block in ten with the defaults), the amortized cost.
 
+With ``--jit-compile`` every train op is compiled by XLA (``jit_compile=True``), which fuses
+the element-wise work of the features into the step's kernels; the variants that write
+summaries are left out.
+
 Run it from the repository root::
 
     python -m benchmarks.bench_features [--blocks N] [--steps-per-block N] [--threads N]
-                                        [--json PATH]
+                                        [--json PATH] [--jit-compile]
 """
 
 from __future__ import annotations
@@ -87,8 +92,10 @@ class _Made:
 
 
 REFERENCE = "trainop"
-# A setting of the benchmark, not of the train op: the loss given with its count.
+# Settings of the benchmark, not of the train op: the loss given with its count; arguments of
+# the Adam optimizer.
 COUNTED = "counted_loss"
+OPTIMIZER_ARGUMENTS = "optimizer"
 FEATURES: dict[str, dict[str, Any]] = {
     "trainop": {},
     "skip": {"check_numerics": "skip"},
@@ -106,6 +113,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "centralization": {"transform_grads_fn": _Made(trainop.gradient_centralization_fn)},
     "lr_multipliers": {"learning_rate_multipliers": {re.compile(".*"): 0.5}},
     "ema": {"moving_average": _Made(trainop.ExponentialMovingAverage, decay=0.999)},
+    "keras_use_ema": {OPTIMIZER_ARGUMENTS: {"use_ema": True, "ema_momentum": 0.999}},
     "metrics": {"step_metrics": True},
     "accumulate": {"accumulation_steps": 2},
     "accumulate_counted": {"accumulation_steps": 2, COUNTED: True},
@@ -122,7 +130,16 @@ def counted_loss_fn(model: keras.Model) -> Callable[[tf.Tensor, tf.Tensor], Any]
     return loss_fn
 
 
-def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list[Variant]:
+def features(jit_compile: bool) -> dict[str, dict[str, Any]]:
+    """The variants to run: under XLA, those that write no summaries (XLA compiles none)."""
+    if not jit_compile:
+        return FEATURES
+    return {k: v for k, v in FEATURES.items() if not v.get("summarize_gradients")}
+
+
+def make_variants(
+    writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor], jit_compile: bool = False
+) -> list[Variant]:
     """One train op per entry of `FEATURES`, each with its own model, optimizer, global step.
 
     A summarizing train op writes to the default writer of the moment it is traced, and keeps
@@ -132,17 +149,18 @@ def make_variants(writer: Any, first_batch: tuple[tf.Tensor, tf.Tensor]) -> list
     """
     base_model = make_model()
     variants = []
-    for name, settings in FEATURES.items():
+    for name, settings in features(jit_compile).items():
         kwargs = {
             key: value() if isinstance(value, _Made) else value for key, value in settings.items()
         }
         counted = kwargs.pop(COUNTED, False)
         model = copy_model(base_model)
-        optimizer = keras.optimizers.Adam(LEARNING_RATE)
+        optimizer = keras.optimizers.Adam(LEARNING_RATE, **kwargs.pop(OPTIMIZER_ARGUMENTS, {}))
         step = trainop.create_train_op(
             counted_loss_fn(model) if counted else make_loss_fn(model),
             optimizer,
             global_step=tf.Variable(0, dtype=tf.int64, trainable=False),
+            jit_compile=jit_compile,
             **kwargs,
         )
         if kwargs.get("summarize_gradients"):
@@ -159,16 +177,18 @@ def run(
     *,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
     seed: int = 0,
+    jit_compile: bool = False,
 ) -> dict[str, Any]:
-    """Runs the benchmark; returns per variant its timings, and its ratios to `trainop`."""
+    """Runs the benchmark; returns per variant its timings, and its ratios to `trainop`
+    (every train op compiled by XLA with `jit_compile`)."""
     batches = prepare(blocks, steps_per_block, threads, warmup_steps, seed)
     with tempfile.TemporaryDirectory(prefix="trainop-bench-") as logdir:
         # Kept alive by this scope: a traced train op holds the writer's resource, not the
         # writer, which deletes the resource when it goes.
         writer = tf.summary.create_file_writer(logdir)
-        variants = make_variants(writer, batches[0])
+        variants = make_variants(writer, batches[0], jit_compile)
         times = time_interleaved(variants, batches, blocks, steps_per_block, warmup_steps)
-    candidates = [name for name in FEATURES if name != REFERENCE]
+    candidates = [name for name in features(jit_compile) if name != REFERENCE]
     return {
         "config": {
             "blocks": blocks,
@@ -176,6 +196,7 @@ def run(
             "threads": threads,
             "warmup_steps": warmup_steps,
             "summary_every_n_steps": SUMMARY_EVERY_N_STEPS,
+            "jit_compile": jit_compile,
         },
         # max_weight_diff: none of the features may change what healthy batches train.
         **interleaved_results(times, variants, REFERENCE, candidates),
@@ -208,14 +229,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps-per-block", type=int, default=DEFAULT_STEPS_PER_BLOCK)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
+    parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="compile every train op with XLA (the variants that write summaries left out)",
+    )
     args = parser.parse_args(argv)
-    results = run(args.blocks, args.steps_per_block, args.threads)
+    results = run(args.blocks, args.steps_per_block, args.threads, jit_compile=args.jit_compile)
     info = machine_info()
     config = results["config"]
     print(
         f"{config['blocks']} blocks x {config['steps_per_block']} steps per variant, "
         f"{config['threads']} thread(s), {info['cpu_count']} CPUs ({info['cpu_model']}), "
         f"TensorFlow {info['tensorflow']}, Keras {info['keras']}"
+        + (", every train op compiled by XLA" if config["jit_compile"] else "")
     )
     print()
     print(format_table(results))

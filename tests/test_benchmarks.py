@@ -61,6 +61,7 @@ def test_bench_core_smoke_run(tmp_path):
 FEATURES_THAT_CHANGE_NOTHING = [
     "metrics",
     "ema",
+    "keras_use_ema",
     "skip",
     "summaries",
     "skip_summaries",
@@ -84,6 +85,7 @@ def test_bench_features_smoke_run(tmp_path):
         "centralization",
         "lr_multipliers",
         "ema",
+        "keras_use_ema",
         "metrics",
         "accumulate",
         "accumulate_counted",
@@ -93,6 +95,7 @@ def test_bench_features_smoke_run(tmp_path):
     assert {k: results["max_weight_diff"][k] for k in FEATURES_THAT_CHANGE_NOTHING} == {
         "metrics": 0.0,
         "ema": 0.0,
+        "keras_use_ema": 0.0,
         "skip": 0.0,
         "summaries": 0.0,
         "skip_summaries": 0.0,

@@ -210,3 +210,16 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="no step has run yet"):
         train_op.step_metrics.result()
     assert trainop.create_train_op(lambda: w * w, keras.optimizers.SGD(0.1)).step_metrics is None
+
+
+def test_an_embedding_gradient_is_measured_as_the_dense_gradient_it_adds_up_to():
+    table = tf.Variable(np.ones((4, 3), np.float32), name="table")
+    train_op = trainop.create_train_op(
+        lambda ids: tf.reduce_sum(tf.nn.embedding_lookup(table, ids)),
+        keras.optimizers.SGD(0.1),
+        global_step=None,
+        step_metrics=True,
+    )
+    train_op(tf.constant([0, 2, 2]))
+    # Dense gradient: row 0 ones, row 2 twos (its two slices summed, not measured apart).
+    assert numbers(train_op)["gradient_norm"] == pytest.approx(np.sqrt(3 * 1 + 3 * 4), rel=1e-6)

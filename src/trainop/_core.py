@@ -619,18 +619,20 @@ def build_step(
                     applied = as_ops(apply(present, loss_scale))
             with tf.control_dependencies(applied):
                 moved = counter.read_value() > before if counter is not None else None
-                return applied + metrics.record_applied([g for g, _ in present], moved)
+                # Without transform nor accumulation, the applied gradients are the step's.
+                same = config.transform_grads_fn is None and config.accumulator is None
+                return applied + metrics.record_applied(
+                    [g for g, _ in present], moved, raw_norm if same else None
+                )
 
     report = NotFiniteReport(total_loss, grads_and_vars) if diagnose_loss else None
     total_loss, checked = checked_loss(config, total_loss, undo, report)
+    raw_norm = None
     if metrics is not None:
         # Before the update (explicitly: a tf.compat.v1 graph orders nothing by itself).
         metrics.build()
-        checked = [
-            *checked,
-            metrics.applied.assign(False, read_value=False),
-            metrics.record_gradients([g for g, _ in grads_and_vars]),
-        ]
+        recorded, raw_norm = metrics.record_gradients([g for g, _ in grads_and_vars])
+        checked = [*checked, metrics.applied.assign(False, read_value=False), recorded]
     with tf.control_dependencies(checked):
         gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars, count)
         if config.accumulator is None:

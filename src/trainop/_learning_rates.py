@@ -107,11 +107,18 @@ class LearningRateMultipliers:
         with tf.control_dependencies(done):
             scaled = []
             for (variable, multiplier), target, old in zip(chosen, targets, before):
-                value = _moved(old, target.read_value(), multiplier)
                 constraint = getattr(variable, "constraint", None)
-                if constraint is not None:
-                    value = tf.cast(constraint(value), target.dtype)
-                scaled.append(target.assign(value, read_value=False))
+                if target.dtype.size < 4 or constraint is not None:
+                    value = _moved(old, target.read_value(), multiplier)
+                    if constraint is not None:
+                        value = tf.cast(constraint(value), target.dtype)
+                    scaled.append(target.assign(value, read_value=False))
+                else:
+                    # after - (1 - multiplier) * (after - before): one subtraction and one
+                    # fused update.
+                    rate = 1.0 - tf.cast(multiplier, target.dtype)
+                    step = target.read_value() - old
+                    scaled.append(_variables.subtract_scaled(target, rate, step))
         return [*done, tf.group(*scaled)]
 
 

@@ -75,14 +75,23 @@ class StepMetrics(tf.Module):
             values["consecutive_skipped_steps"] = guard.consecutive_skipped_steps.read_value()
         return values
 
-    def record_gradients(self, grads: list[Any]) -> Any:
-        """Assigns the global norm of `grads` (the step's, before any transform)."""
-        return self.gradient_norm.assign(_norm(grads), read_value=False)
-
-    def record_applied(self, grads: list[Any], applied: tf.Tensor | None = None) -> list[Any]:
-        """Assigns the norm of the applied `grads`, and that an update was applied; where the
-        boolean tensor `applied` is False (an optimizer that skipped the update), neither."""
+    def record_gradients(self, grads: list[Any]) -> tuple[Any, tf.Tensor]:
+        """Assigns the global norm of `grads` (the step's, before any transform); returns the
+        op and the norm."""
         norm = _norm(grads)
+        return self.gradient_norm.assign(norm, read_value=False), norm
+
+    def record_applied(
+        self,
+        grads: list[Any],
+        applied: tf.Tensor | None = None,
+        norm: tf.Tensor | None = None,
+    ) -> list[Any]:
+        """Assigns the norm of the applied `grads` (`norm`, if it is known already), and that
+        an update was applied; where the boolean tensor `applied` is False (an optimizer that
+        skipped the update), neither."""
+        if norm is None:
+            norm = _norm(grads)
         if applied is None:
             return [
                 self.applied_gradient_norm.assign(norm, read_value=False),
@@ -96,7 +105,18 @@ class StepMetrics(tf.Module):
 
 
 def _norm(grads: list[Any]) -> tf.Tensor:
+    """The global norm of `grads`, in float32: one `L2Loss` per gradient and a sum (cheaper
+    than `_gradients.global_norm`, whose care for squares that overflow a metric can spare:
+    a norm above about 1.8e19 reads inf here)."""
     present = [g for g in grads if g is not None]
     if not present:
         return tf.constant(0.0)
-    return tf.cast(_gradients.global_norm(present), tf.float32)
+    squares = []
+    for grad in present:
+        if isinstance(grad, tf.IndexedSlices):
+            # A repeated row counts once, summed, as in the dense gradient.
+            grad = _gradients.summed_rows(grad).values
+        if grad.dtype != tf.float32:
+            grad = tf.cast(grad, tf.float32)
+        squares.append(tf.nn.l2_loss(grad))
+    return tf.sqrt(2.0 * tf.add_n(squares))

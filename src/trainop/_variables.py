@@ -67,6 +67,17 @@ _install_lock = threading.Lock()
 _installed: list[type] = []
 
 
+def subtract_scaled(variable: Any, alpha: Any, delta: tf.Tensor) -> Any:
+    """Adds the op `variable -= alpha * delta` (`alpha` a scalar), fused into one kernel for a
+    plain resource variable (`ResourceApplyGradientDescent`, one pass over the buffer), else
+    (a variable mirrored by a `tf.distribute` strategy) as `assign_sub`; returns the op."""
+    variable = as_tf_variable(variable)
+    alpha = tf.cast(alpha, variable.dtype)
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return variable.assign_sub(alpha * delta, read_value=False)
+    return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=alpha, delta=delta)
+
+
 def as_variable_or_name(key: Any) -> Any:
     """`key`, or the variable it refers to if it is a `v.ref()` (how TensorFlow 2 makes a
     variable usable as a dict key)."""

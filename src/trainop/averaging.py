@@ -163,15 +163,18 @@ class ExponentialMovingAverage(tf.Module):
             decay = tf.minimum(decay, (1.0 + n) / (10.0 + n))
         # The first averaged update copies the weights.
         decay = tf.where(count > 0, decay, 0.0)
+        # average -= (1 - decay) * (average - value): one subtraction and one fused update per
+        # variable (as `tf.train.ExponentialMovingAverage`'s `assign_moving_average`, fused).
+        rate = 1.0 - decay
+        if applied is not None:
+            rate = rate * tf.cast(applied, tf.float32)
         updates = []
         for variable in variables:
             average = self.average(variable)
-            value = tf.cast(_variables.as_tf_variable(variable), average.dtype)
-            weight = tf.cast(decay, average.dtype)
-            new = weight * average + (1 - weight) * value
-            if applied is not None:
-                new = tf.where(applied, new, average)
-            updates.append(average.assign(new, read_value=False))
+            value = _variables.as_tf_variable(variable)
+            if value.dtype != average.dtype:
+                value = tf.cast(value, average.dtype)
+            updates.append(_variables.subtract_scaled(average, rate, average.read_value() - value))
         with tf.control_dependencies(updates):
             counted = count.assign_add(
                 1 if applied is None else tf.cast(applied, tf.int64), read_value=False
