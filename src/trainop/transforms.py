@@ -679,7 +679,8 @@ def _unit_axes(shape: tf.TensorShape, transform: str) -> tuple[int, ...] | None:
 def _unit_norms(t: tf.Tensor, axes: tuple[int, ...] | None) -> tf.Tensor:
     if axes is None:
         return tf.abs(t)
-    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes, keepdims=True))
+    # One kernel (EuclideanNorm), where square, sum and square root would be three.
+    return tf.math.reduce_euclidean_norm(t, axis=axes, keepdims=True)
 
 
 def _check_real(grads_and_vars: Sequence[tuple[Any, Any]], transform: str) -> None:
@@ -770,12 +771,11 @@ def _adaptive_clip(grad: Any, var: Any, clipping: Any, eps: Any) -> Any:
     max_norm = tf.maximum(w_norm, _gradients.as_tensor(eps, dtype)) * _gradients.as_tensor(
         clipping, dtype
     )
-    # One scale per unit (1 where the unit is within its bound), then one multiply.
-    scale = tf.where(
-        g_norm < max_norm,
-        tf.ones_like(g_norm),
-        max_norm / tf.maximum(g_norm, tf.constant(1e-6, dtype)),
-    )
+    # One scale per unit, then one multiply: max_norm / max(g_norm, max_norm) is exactly 1
+    # where the unit is within its bound, else max_norm / g_norm. (max_norm is positive, as
+    # eps and clipping are, unless it underflows: the floor keeps 0 / 0 out.)
+    floor = tf.maximum(max_norm, tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype))
+    scale = max_norm / tf.maximum(g_norm, floor)
     clipped = tf.cast(g * scale, values.dtype)
     if sparse:
         return tf.IndexedSlices(clipped, grad.indices, grad.dense_shape)
