@@ -193,7 +193,8 @@ def test_a_run_stopped_inside_a_window_resumes_it_with_the_same_weights(tmp_path
     data = list(zip(XS, YS))
     uninterrupted, result, _ = _train(data, None)
     assert result.global_step == 4
-    # 7 batches: two windows and one call of the third, kept in the checkpointed sums.
+    # 7 batches: two windows and one call of the third, kept in the checkpointed sums, which
+    # the resumed run restores (the data position says batch 7 was consumed).
     _, first, train_op = _train(data[:7], tmp_path, partial_window="keep")
     assert first.global_step == 2 and train_op.accumulator.pending_calls() == 1
     resumed, second, _ = _train(data, tmp_path)

@@ -308,3 +308,15 @@ def test_model_fit_averages_and_swaps_for_evaluation():
 def test_bad_arguments_are_named(make, error, message):
     with pytest.raises(error, match=re.escape(message)):
         make()
+
+
+def test_create_train_step_averages_each_call_in_eager_mode():
+    w = tf.Variable([1.0, 2.0], name="w")
+    ema = trainop.ExponentialMovingAverage(0.5)
+    history = []
+    for _ in range(3):
+        trainop.create_train_step(
+            lambda: tf.reduce_sum(w * w), keras.optimizers.SGD(0.1), None, moving_average=ema
+        )
+        history.append(w.numpy())
+    np.testing.assert_allclose(ema.average(w).numpy(), expected_average(history, 0.5), rtol=1e-6)
