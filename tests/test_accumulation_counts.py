@@ -260,11 +260,20 @@ def test_a_graph_train_op_applies_its_partial_window_at_the_end_of_its_input(tmp
         (lambda x, y: (tf.reduce_sum(x), "n"), (TypeError, ValueError), ""),
         (lambda x, y: (tf.reduce_sum(x), tf.ones([2])), TypeError, "real scalar count"),
         (lambda x, y: (tf.reduce_sum(x), tf.constant(True)), TypeError, "real scalar count"),
+        (lambda x, y: (x, tf.shape(x)[0]), ValueError, "must have a scalar loss_sum"),
+        (lambda x, y: (tf.reduce_sum(x), -2.0), ValueError, "must have a count >= 0"),
+        (
+            lambda x, y: (tf.reduce_sum(x), -tf.shape(x)[0]),
+            tf.errors.InvalidArgumentError,
+            "must have a count >= 0",
+        ),
+        (lambda x, y: (x, y, x), TypeError, "or a pair (loss_sum, count)"),
     ],
 )
 def test_a_bad_count_is_refused(loss, error, message):
+    w = tf.Variable(1.0)
     train_op = trainop.create_train_op(
-        lambda x, y: loss(x * tf.Variable(1.0), y), keras.optimizers.SGD(0.1), global_step=None
+        lambda x, y: loss(x * w, y), keras.optimizers.SGD(0.1), global_step=None
     )
     with pytest.raises(error, match=re.escape(message)):
         train_op(XS[0], YS[0])

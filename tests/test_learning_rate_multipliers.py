@@ -381,3 +381,21 @@ def test_property_any_family_kind_and_factors_match_the_reference(case, factors,
         kwargs["check_numerics"] = "skip"
     found = trained(family, kind, factors, batches, **kwargs)
     assert_weights_close(found, reference(family, kind, factors, batches))
+
+
+def test_a_key_that_matches_no_variable_is_named_once(caplog):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="backbone")])
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_mean(model(x) ** 2),
+        keras.optimizers.SGD(0.1),
+        global_step=None,
+        # The path is sequential/backbone/kernel: "backbone/.*" matches nothing.
+        learning_rate_multipliers=[(re.compile("backbone/.*"), 0.1), (re.compile(".*bias"), 0.5)],
+    )
+    with caplog.at_level("WARNING", logger="trainop"):
+        train_op(tf.constant(BATCHES[0]))
+        train_op(tf.constant(BATCHES[1]))
+    messages = [r.getMessage() for r in caplog.records if "match no variable" in r.getMessage()]
+    assert len(messages) == 1
+    assert "'backbone/.*'" in messages[0] and ".*bias" not in messages[0]
+    assert "'sequential" in messages[0]  # the names it could have matched

@@ -320,3 +320,32 @@ def test_create_train_step_averages_each_call_in_eager_mode():
         )
         history.append(w.numpy())
     np.testing.assert_allclose(ema.average(w).numpy(), expected_average(history, 0.5), rtol=1e-6)
+
+
+def test_averages_restore_for_evaluation_into_a_model_made_again_under_another_name(tmp_path):
+    def model():
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+
+    trained, ema = model(), trainop.ExponentialMovingAverage(0.5)
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_mean(trained(x) ** 2),
+        keras.optimizers.SGD(0.1),
+        None,
+        moving_average=ema,
+    )
+    for x in BATCHES:
+        train_op(tf.constant(x))
+    averages = [ema.average(v).numpy() for v in trained.trainable_variables]
+    path = tf.train.Checkpoint(model=trained, average=ema).save(str(tmp_path / "ckpt"))
+
+    # As in a new process: another model first, so the paths differ (sequential_2/...).
+    model()
+    evaluated, restored = model(), trainop.ExponentialMovingAverage(0.5)
+    assert evaluated.trainable_variables[0].path != trained.trainable_variables[0].path
+    restored.build(evaluated.trainable_variables)
+    with pytest.raises(ValueError, match="nothing is averaged yet"):
+        restored.swap_weights().__enter__()
+    tf.train.Checkpoint(model=evaluated, average=restored).restore(path).assert_consumed()
+    with restored.swap_weights():
+        for v, average in zip(evaluated.trainable_variables, averages):
+            np.testing.assert_array_equal(v.numpy(), average)

@@ -56,8 +56,9 @@ class GradientAccumulator(tf.Module):
     def __init__(self, steps: int):
         super().__init__(name="gradient_accumulator")
         self.steps = steps
-        # Checkpointed by name: {variable name: its gradient sum}.
-        self.gradient_sums: dict[str, tf.Variable] = {}
+        # Checkpointed in the order the variables were first seen, as a Keras optimizer saves
+        # its slots (see `averaging.ExponentialMovingAverage.averages`).
+        self.gradient_sums: list[tf.Variable] = []
         self.calls: tf.Variable | None = None
         self.total_count: tf.Variable | None = None
         self.loss_sum: tf.Variable | None = None
@@ -81,16 +82,12 @@ class GradientAccumulator(tf.Module):
                 if key in self._index.sums:
                     continue
                 tf_variable = _variables.as_tf_variable(variable)
-                name = _variables.variable_name(variable)
-                checkpoint_name, suffix = name, 1
-                while checkpoint_name in self.gradient_sums:
-                    checkpoint_name, suffix = f"{name}_{suffix}", suffix + 1
                 total = tf.Variable(
                     tf.zeros(tf_variable.shape, _gradients.wide_dtype(tf_variable.dtype)),
                     trainable=False,
-                    name=name.replace(":", "_") + "/gradient_sum",
+                    name=_variables.variable_name(variable).replace(":", "_") + "/gradient_sum",
                 )
-                self.gradient_sums[checkpoint_name] = total
+                self.gradient_sums.append(total)
                 self._index.sums[key] = total
 
     def pending_calls(self, session: Any = None) -> int:

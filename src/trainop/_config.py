@@ -128,7 +128,11 @@ def check_loss_tensor(total_loss: Any, through_total_loss_fn: bool) -> None:
     if not isinstance(total_loss, tf.Tensor):
         raise TypeError(
             "`total_loss` must return a scalar loss tensor"
-            + (" (through `total_loss_fn`)" if through_total_loss_fn else "")
+            + (
+                " (through `total_loss_fn`)"
+                if through_total_loss_fn
+                else " or a pair (loss_sum, count)"
+            )
             + f". Received: {type(total_loss).__name__} {total_loss!r:.200}"
         )
 

@@ -348,6 +348,24 @@ def counted_loss(total_loss: Any) -> tuple[Any, tf.Tensor | None]:
             f"Received: count of dtype {count.dtype.name} and shape {count.shape}"
         )
     loss_sum = tf.convert_to_tensor(loss_sum)
+    if loss_sum.shape.rank not in (None, 0):
+        raise ValueError(
+            "`total_loss` given as (loss_sum, count) must have a scalar loss_sum, the sum of "
+            "the batch's losses (reduce it with tf.reduce_sum). "
+            f"Received: loss_sum with shape {loss_sum.shape}"
+        )
+    known = tf.get_static_value(count)
+    if known is not None and known < 0:
+        raise ValueError(
+            f"`total_loss` given as (loss_sum, count) must have a count >= 0. Received: {known}"
+        )
+    if known is None:
+        # A negative count would turn the step uphill: checked when the step runs.
+        checked = tf.debugging.assert_non_negative(
+            count, message="`total_loss` given as (loss_sum, count) must have a count >= 0"
+        )
+        with tf.control_dependencies([checked]):
+            count = tf.identity(count)
     return tf.math.divide_no_nan(loss_sum, tf.cast(count, loss_sum.dtype)), count
 
 

@@ -13,6 +13,7 @@ PyTorch's parameter groups with their own `lr`, for one optimizer object.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainop import _gradients, _variables
+
+logger = logging.getLogger("trainop")
 
 ARGUMENT = "learning_rate_multipliers"
 
@@ -77,6 +80,28 @@ class LearningRateMultipliers:
         self.items = _variables.keyed_items(multipliers, ARGUMENT, "learning-rate factors")
         for key, multiplier in self.items:
             _check_multiplier(key, multiplier)
+        self._reported = False
+
+    def _report_unmatched(self, variables: Sequence[Any]) -> None:
+        """Logs, once, the keys that match none of `variables`: a name that is not the
+        variable's (a Keras 3 variable's is its `path`) would train at the full rate."""
+        if self._reported:
+            return
+        self._reported = True
+        unmatched = [
+            key
+            for key, _ in self.items
+            if not any(_variables.value_for(v, [(key, True)]) for v in variables)
+        ]
+        if unmatched:
+            logger.warning(
+                "learning_rate_multipliers: %s match no variable to train, which train at the "
+                "optimizer's rate. Variables are matched by name (a Keras 3 variable's path: "
+                "%s).",
+                ", ".join(repr(k.pattern if hasattr(k, "pattern") else k) for k in unmatched),
+                ", ".join(repr(_variables.variable_name(v)) for v in variables[:3])
+                + (", ..." if len(variables) > 3 else ""),
+            )
 
     def of(self, variable: Any) -> Any:
         """`variable`'s factor; None if it has none, or a factor known to be 1."""
@@ -97,6 +122,7 @@ class LearningRateMultipliers:
         control dependency: in a `tf.cond` branch of a `tf.compat.v1` graph, automatic ones
         do not order them).
         """
+        self._report_unmatched(variables)
         chosen = [(v, m) for v in variables if (m := self.of(v)) is not None]
         if not chosen:
             return list(update())

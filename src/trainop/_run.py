@@ -193,7 +193,9 @@ class PartialWindow:
             done = "dropped them"
         else:
             done = "kept them in the accumulation sums, saved with the checkpoint"
-        logger.info(
+        # Loud unless the calls were applied (the default): data dropped, or left pending.
+        logger.log(
+            logging.INFO if self._partial_window == "apply" else logging.WARNING,
             "The data ended inside an accumulation window, after %d of its %d calls: "
             "partial_window=%r %s.",
             pending,
@@ -360,6 +362,7 @@ def run(
             if window is not None and stopped_by == END_OF_DATA:
                 window.at_end_of_data()
                 run.read_step()
+                bar.update(run.step, lambda: None)
             run.save(again=window is not None and window.pending() > 0)
     finally:
         bar.close()

@@ -96,15 +96,25 @@ class ExponentialMovingAverage(tf.Module):
         super().__init__(name=name or "exponential_moving_average")
         self.decay = float(decay)
         self.dynamic_decay = bool(dynamic_decay)
-        # Checkpointed by name: {variable name: its average}.
-        self.averages: dict[str, tf.Variable] = {}
+        # Checkpointed in the order the variables were first seen (the train op's order of its
+        # variables), as a Keras optimizer saves its slots: a model made again under another
+        # name (`sequential_1`) restores into the same averages.
+        self.averages: list[tf.Variable] = []
         self.averaged_updates: tf.Variable | None = None
         self._index = _Index()
 
     def build(self, variables: Sequence[Any]) -> None:
         """Makes the averages of `variables` that have none yet (zeros: the first averaged
         update copies the weights), and the counter of averaged updates. Called by the train
-        op when it is built; outside any function, as a Keras optimizer makes its slots."""
+        op when it is built; outside any function, as a Keras optimizer makes its slots.
+
+        Call it yourself to use averages from a checkpoint without training (evaluation in a
+        new process): `ema.build(model.trainable_variables)`, with the variables in the order
+        the train op trained them, before or after `checkpoint.restore(...)`.
+
+        Args:
+          variables: the variables to average (`tf.Variable`s or Keras 3 variables).
+        """
         with tf.init_scope():
             if self.averaged_updates is None:
                 self.averaged_updates = tf.Variable(
@@ -115,18 +125,12 @@ class ExponentialMovingAverage(tf.Module):
                 if key in self._index.averages:
                     continue
                 tf_variable = _variables.as_tf_variable(variable)
-                name = _variables.variable_name(variable)
-                checkpoint_name = name
-                suffix = 1
-                while checkpoint_name in self.averages:
-                    checkpoint_name = f"{name}_{suffix}"
-                    suffix += 1
                 average = tf.Variable(
                     tf.zeros(tf_variable.shape, _gradients.wide_dtype(tf_variable.dtype)),
                     trainable=False,
-                    name=name.replace(":", "_") + "/average",
+                    name=_variables.variable_name(variable).replace(":", "_") + "/average",
                 )
-                self.averages[checkpoint_name] = average
+                self.averages.append(average)
                 self._index.averages[key] = average
                 self._index.variables[key] = variable
 
@@ -196,10 +200,11 @@ class ExponentialMovingAverage(tf.Module):
           ValueError: nothing is averaged yet; or a `tf.compat.v1` graph without `session`.
         """
         keys = list(self._index.averages)
-        if not keys:
+        if not keys or (tf.executing_eagerly() and int(self.averaged_updates.numpy()) == 0):
             raise ValueError(
                 "swap_weights: nothing is averaged yet: run the train op that has this "
-                "ExponentialMovingAverage as its `moving_average` first."
+                "ExponentialMovingAverage as its `moving_average` first; or, for averages "
+                "restored from a checkpoint, call build(model.trainable_variables) and restore."
             )
         targets = [_variables.as_tf_variable(self._index.variables[k]) for k in keys]
         averages = [self._index.averages[k] for k in keys]
