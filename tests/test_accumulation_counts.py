@@ -257,7 +257,7 @@ def test_a_graph_train_op_applies_its_partial_window_at_the_end_of_its_input(tmp
 @pytest.mark.parametrize(
     "loss,error,message",
     [
-        (lambda x, y: (tf.reduce_sum(x), "n"), (TypeError, ValueError), ""),
+        (lambda x, y: (tf.reduce_sum(x), "n"), TypeError, "real scalar count"),
         (lambda x, y: (tf.reduce_sum(x), tf.ones([2])), TypeError, "real scalar count"),
         (lambda x, y: (tf.reduce_sum(x), tf.constant(True)), TypeError, "real scalar count"),
         (lambda x, y: (x, tf.shape(x)[0]), ValueError, "must have a scalar loss_sum"),
@@ -277,6 +277,49 @@ def test_a_bad_count_is_refused(loss, error, message):
     )
     with pytest.raises(error, match=re.escape(message)):
         train_op(XS[0], YS[0])
+
+
+def test_only_a_plain_pair_is_a_sum_and_count():
+    """A namedtuple or a list is a loss structure, as TF-Agents' `LossInfo`: refused by
+    `create_train_op`, picked by `create_train_step`'s `total_loss_fn`, never divided."""
+    import collections
+
+    LossInfo = collections.namedtuple("LossInfo", ["loss", "extra"])
+    w = tf.Variable([2.0], name="w")
+    for structure in (LossInfo, lambda a, b: [a, b]):
+        train_op = trainop.create_train_op(
+            lambda structure=structure: structure(tf.reduce_sum(w * w), 4.0),
+            keras.optimizers.SGD(0.1),
+        )
+        with pytest.raises(TypeError, match="must return a scalar loss tensor"):
+            train_op()
+    with tf.Graph().as_default():
+        v = tf.Variable([2.0], name="v")
+        with pytest.raises(TypeError, match=r"through `total_loss_fn`"):
+            trainop.create_train_step(
+                (tf.reduce_sum(v * v), tf.constant(4.0)),
+                tf.compat.v1.train.GradientDescentOptimizer(0.1),
+            )
+        losses = trainop.create_train_step(
+            LossInfo(tf.reduce_sum(v * v), tf.constant(4.0)),
+            tf.compat.v1.train.GradientDescentOptimizer(0.1),
+            total_loss_fn=lambda info: info.loss,
+        )
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            session.run(losses)
+            assert session.run(v)[0] == pytest.approx(2.0 - 0.1 * 4.0)
+
+
+def test_a_float16_sum_is_divided_in_float32():
+    w = tf.Variable(np.ones(4, np.float16), name="w")
+    train_op = trainop.create_train_op(
+        lambda: (tf.reduce_sum(w) * np.float16(10000.0), tf.constant(70000.0)),
+        keras.optimizers.SGD(0.1),
+        global_step=None,
+    )
+    # 4 * 10000 / 70000, not 0 (70000 is inf in float16).
+    assert float(train_op()) == pytest.approx(40000.0 / 70000.0, rel=1e-3)
 
 
 def test_partial_window_must_be_one_of_its_values():

@@ -374,6 +374,32 @@ def test_a_fit_stopped_by_sigterm_mid_epoch_resumes_with_the_losses_of_an_uninte
     assert not tmp_path.exists()
 
 
+def test_a_backup_inside_an_accumulation_window_keeps_its_sums_and_the_average(tmp_path):
+    """Stopped after batch 3 of epoch 1 (11 batches in: windows of 3 hold 2 of their calls),
+    the rerun completes the window and the average as the uninterrupted fit does."""
+    data = with_bad_batches([])
+    fit = dict(batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+
+    def compiled():
+        average = trainop.ExponentialMovingAverage(0.5)
+        return compiled_for_backup(accumulation_steps=3, moving_average=average), average
+
+    uninterrupted, expected_average = compiled()
+    uninterrupted.fit(*data, **fit)
+    stopped, _ = compiled()
+    stopped.fit(
+        *data, callbacks=[SignalAt(1, 3), trainop.keras.BackupAndRestore(str(tmp_path))], **fit
+    )
+    assert int(stopped.optimizer.iterations) == (BATCHES + 4) // 3
+    rerun, average = compiled()
+    rerun.fit(*data, callbacks=[trainop.keras.BackupAndRestore(str(tmp_path))], **fit)
+    assert_same_state(rerun, uninterrupted)
+    for v, expected in zip(rerun.trainable_variables, uninterrupted.trainable_variables):
+        np.testing.assert_allclose(
+            average.average(v).numpy(), expected_average.average(expected).numpy(), rtol=1e-5
+        )
+
+
 def test_a_rerun_of_a_finished_fit_restores_the_optimizer_at_once(tmp_path, caplog):
     """With nothing left to train, no step builds the optimizer: it is built before the
     backup is restored (as by Keras's own BackupAndRestore), so its state is restored, not

@@ -399,3 +399,63 @@ def test_a_key_that_matches_no_variable_is_named_once(caplog):
     assert len(messages) == 1
     assert "'backbone/.*'" in messages[0] and ".*bias" not in messages[0]
     assert "'sequential" in messages[0]  # the names it could have matched
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3])
+def test_a_factor_scales_exactly_near_zero_and_across_a_sign_change(factor):
+    """`before + factor * (after - before)` computed as such: weights near 0, a step that
+    crosses 0, and a factor of 0 that leaves them bit for bit."""
+    before = np.array([1e-8, 3e-3, 0.1, -2e-7], np.float32)
+    w = tf.Variable(before, name="frozen")
+    train_op = trainop.create_train_op(
+        lambda: tf.reduce_sum(w * tf.constant([1e4, 1.0, 2.0, -1e3])),
+        keras.optimizers.SGD(1.0),
+        global_step=None,
+        learning_rate_multipliers={"frozen": factor},
+    )
+    train_op()
+    after = before - np.array([1e4, 1.0, 2.0, -1e3], np.float32)
+    expected = (before + np.float32(factor) * (after - before)).astype(np.float32)
+    if factor == 0.0:
+        np.testing.assert_array_equal(w.numpy(), before)
+    else:
+        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+
+
+def test_reference_variables_of_a_v1_graph():
+    """TF-Slim programs (`disable_v2_behavior`) train reference variables, which have no
+    resource handle: factors and averages update them too."""
+    with tf.Graph().as_default():
+        w = tf.compat.v1.Variable([1.0, 2.0], name="w", use_resource=False)
+        b = tf.compat.v1.Variable([0.5], name="b", use_resource=False)
+        ema = trainop.ExponentialMovingAverage(0.5)
+        train_op = trainop.create_train_op(
+            tf.reduce_sum(w * w) + tf.reduce_sum(b),
+            tf.compat.v1.train.GradientDescentOptimizer(0.1),
+            learning_rate_multipliers={"w": 0.5},
+            moving_average=ema,
+        )
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            session.run(train_op)
+            first = session.run(w)
+            session.run(train_op)
+            found, average = session.run([w, ema.average(w)])
+    np.testing.assert_allclose(first, [1.0 - 0.05 * 2.0, 2.0 - 0.05 * 4.0], rtol=1e-6)
+    np.testing.assert_allclose(found, first * (1 - 0.05 * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(average, 0.5 * first + 0.5 * found, rtol=1e-6)
+
+
+def test_a_sync_replicas_optimizer_is_refused():
+    with tf.Graph().as_default():
+        w = tf.Variable([1.0], name="w")
+        for name, value in [
+            ("learning_rate_multipliers", {"w": 0.5}),
+            ("moving_average", trainop.ExponentialMovingAverage()),
+            ("step_metrics", True),
+        ]:
+            optimizer = tf.compat.v1.train.SyncReplicasOptimizer(
+                tf.compat.v1.train.GradientDescentOptimizer(0.1), 1, 1
+            )
+            with pytest.raises(ValueError, match=f"`{name}` cannot be used with a SyncReplicas"):
+                trainop.create_train_op(tf.reduce_sum(w * w), optimizer, **{name: value})

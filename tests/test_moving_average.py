@@ -349,3 +349,36 @@ def test_averages_restore_for_evaluation_into_a_model_made_again_under_another_n
     with restored.swap_weights():
         for v, average in zip(evaluated.trainable_variables, averages):
             np.testing.assert_array_equal(v.numpy(), average)
+
+
+def test_averages_restore_by_name_not_by_the_order_the_step_read_them(tmp_path):
+    """A subclassed model that makes `head` before `body` but calls `body` first: the train
+    op meets the variables in the order body, head; `trainable_variables` lists head, body."""
+
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__(name="m")
+            self.head = keras.layers.Dense(3, name="head")
+            self.body = keras.layers.Dense(3, name="body")
+
+        def call(self, x):
+            return self.head(self.body(x))
+
+    trained, ema = Model(), trainop.ExponentialMovingAverage(0.5)
+    trained(tf.zeros([1, 3]))
+    train_op = trainop.create_train_op(
+        lambda x: tf.reduce_mean(trained(x) ** 2), keras.optimizers.SGD(0.1), None,
+        moving_average=ema,
+    )  # fmt: skip
+    for x in BATCHES:
+        train_op(tf.constant(x))
+    path = tf.train.Checkpoint(average=ema).save(str(tmp_path / "ckpt"))
+    evaluated, restored = Model(), trainop.ExponentialMovingAverage(0.5)
+    evaluated(tf.zeros([1, 3]))
+    assert [v.path for v in evaluated.trainable_variables][0].endswith("head/kernel")
+    restored.build(evaluated.trainable_variables)
+    tf.train.Checkpoint(average=restored).restore(path)
+    for mine, theirs in zip(evaluated.trainable_variables, trained.trainable_variables):
+        np.testing.assert_array_equal(
+            restored.average(mine).numpy(), ema.average(theirs).numpy(), err_msg=mine.path
+        )

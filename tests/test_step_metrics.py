@@ -223,3 +223,20 @@ def test_an_embedding_gradient_is_measured_as_the_dense_gradient_it_adds_up_to()
     train_op(tf.constant([0, 2, 2]))
     # Dense gradient: row 0 ones, row 2 twos (its two slices summed, not measured apart).
     assert numbers(train_op)["gradient_norm"] == pytest.approx(np.sqrt(3 * 1 + 3 * 4), rel=1e-6)
+
+
+def test_an_update_undone_by_check_updates_is_not_applied():
+    w = tf.Variable([1.0, 2.0], name="w")
+    train_op = trainop.create_train_op(
+        lambda scale: tf.reduce_sum(w) * scale,
+        tf.compat.v1.train.GradientDescentOptimizer(1e10),
+        global_step=None,
+        check_numerics=trainop.SkipNonFiniteSteps(check_updates=True),
+        step_metrics=True,
+    )
+    train_op(tf.constant(1e-10))
+    applied_norm = numbers(train_op)["applied_gradient_norm"]
+    train_op(tf.constant(1e30))  # finite gradients, an inf update: undone
+    found = numbers(train_op)
+    assert not found["applied"] and found["skipped_steps"] == 1
+    assert found["applied_gradient_norm"] == applied_norm

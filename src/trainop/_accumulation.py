@@ -56,8 +56,8 @@ class GradientAccumulator(tf.Module):
     def __init__(self, steps: int):
         super().__init__(name="gradient_accumulator")
         self.steps = steps
-        # Checkpointed in the order the variables were first seen, as a Keras optimizer saves
-        # its slots (see `averaging.ExponentialMovingAverage.averages`).
+        # Checkpointed by position, in the order of the variables' names (see
+        # `averaging.ExponentialMovingAverage.averages`).
         self.gradient_sums: list[tf.Variable] = []
         self.calls: tf.Variable | None = None
         self.total_count: tf.Variable | None = None
@@ -77,7 +77,7 @@ class GradientAccumulator(tf.Module):
                     trainable=False,
                     name="window_loss_sum",
                 )
-            for variable in variables:
+            for variable in _variables.by_name(variables):
                 key = _variables.variable_key(variable)
                 if key in self._index.sums:
                     continue

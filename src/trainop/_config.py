@@ -203,7 +203,14 @@ def resolve(
             "`missing_gradients` must be 'log' or 'raise'. "
             f"Received: missing_gradients={missing_gradients!r}"
         )
-    check_ops_apart(adapter, check_numerics, accumulation_steps)
+    check_ops_apart(
+        adapter,
+        check_numerics,
+        accumulation_steps,
+        learning_rate_multipliers=learning_rate_multipliers,
+        moving_average=moving_average,
+        step_metrics=step_metrics,
+    )
     averaging.check_moving_average(moving_average)
     if not isinstance(step_metrics, (bool, np.bool_)):
         raise TypeError(
@@ -240,11 +247,16 @@ def resolve(
 
 
 def check_ops_apart(
-    adapter: _optimizers.OptimizerAdapter, check_numerics: Any, accumulation_steps: Any
+    adapter: _optimizers.OptimizerAdapter,
+    check_numerics: Any,
+    accumulation_steps: Any,
+    **after_update: Any,
 ) -> None:
     """Refuses what would put the ops a `SyncReplicasOptimizer` builds apart from the step
     (see `OptimizerAdapter.builds_ops_apart`) in a `tf.cond` branch: the skip guard and
-    accumulation, which apply the update in one."""
+    accumulation, which apply the update in one; and what reads the variables after the update
+    (`after_update`: learning-rate factors, averages, step metrics), which its chief applies
+    later, from its queue."""
     if not adapter.builds_ops_apart:
         return
     conditional = {
@@ -259,6 +271,14 @@ def check_ops_apart(
                 "its session hook) cannot be built. Use check_numerics=True and "
                 "accumulation_steps=1 with it, or tf.distribute's MultiWorkerMirroredStrategy "
                 "(SyncReplicasOptimizer is deprecated)."
+            )
+    for name, value in after_update.items():
+        if value is not None and value is not False:
+            raise ValueError(
+                f"`{name}` cannot be used with a SyncReplicasOptimizer: it reads the variables "
+                "once the update is applied, which its chief does later, from its queue. Use "
+                "tf.distribute's MultiWorkerMirroredStrategy (SyncReplicasOptimizer is "
+                "deprecated)."
             )
 
 

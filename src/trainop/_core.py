@@ -337,7 +337,8 @@ def counted_loss(total_loss: Any) -> tuple[Any, tf.Tensor | None]:
     Raises:
       TypeError: a pair whose count is not a real scalar.
     """
-    if not (isinstance(total_loss, (tuple, list)) and len(total_loss) == 2):
+    # A plain tuple only: a namedtuple or a list is a loss structure (TF-Agents' LossInfo).
+    if type(total_loss) is not tuple or len(total_loss) != 2:
         return total_loss, None
     loss_sum, count = total_loss
     count = tf.convert_to_tensor(count)
@@ -366,7 +367,10 @@ def counted_loss(total_loss: Any) -> tuple[Any, tf.Tensor | None]:
         )
         with tf.control_dependencies([checked]):
             count = tf.identity(count)
-    return tf.math.divide_no_nan(loss_sum, tf.cast(count, loss_sum.dtype)), count
+    # In float32 at least: a float16 count above 65504 would be inf, a bfloat16 one rounded.
+    wide = _gradients.wide_dtype(loss_sum.dtype)
+    mean = tf.math.divide_no_nan(tf.cast(loss_sum, wide), tf.cast(count, wide))
+    return tf.cast(mean, loss_sum.dtype), count
 
 
 def checked_loss(
@@ -472,6 +476,9 @@ def updated_variables(
         candidates = config.adapter.state_variables([v for _, v in pairs])
         if config.moving_average is not None:
             candidates += config.moving_average.state_variables()
+        if config.step_metrics is not None:
+            # Written by the update: an undone update was not applied.
+            candidates += config.step_metrics.written_by_update()
         if config.global_step is not None:
             candidates.append(_variables.as_tf_variable(config.global_step))
         # Each once (the global step may be the optimizer's own counter).

@@ -128,6 +128,17 @@ class FitStep:
             )
 
     @property
+    def state(self) -> dict[str, Any]:
+        """What the step keeps besides the model and optimizer, for a backup: the accumulation
+        window's sums and the weights' average, if there are any."""
+        state = {}
+        if self._config.accumulator is not None:
+            state["accumulation"] = self._config.accumulator
+        if self._config.moving_average is not None:
+            state["average"] = self._config.moving_average
+        return state
+
+    @property
     def guard(self) -> numerics.SkipNonFiniteSteps | None:
         """The skip guard (or the loss check under XLA) whose counters the step keeps."""
         return self._guard

@@ -4,11 +4,13 @@ Multiplying a gradient does not change the step of an adaptive optimizer (Adam, 
 Adagrad divide the scale back out), so a multiplier of the learning rate cannot be a gradient
 transform. It scales the update itself: a chosen variable's value before the update is read,
 and once the optimizer has applied it, `before + multiplier * (after - before)` is written. For
-every optimizer whose update is proportional to its learning rate (all of TensorFlow's and
-Keras's, decoupled weight decay included: Keras multiplies it by the rate), that is the update
+every optimizer whose update is proportional to its learning rate (SGD, momentum, Adam, AdamW,
+RMSprop, Adagrad, Adadelta, Adamax, Nadam, Lion; decoupled weight decay included, as Keras
+multiplies it by the rate), that is the update
 the variable would get from the same optimizer at `multiplier` times the rate, while its slots
 (moments, accumulators) move as the optimizer moves them. This is Caffe's `lr_mult`, and
-PyTorch's parameter groups with their own `lr`, for one optimizer object.
+PyTorch's parameter groups with their own `lr`, for one optimizer object. (FTRL's update is not
+proportional to its rate: there the factor scales its update, which is not FTRL at that rate.)
 """
 
 from __future__ import annotations
@@ -127,29 +129,34 @@ class LearningRateMultipliers:
         if not chosen:
             return list(update())
         targets = [_variables.as_tf_variable(v) for v, _ in chosen]
-        before = [target.read_value() for target in targets]
+        # A copy: a tf.compat.v1 reference variable's read is its buffer, which the update
+        # writes in place (a resource variable's read is copied on write).
+        before = [
+            tf.raw_ops.Snapshot(input=t.read_value())
+            if not hasattr(t, "handle")
+            else t.read_value()
+            for t in targets
+        ]
         with tf.control_dependencies(before):
             done = list(update())
         with tf.control_dependencies(done):
             scaled = []
             for (variable, multiplier), target, old in zip(chosen, targets, before):
+                # before + multiplier * (after - before), not the fused after - (1 - multiplier)
+                # * (after - before): that one rounds, and a factor of 0 would move the weight.
+                value = _moved(old, target.read_value(), multiplier)
                 constraint = getattr(variable, "constraint", None)
-                if target.dtype.size < 4 or constraint is not None:
-                    value = _moved(old, target.read_value(), multiplier)
-                    if constraint is not None:
-                        value = tf.cast(constraint(value), target.dtype)
-                    scaled.append(target.assign(value, read_value=False))
-                else:
-                    # after - (1 - multiplier) * (after - before): one subtraction and one
-                    # fused update.
-                    rate = 1.0 - tf.cast(multiplier, target.dtype)
-                    step = target.read_value() - old
-                    scaled.append(_variables.subtract_scaled(target, rate, step))
+                if constraint is not None:
+                    value = tf.cast(constraint(value), target.dtype)
+                scaled.append(target.assign(value, read_value=False))
         return [*done, tf.group(*scaled)]
 
 
 def _moved(before: tf.Tensor, after: tf.Tensor, multiplier: Any) -> tf.Tensor:
-    """`before + multiplier * (after - before)`, in float32 at least, in `before`'s dtype."""
+    """`before + multiplier * (after - before)`, in float32 at least, in `before`'s dtype;
+    exactly `before` for a factor known to be 0."""
+    if _static_value(multiplier) == 0.0:
+        return before
     dtype = _gradients.wide_dtype(before.dtype)
     old = tf.cast(before, dtype)
     step = tf.cast(after, dtype) - old

@@ -54,6 +54,10 @@ class StepMetrics(tf.Module):
             )
             self.applied = tf.Variable(False, trainable=False, name="applied")
 
+    def written_by_update(self) -> list[tf.Variable]:
+        """What the update writes (not `gradient_norm`, written before it)."""
+        return [self.applied_gradient_norm, self.applied]
+
     def result(self) -> dict[str, tf.Tensor]:
         """The last step's numbers by name (as in `fit`'s logs): `gradient_norm`,
         `applied_gradient_norm`, `applied` and, with a skip guard, `skipped_steps` and

@@ -13,7 +13,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -67,13 +67,22 @@ _install_lock = threading.Lock()
 _installed: list[type] = []
 
 
+def by_name(variables: Sequence[Any]) -> list[Any]:
+    """`variables` in the order of their names without the first part of a path (a Keras
+    model's name, which a model made again changes: `sequential_1/dense/kernel`), for state
+    saved by position; a stable sort, so variables of one name keep their order."""
+    return sorted(variables, key=lambda v: variable_name(v).partition("/")[2])
+
+
 def subtract_scaled(variable: Any, alpha: Any, delta: tf.Tensor) -> Any:
     """Adds the op `variable -= alpha * delta` (`alpha` a scalar), fused into one kernel for a
     plain resource variable (`ResourceApplyGradientDescent`, one pass over the buffer), else
-    (a variable mirrored by a `tf.distribute` strategy) as `assign_sub`; returns the op."""
+    (a variable mirrored by a `tf.distribute` strategy, a `tf.compat.v1` reference variable)
+    as `assign_sub`; returns the op."""
     variable = as_tf_variable(variable)
     alpha = tf.cast(alpha, variable.dtype)
-    if isinstance(variable, tf.distribute.DistributedValues):
+    # A mirrored variable, or a tf.compat.v1 reference variable (no resource handle).
+    if isinstance(variable, tf.distribute.DistributedValues) or not hasattr(variable, "handle"):
         return variable.assign_sub(alpha * delta, read_value=False)
     return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=alpha, delta=delta)
 

@@ -96,9 +96,10 @@ class ExponentialMovingAverage(tf.Module):
         super().__init__(name=name or "exponential_moving_average")
         self.decay = float(decay)
         self.dynamic_decay = bool(dynamic_decay)
-        # Checkpointed in the order the variables were first seen (the train op's order of its
-        # variables), as a Keras optimizer saves its slots: a model made again under another
-        # name (`sequential_1`) restores into the same averages.
+        # Checkpointed by position, as a Keras optimizer saves its slots, the variables of each
+        # `build` in the order of their names (`_variables.by_name`): a model made again under
+        # another name (`sequential_1`), or listed in another order, restores into the same
+        # averages.
         self.averages: list[tf.Variable] = []
         self.averaged_updates: tf.Variable | None = None
         self._index = _Index()
@@ -109,8 +110,9 @@ class ExponentialMovingAverage(tf.Module):
         op when it is built; outside any function, as a Keras optimizer makes its slots.
 
         Call it yourself to use averages from a checkpoint without training (evaluation in a
-        new process): `ema.build(model.trainable_variables)`, with the variables in the order
-        the train op trained them, before or after `checkpoint.restore(...)`.
+        new process): `ema.build(model.trainable_variables)`, with the variables the train op
+        trained (in any order: they are taken in the order of their names), before or after
+        `checkpoint.restore(...)`.
 
         Args:
           variables: the variables to average (`tf.Variable`s or Keras 3 variables).
@@ -120,7 +122,7 @@ class ExponentialMovingAverage(tf.Module):
                 self.averaged_updates = tf.Variable(
                     0, dtype=tf.int64, trainable=False, name="averaged_updates"
                 )
-            for variable in variables:
+            for variable in _variables.by_name(variables):
                 key = _variables.variable_key(variable)
                 if key in self._index.averages:
                     continue
@@ -241,6 +243,7 @@ class ExponentialMovingAverage(tf.Module):
 
 
 def check_moving_average(moving_average: Any) -> None:
+    """Raises a TypeError unless `moving_average` is None or an `ExponentialMovingAverage`."""
     if moving_average is not None and not isinstance(moving_average, ExponentialMovingAverage):
         raise TypeError(
             "`moving_average` must be a trainop.ExponentialMovingAverage or None. "

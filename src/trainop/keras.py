@@ -279,6 +279,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         }
         if step.guard is not None:
             objects["guard"] = step.guard
+        objects.update(step.state)
         self._checkpoints = _checkpoints.Checkpoints(
             objects, self._seen, _data.Batches(None), self.backup_dir, self.max_to_keep, None
         )

@@ -117,9 +117,10 @@ def train(
         with the calls of a window it ends inside: 'apply' (the default; their update, on
         their weighted mean, as a last short window), 'drop' them, or 'keep' them in the
         accumulation sums for a run that goes on (resumed on more data). Logged whichever it
-        is. A stop inside a window (`max_steps` cannot be, a signal or `StopTraining` can)
-        keeps them: the loop checkpoints the sums with the train op's `accumulator`
-        (under the name 'accumulation'), and a resumed run completes the window.
+        is. A stop inside a window (by a signal: `max_steps` and `StopTraining` stop where
+        the global step moves, at a window's end) keeps them: the loop checkpoints the sums
+        with the train op's `accumulator` (under the name 'accumulation'), and a resumed run
+        completes the window.
 
     Returns:
       A `TrainResult`; its `stopped_by` says why the run ended (also logged, on the `trainop`
@@ -129,12 +130,13 @@ def train(
       TypeError: `train_op`, `dataset`, `checkpoint`, `global_step`,
         `restore_data_position` or a hook is of the wrong type.
       ValueError: `max_steps`, `save_every_n_steps` or `max_checkpoints_to_keep` is not a
-        positive integer, there is neither `dataset` nor `max_steps`, `checkpoint` comes
-        without `logdir` or uses a name the loop saves its own state under ('global_step',
-        and 'data' with a dataset), a graph train op comes with a `dataset` or without
-        `max_steps`, `global_step` is `USE_GLOBAL_STEP` and there is no global step, or, on
-        resume, the checkpoint's data position cannot be restored into `dataset` (a changed
-        input pipeline: see `restore_data_position`).
+        positive integer, `partial_window` is not one of its values, there is neither
+        `dataset` nor `max_steps`, `checkpoint` comes without `logdir` or uses a name the
+        loop saves its own state under ('global_step', 'accumulation' with an accumulating
+        train op, and 'data' with a dataset), a graph train op comes with a `dataset` or
+        without `max_steps`, `global_step` is `USE_GLOBAL_STEP` and there is no global step,
+        or, on resume, the checkpoint's data position cannot be restored into `dataset` (a
+        changed input pipeline: see `restore_data_position`).
       FloatingPointError: a checkpoint was due and a variable holds inf or NaN: nothing is
         written, and the checkpoints already written are kept; or, on resume, every
         checkpoint in `logdir` holds inf or NaN.

@@ -275,12 +275,19 @@ def create_train_op(
       arguments to `total_loss`, runs one step (`steps_per_call` steps) and returns the loss
       computed before the update (a vector of `steps_per_call` losses); it also has the
       `tf.function`'s methods (`get_concrete_function`, `experimental_get_tracing_count`).
+      In both modes it has two attributes: `accumulator`, with `accumulation_steps`, the
+      `tf.Module` of the window's sums (which `trainop.train` checkpoints; its
+      `pending_calls()`, `apply_partial_window()` and `drop_partial_window()` serve a custom
+      loop), else None; and `step_metrics`, a `trainop.StepMetrics` with `step_metrics=True`,
+      else None.
 
     Raises:
       TypeError: when the train op is built: `total_loss` is a Tensor in eager mode or not a
         Tensor in graph mode; `optimizer` is of no known family, a `tf_keras`
         `LossScaleOptimizer`, or accumulates gradients itself; `global_step` is not an integer
-        variable, `USE_GLOBAL_STEP` or None; `transform_grads_fn` is not callable;
+        variable, `USE_GLOBAL_STEP` or None; `transform_grads_fn` is not callable; a key or
+        factor of `learning_rate_multipliers` is of the wrong type; `moving_average` is not an
+        `ExponentialMovingAverage`; `step_metrics` is not a bool;
         `update_ops` are not ops (graph mode) or callables (eager mode); `variables_to_train`
         holds something other than variables; `check_numerics` or `jit_compile` has the wrong
         type. When the step is built (graph mode) or first traced (eager mode): the loss is not
@@ -288,7 +295,9 @@ def create_train_op(
       ValueError: when the train op is built: `gate_gradients`, `aggregation_method`,
         `check_numerics` (a string other than 'skip'), `missing_gradients`,
         `summarize_every_n_steps`, `steps_per_call` or `accumulation_steps` is not one of its
-        values; `jit_compile` or `steps_per_call` is given in graph mode; `total_loss` is a
+        values; `learning_rate_multipliers` is empty or holds a negative or NaN factor; a
+        `SyncReplicasOptimizer` comes with `learning_rate_multipliers`, `moving_average` or
+        `step_metrics`; `jit_compile` or `steps_per_call` is given in graph mode; `total_loss` is a
         Tensor inside a `tf.distribute` strategy's scope; `variables_to_train` is empty, holds
         a variable that is not trainable, or (under a strategy) is not a list; there is no
         trainable variable (graph mode); `global_step` was made outside the strategy's scope.
@@ -534,7 +543,11 @@ def create_train_step(
         # once the step has run.
         with tf.control_dependencies(tf.nest.flatten(loss)):
             loss = tf.nest.map_structure(lambda t: tf.identity(t, "loss_pre_train"), loss)
-        train_op = create_train_op(total_loss_fn(loss), optimizer, **step_settings)
+        total_loss = total_loss_fn(loss)
+        if not isinstance(total_loss, tf.Tensor):
+            # Not a (loss_sum, count) pair here: a loss structure is picked by total_loss_fn.
+            _config.check_loss_tensor(total_loss, through_total_loss_fn=True)
+        train_op = create_train_op(total_loss, optimizer, **step_settings)
         with tf.control_dependencies([train_op]):
             return tf.nest.map_structure(lambda t: tf.identity(t, "loss_post_train"), loss)
 
