@@ -133,7 +133,7 @@ class LearningRateMultipliers:
         # writes in place (a resource variable's read is copied on write).
         before = [
             tf.raw_ops.Snapshot(input=t.read_value())
-            if not hasattr(t, "handle")
+            if _variables.is_reference(t)
             else t.read_value()
             for t in targets
         ]

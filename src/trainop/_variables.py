@@ -74,6 +74,14 @@ def by_name(variables: Sequence[Any]) -> list[Any]:
     return sorted(variables, key=lambda v: variable_name(v).partition("/")[2])
 
 
+def is_reference(variable: tf.Variable) -> bool:
+    """Whether `variable` is a `tf.compat.v1` reference variable (what TF-Slim programs under
+    `disable_v2_behavior` make): no resource handle, and a read that is its buffer."""
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return False  # its `handle` raises outside a replica
+    return not hasattr(variable, "handle")
+
+
 def subtract_scaled(variable: Any, alpha: Any, delta: tf.Tensor) -> Any:
     """Adds the op `variable -= alpha * delta` (`alpha` a scalar), fused into one kernel for a
     plain resource variable (`ResourceApplyGradientDescent`, one pass over the buffer), else
@@ -81,8 +89,7 @@ def subtract_scaled(variable: Any, alpha: Any, delta: tf.Tensor) -> Any:
     as `assign_sub`; returns the op."""
     variable = as_tf_variable(variable)
     alpha = tf.cast(alpha, variable.dtype)
-    # A mirrored variable, or a tf.compat.v1 reference variable (no resource handle).
-    if isinstance(variable, tf.distribute.DistributedValues) or not hasattr(variable, "handle"):
+    if isinstance(variable, tf.distribute.DistributedValues) or is_reference(variable):
         return variable.assign_sub(alpha * delta, read_value=False)
     return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=alpha, delta=delta)
 
