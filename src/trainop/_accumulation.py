@@ -22,9 +22,10 @@ from trainop import _gradients, _variables
 WindowUpdate = Callable[[list[tuple[Any, Any]], tf.Tensor, bool], Sequence[Any]]
 
 
-class _Index:
-    """The sums by the key of their variable: a plain object, which `tf.Module` does not
-    track (a dict keyed by numbers could not be checkpointed)."""
+class _Window:
+    """What the accumulator knows besides its checkpointed variables: the sums by the key of
+    their variable, and what the train op's trace left to apply a window with. Held apart from
+    the module's attributes, which `tf.Module` tracks."""
 
     def __init__(self) -> None:
         self.sums: dict[int, tf.Variable] = {}
@@ -62,7 +63,7 @@ class GradientAccumulator(tf.Module):
         self.calls: tf.Variable | None = None
         self.total_count: tf.Variable | None = None
         self.loss_sum: tf.Variable | None = None
-        self._index = _Index()
+        self._index = _Window()
 
     def build(self, variables: Sequence[Any], loss_dtype: tf.DType) -> None:
         """Makes what is missing of the sums of `variables`, the loss's and the counters."""

@@ -256,24 +256,40 @@ def scaling_learning_rates(
     return apply_scaled
 
 
-def averaging_weights(config: StepConfig, variables: list[Any], apply: Applier) -> Applier:
-    """`apply`, then `config.moving_average` updated on `variables` (every variable to train,
-    with a gradient this step or not), unless a loss-scale optimizer skipped the update (its
-    counter did not move)."""
-    average = config.moving_average
-    average.build(variables)
+def following_update(
+    config: StepConfig, variables: list[Any], raw_norm: tf.Tensor | None, apply: Applier
+) -> Applier:
+    """`apply`, then what follows an applied update: `config.moving_average` updated on
+    `variables` (every variable to train, with a gradient this step or not) and
+    `config.step_metrics` told the applied gradients' norm (`raw_norm`, the step's own, when
+    they are its gradients untransformed), unless a loss-scale optimizer skipped the update
+    (its counter did not move). `apply` itself without either."""
+    average, metrics = config.moving_average, config.step_metrics
+    if average is None and metrics is None:
+        return apply
+    if average is not None:
+        average.build(variables)
     counter = config.adapter.iterations
+    same = config.transform_grads_fn is None and config.accumulator is None
 
-    def apply_and_average(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None) -> list:
+    def apply_then(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor | None) -> list[Any]:
+        # A loss-scale optimizer may skip the update itself: its counter then stays.
         before = counter.read_value() if loss_scale is not None and counter is not None else None
         # Explicit dependencies: a tf.cond branch of a tf.compat.v1 graph has no automatic ones.
         with tf.control_dependencies([before] if before is not None else []):
             done = as_ops(apply(pairs, loss_scale))
         with tf.control_dependencies(done):
             applied = counter.read_value() > before if before is not None else None
-            return [*done, average.update(variables, applied)]
+            following = []
+            if average is not None:
+                following.append(average.update(variables, applied))
+            if metrics is not None:
+                following += metrics.record_applied(
+                    [g for g, _ in pairs], applied, raw_norm if same else None
+                )
+        return done + following
 
-    return apply_and_average
+    return apply_then
 
 
 def scaled(pairs: list[tuple[Any, Any]], loss_scale: tf.Tensor) -> list[tuple[Any, Any]]:
@@ -605,13 +621,16 @@ def build_step(
     Returns:
       `total_loss`, which once evaluated has run the whole step.
     """
+    metrics = config.step_metrics
+    raw_norm = None
+    if metrics is not None:
+        metrics.build()
+        recorded, raw_norm = metrics.record_gradients([g for g, _ in grads_and_vars])
     if config.learning_rate_multipliers is not None:
         apply = scaling_learning_rates(config.learning_rate_multipliers, apply)
-    if config.moving_average is not None:
-        apply = averaging_weights(config, [v for _, v in grads_and_vars], apply)
+    apply = following_update(config, [v for _, v in grads_and_vars], raw_norm, apply)
     step = _global_step.summary_step(config.global_step, config.adapter.iterations)
     in_outer_scope = summaries.reentrant_name_scope()
-    metrics = config.step_metrics
 
     # Made where it is used: a partial accumulation window's update is built in a function of
     # its own (`_accumulation.GradientAccumulator.apply_partial_window`).
@@ -635,28 +654,12 @@ def build_step(
             present = _present_gradients(gradients.pairs)
             # The summaries read the step before the update counts it.
             with tf.control_dependencies(as_ops(update_ops + summary_ops)):
-                if metrics is None:
-                    return apply(present, loss_scale)
-                # A loss-scale optimizer may skip the update itself: its counter then stays.
-                counter = config.adapter.iterations if loss_scale is not None else None
-                before = counter.read_value() if counter is not None else None
-                with tf.control_dependencies([before] if before is not None else []):
-                    applied = as_ops(apply(present, loss_scale))
-            with tf.control_dependencies(applied):
-                moved = counter.read_value() > before if counter is not None else None
-                # Without transform nor accumulation, the applied gradients are the step's.
-                same = config.transform_grads_fn is None and config.accumulator is None
-                return applied + metrics.record_applied(
-                    [g for g, _ in present], moved, raw_norm if same else None
-                )
+                return apply(present, loss_scale)
 
     report = NotFiniteReport(total_loss, grads_and_vars) if diagnose_loss else None
     total_loss, checked = checked_loss(config, total_loss, undo, report)
-    raw_norm = None
     if metrics is not None:
         # Before the update (explicitly: a tf.compat.v1 graph orders nothing by itself).
-        metrics.build()
-        recorded, raw_norm = metrics.record_gradients([g for g, _ in grads_and_vars])
         checked = [*checked, metrics.applied.assign(False, read_value=False), recorded]
     with tf.control_dependencies(checked):
         gradients = StepGradients(total_loss, grads_and_vars, grads_and_vars, count)

@@ -82,7 +82,7 @@ class StepMetrics(tf.Module):
     def record_gradients(self, grads: list[Any]) -> tuple[Any, tf.Tensor]:
         """Assigns the global norm of `grads` (the step's, before any transform); returns the
         op and the norm."""
-        norm = _norm(grads)
+        norm = _gradients.quick_global_norm(grads)
         return self.gradient_norm.assign(norm, read_value=False), norm
 
     def record_applied(
@@ -95,7 +95,7 @@ class StepMetrics(tf.Module):
         an update was applied; where the boolean tensor `applied` is False (an optimizer that
         skipped the update), neither."""
         if norm is None:
-            norm = _norm(grads)
+            norm = _gradients.quick_global_norm(grads)
         if applied is None:
             return [
                 self.applied_gradient_norm.assign(norm, read_value=False),
@@ -106,21 +106,3 @@ class StepMetrics(tf.Module):
             self.applied_gradient_norm.assign(kept, read_value=False),
             self.applied.assign(applied, read_value=False),
         ]
-
-
-def _norm(grads: list[Any]) -> tf.Tensor:
-    """The global norm of `grads`, in float32: one `L2Loss` per gradient and a sum (cheaper
-    than `_gradients.global_norm`, whose care for squares that overflow a metric can spare:
-    a norm above about 1.8e19 reads inf here)."""
-    present = [g for g in grads if g is not None]
-    if not present:
-        return tf.constant(0.0)
-    squares = []
-    for grad in present:
-        if isinstance(grad, tf.IndexedSlices):
-            # A repeated row counts once, summed, as in the dense gradient.
-            grad = _gradients.summed_rows(grad).values
-        if grad.dtype != tf.float32:
-            grad = tf.cast(grad, tf.float32)
-        squares.append(tf.nn.l2_loss(grad))
-    return tf.sqrt(2.0 * tf.add_n(squares))

@@ -20,8 +20,9 @@ from trainop import _gradients, _variables
 
 
 class _Index:
-    """The averages by the key of their variable: a plain object, which `tf.Module` does not
-    track (a dict keyed by numbers could not be checkpointed)."""
+    """The averages and their variables by the variable's key, and the swap ops of each graph:
+    held apart from the module's attributes, which `tf.Module` tracks (a dict keyed by numbers
+    could not be checkpointed)."""
 
     def __init__(self) -> None:
         self.averages: dict[int, tf.Variable] = {}
