@@ -32,6 +32,19 @@ class StepMetrics(tf.Module):
     With a `SkipNonFiniteSteps` guard, `result()` also holds its `skipped_steps` and
     `consecutive_skipped_steps`. With `steps_per_call`, the values are those of the call's
     last step. Peers: Keras's `train_step` logs, the `grad_norm` of Hugging Face's `Trainer`.
+
+    Args:
+      guard: the train op's `SkipNonFiniteSteps`, whose counts `result()` adds; None.
+
+    Example:
+      >>> import keras, tensorflow as tf, trainop
+      >>> w = tf.Variable([3.0, 4.0])
+      >>> train_op = trainop.create_train_op(lambda: tf.reduce_sum(w), keras.optimizers.SGD(0.1),
+      ...                                    global_step=None, step_metrics=True)
+      >>> _ = train_op()
+      >>> numbers = train_op.step_metrics.result()
+      >>> float(numbers["gradient_norm"]), bool(numbers["applied"])  # the gradient is [1, 1]
+      (1.4142135381698608, True)
     """
 
     def __init__(self, guard: Any = None):

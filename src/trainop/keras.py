@@ -24,13 +24,23 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from trainop import _checkpoints, _config, _console, _core, _data, _fit, _variables, numerics
+from trainop import (
+    _checkpoints,
+    _config,
+    _console,
+    _core,
+    _data,
+    _fit,
+    _variables,
+    averaging,
+    numerics,
+)
 from trainop._checks import check_count
 from trainop._fit import SKIPPED_STEPS_LOG
 
@@ -48,8 +58,8 @@ def compile(  # noqa: A001 - as `model.compile`, which it stands for
     missing_gradients: str = "log",
     summarize_gradients: bool = False,
     summarize_every_n_steps: int | None = None,
-    learning_rate_multipliers: Any = None,
-    moving_average: Any = None,
+    learning_rate_multipliers: Mapping[Any, Any] | Sequence[tuple[Any, Any]] | None = None,
+    moving_average: averaging.ExponentialMovingAverage | None = None,
     step_metrics: bool = False,
     **kwargs: Any,
 ) -> None:

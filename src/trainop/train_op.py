@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import re
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -175,7 +175,7 @@ def create_train_op(
     jit_compile: bool = False,
     steps_per_call: int = 1,
     accumulation_steps: int = 1,
-    learning_rate_multipliers: Any = None,
+    learning_rate_multipliers: Mapping[Any, Any] | Sequence[tuple[Any, Any]] | None = None,
     moving_average: averaging.ExponentialMovingAverage | None = None,
     step_metrics: bool = False,
 ) -> tf.Tensor | Callable[..., tf.Tensor]:
@@ -418,7 +418,7 @@ def create_train_step(
     *,
     missing_gradients: str = "log",
     summarize_every_n_steps: int | None = None,
-    learning_rate_multipliers: Any = None,
+    learning_rate_multipliers: Mapping[Any, Any] | Sequence[tuple[Any, Any]] | None = None,
     moving_average: averaging.ExponentialMovingAverage | None = None,
 ) -> Any:
     """Trains on a possibly nested loss structure, as TF-Agents' `create_train_step`.
