@@ -133,16 +133,22 @@ def test_a_count_of_zero_adds_nothing_and_returns_a_zero_loss():
     np.testing.assert_allclose(w.numpy(), w_ref.numpy(), rtol=1e-6)
 
 
+def graph_train_op(x, y):
+    """In the current `tf.compat.v1` graph: the variable and the train op on its (sum, count)."""
+    w = tf.compat.v1.get_variable("w", initializer=W0, use_resource=True)
+    train_op = trainop.create_train_op(
+        (tf.reduce_sum(per_example(w, x, y)), tf.shape(x)[0]),
+        tf.compat.v1.train.GradientDescentOptimizer(0.1),
+        accumulation_steps=3,
+    )
+    return w, train_op
+
+
 def test_in_a_v1_graph_the_loss_tensor_may_be_a_sum_and_count():
     with tf.Graph().as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, 3])
         y = tf.compat.v1.placeholder(tf.float32, [None, 2])
-        w = tf.compat.v1.get_variable("w", initializer=W0, use_resource=True)
-        loss = trainop.create_train_op(
-            (tf.reduce_sum(per_example(w, x, y)), tf.shape(x)[0]),
-            tf.compat.v1.train.GradientDescentOptimizer(0.1),
-            accumulation_steps=3,
-        )
+        w, loss = graph_train_op(x, y)
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
             for i in range(3):
@@ -240,13 +246,7 @@ def test_a_graph_train_op_applies_its_partial_window_at_the_end_of_its_input(tmp
                 ),
             )
         )
-        x, y = data.get_next()
-        w = tf.compat.v1.get_variable("w", initializer=W0, use_resource=True)
-        train_op = trainop.create_train_op(
-            (tf.reduce_sum(per_example(w, x, y)), tf.shape(x)[0]),
-            tf.compat.v1.train.GradientDescentOptimizer(0.1),
-            accumulation_steps=3,
-        )
+        w, train_op = graph_train_op(*data.get_next())
         with tf.compat.v1.Session() as session:
             result = trainop.train(train_op, max_steps=100, session=session, progress=False)
             found = session.run(w)

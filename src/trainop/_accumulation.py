@@ -82,12 +82,8 @@ class GradientAccumulator(tf.Module):
                 key = _variables.variable_key(variable)
                 if key in self._index.sums:
                     continue
-                tf_variable = _variables.as_tf_variable(variable)
-                total = tf.Variable(
-                    tf.zeros(tf_variable.shape, _gradients.wide_dtype(tf_variable.dtype)),
-                    trainable=False,
-                    name=_variables.variable_name(variable).replace(":", "_") + "/gradient_sum",
-                )
+                dtype = _gradients.wide_dtype(_variables.as_tf_variable(variable).dtype)
+                total = _variables.wide_zeros_like(variable, "gradient_sum", dtype)
                 self.gradient_sums.append(total)
                 self._index.sums[key] = total
 

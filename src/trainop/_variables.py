@@ -67,6 +67,18 @@ _install_lock = threading.Lock()
 _installed: list[type] = []
 
 
+def wide_zeros_like(variable: Any, suffix: str, dtype: tf.DType) -> tf.Variable:
+    """A non-trainable variable of zeros shaped as `variable`, of `dtype` (the caller's wide
+    type: float32 for a 16-bit variable), named `<variable's name>/<suffix>`: the state a
+    stage keeps per trained variable, as an optimizer's slot. Made in the current scope (the
+    caller's `tf.init_scope`)."""
+    return tf.Variable(
+        tf.zeros(as_tf_variable(variable).shape, dtype),
+        trainable=False,
+        name=variable_name(variable).replace(":", "_") + "/" + suffix,
+    )
+
+
 def by_name(variables: Sequence[Any]) -> list[Any]:
     """`variables` in the order of their names without the first part of a path (a Keras
     model's name, which a model made again changes: `sequential_1/dense/kernel`), for state

@@ -127,12 +127,8 @@ class ExponentialMovingAverage(tf.Module):
                 key = _variables.variable_key(variable)
                 if key in self._index.averages:
                     continue
-                tf_variable = _variables.as_tf_variable(variable)
-                average = tf.Variable(
-                    tf.zeros(tf_variable.shape, _gradients.wide_dtype(tf_variable.dtype)),
-                    trainable=False,
-                    name=_variables.variable_name(variable).replace(":", "_") + "/average",
-                )
+                dtype = _gradients.wide_dtype(_variables.as_tf_variable(variable).dtype)
+                average = _variables.wide_zeros_like(variable, "average", dtype)
                 self.averages.append(average)
                 self._index.averages[key] = average
                 self._index.variables[key] = variable
