@@ -324,23 +324,20 @@ def accumulating(
     def accumulate(gradients: StepGradients, run_update_ops: bool = True) -> list[Any]:
         accumulator = config.accumulator
 
-        def add() -> list[Any]:
-            return [
-                accumulator.add_and_maybe_apply(
-                    gradients.pairs, gradients.loss, gradients.count, on_the_means
-                )
-            ]
+        def add() -> tf.Tensor:
+            return accumulator.add_and_maybe_apply(
+                gradients.pairs, gradients.loss, gradients.count, on_the_means
+            )
 
         if overflowed is None:
-            return add()
+            return [add()]
         present = [(g, v) for g, v in gradients.pairs if g is not None]
 
-        def hand_over() -> list[Any]:
+        def hand_over() -> tf.Tensor:
             with tf.control_dependencies(overflowed(present)):
-                return [tf.constant(False)]
+                return tf.constant(False)
 
-        finite = _gradients.all_finite([g for g, _ in present])
-        return [tf.cond(finite, lambda: add()[0], lambda: hand_over()[0])]
+        return [tf.cond(_gradients.all_finite([g for g, _ in present]), add, hand_over)]
 
     return accumulate
 
@@ -352,6 +349,9 @@ def counted_loss(total_loss: Any) -> tuple[Any, tf.Tensor | None]:
 
     Raises:
       TypeError: a pair whose count is not a real scalar.
+      ValueError: a pair whose loss_sum is not a scalar, or whose count is known to be
+        negative (a count known only when the step runs is checked then, and raises
+        `tf.errors.InvalidArgumentError`).
     """
     # A plain tuple only: a namedtuple or a list is a loss structure (TF-Agents' LossInfo).
     if type(total_loss) is not tuple or len(total_loss) != 2:
