@@ -78,14 +78,13 @@ class GradientAccumulator(tf.Module):
                     trainable=False,
                     name="window_loss_sum",
                 )
-            for variable in _variables.by_name(variables):
-                key = _variables.variable_key(variable)
-                if key in self._index.sums:
-                    continue
-                dtype = _gradients.wide_dtype(_variables.as_tf_variable(variable).dtype)
-                total = _variables.wide_zeros_like(variable, "gradient_sum", dtype)
-                self.gradient_sums.append(total)
-                self._index.sums[key] = total
+            _variables.add_slots(
+                variables,
+                self._index.sums,
+                self.gradient_sums,
+                "gradient_sum",
+                _gradients.wide_dtype,
+            )
 
     def pending_calls(self, session: Any = None) -> int:
         """How many calls the current window holds (0 before the first call); in a

@@ -13,7 +13,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -67,16 +67,36 @@ _install_lock = threading.Lock()
 _installed: list[type] = []
 
 
-def wide_zeros_like(variable: Any, suffix: str, dtype: tf.DType) -> tf.Variable:
-    """A non-trainable variable of zeros shaped as `variable`, of `dtype` (the caller's wide
-    type: float32 for a 16-bit variable), named `<variable's name>/<suffix>`: the state a
-    stage keeps per trained variable, as an optimizer's slot. Made in the current scope (the
-    caller's `tf.init_scope`)."""
-    return tf.Variable(
-        tf.zeros(as_tf_variable(variable).shape, dtype),
-        trainable=False,
-        name=variable_name(variable).replace(":", "_") + "/" + suffix,
-    )
+def add_slots(
+    variables: Sequence[Any],
+    slots: dict[int, tf.Variable],
+    saved: list[tf.Variable],
+    suffix: str,
+    dtype_of: Callable[[tf.DType], tf.DType],
+) -> list[Any]:
+    """Makes the state a stage keeps per trained variable, as an optimizer's slot, for each of
+    `variables` that has none in `slots` yet (keyed by `variable_key`): a non-trainable
+    variable of zeros of its shape, of `dtype_of(its dtype)`, named `<its name>/<suffix>`,
+    appended to `saved` (checkpointed by position: the variables are taken in `by_name`
+    order) and entered in `slots`. Made in the current scope (the caller's `tf.init_scope`).
+
+    Returns:
+      The variables given a slot now, in that order.
+    """
+    added = []
+    for variable in by_name(variables):
+        key = variable_key(variable)
+        if key in slots:
+            continue
+        slot = tf.Variable(
+            tf.zeros(as_tf_variable(variable).shape, dtype_of(as_tf_variable(variable).dtype)),
+            trainable=False,
+            name=variable_name(variable).replace(":", "_") + "/" + suffix,
+        )
+        saved.append(slot)
+        slots[key] = slot
+        added.append(variable)
+    return added
 
 
 def by_name(variables: Sequence[Any]) -> list[Any]:

@@ -123,15 +123,15 @@ class ExponentialMovingAverage(tf.Module):
                 self.averaged_updates = tf.Variable(
                     0, dtype=tf.int64, trainable=False, name="averaged_updates"
                 )
-            for variable in _variables.by_name(variables):
-                key = _variables.variable_key(variable)
-                if key in self._index.averages:
-                    continue
-                dtype = _gradients.wide_dtype(_variables.as_tf_variable(variable).dtype)
-                average = _variables.wide_zeros_like(variable, "average", dtype)
-                self.averages.append(average)
-                self._index.averages[key] = average
-                self._index.variables[key] = variable
+            added = _variables.add_slots(
+                variables,
+                self._index.averages,
+                self.averages,
+                "average",
+                _gradients.wide_dtype,
+            )
+            for variable in added:
+                self._index.variables[_variables.variable_key(variable)] = variable
 
     def average(self, variable: Any) -> tf.Variable:
         """The average of `variable` (a variable the train op trains): a `tf.Variable` of its
